@@ -1,0 +1,443 @@
+r"""AWP: activation-aware projected gradient descent for one linear layer.
+
+For a layer with weights ``W [d_out, d_in]`` and input second moment ``C = X Xᵀ / n
+[d_in, d_in]`` the solver minimises
+
+.. math::  f(Θ) = \operatorname{tr}\big((W - Θ)\, C\, (W - Θ)^\top\big) = \|(W - Θ) C^{1/2}\|_F^2
+
+over a constraint set (row sparsity, N:M, a quantization grid or their intersection) by
+
+.. math::  Θ_{t+1} = \operatorname{Proj}_t\big(Θ_t + η\,(W - Θ_t)\,C\big),
+
+where ``(W − Θ) C = −∇f / 2`` and ``Proj_t`` comes from the :class:`~awp_jax.schedules.Schedule`.
+The loop is a ``lax.while_loop``; it stops when ``||(W − Θ) C||_F / ||W||_F < tol`` (tested on
+iterates of the final phase only, so a dense or half-ramped iterate is never returned), when the
+schedule ends, or when an update turns non-finite (that update is rejected and the reason
+reported). With ``keep_best`` the lowest-objective iterate of the final phase is returned: PGD with
+the paper's step ``2/||C||_F`` sits at the edge of the stable range and need not be monotone.
+
+Public entry points (where ``jit`` happens, one compilation per shapes × config):
+:func:`solve_pgd` (one layer), :func:`solve_pgd_stack` (``vmap`` over equal-shape layers) and
+:func:`pgd_path` (all iterates, for analysis).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from awp_jax import schedules as sched_lib
+from awp_jax.projections import keep_count, project
+from awp_jax.quantizers import QuantSpec
+from awp_jax.saliency import magnitude_score, wanda_score
+
+__all__ = [
+    "StopReason",
+    "PGDConfig",
+    "PGDResult",
+    "solve_pgd",
+    "solve_pgd_stack",
+    "pgd_path",
+    "objective",
+    "step_size",
+    "lambda_max",
+    "initial_point",
+    "trace_count",
+    "awp_pruning",
+    "awp_nm",
+    "awp_quantization",
+    "awp_joint",
+]
+
+
+class StopReason(enum.IntEnum):
+    RUNNING = 0
+    CONVERGED = 1  # relative gradient norm below tol
+    MAX_ITER = 2  # schedule exhausted
+    NONFINITE = 3  # an update produced NaN/Inf; the last finite iterate is returned
+
+
+StepRule = Literal["frobenius", "lambda_max", "absolute"]
+Init = Literal["wanda", "magnitude", "rtn", "dense", "zeros"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PGDConfig:
+    """Static solver configuration (hashable: passed to ``jit`` as a static argument).
+
+    Attributes:
+      schedule: the constraint schedule (see :mod:`awp_jax.schedules`); its length is max_iter.
+      step_rule: ``"frobenius"``: η = step_scale / ||C||_F (the paper's); ``"lambda_max"``:
+        η = step_scale / λ_max(C) from ``power_iters`` power iterations; ``"absolute"``: η = step_scale.
+      step_scale: the constant c in the step rule (paper: 2 for pruning, 1.5 for quantization).
+      tol: stop when ||(W − Θ) C||_F / ||W||_F < tol (paper: 1e-4). 0 disables the test.
+      init: Θ0 when none is passed: ``"wanda"`` (final projection with the Wanda mask),
+        ``"magnitude"`` / ``"rtn"`` (final projection of W), ``"dense"`` (W), ``"zeros"``.
+      keep_best: return the lowest-objective iterate of the final phase instead of the last one.
+      trace: record objective and relative gradient norm of every iterate (length max_iter + 1,
+        NaN after the stop).
+      precision: matmul precision (``"highest"`` keeps fp32 on TPU/GPU).
+    """
+
+    schedule: sched_lib.Schedule
+    step_rule: StepRule = "frobenius"
+    step_scale: float = 2.0
+    power_iters: int = 50
+    tol: float = 1e-4
+    init: Init = "wanda"
+    keep_best: bool = True
+    trace: bool = False
+    precision: str = "highest"
+
+    def __post_init__(self):
+        if not isinstance(self.schedule, sched_lib.Schedule):
+            raise TypeError(f"schedule must be an awp_jax.schedules.Schedule, got {type(self.schedule).__name__}")
+        if self.step_rule not in ("frobenius", "lambda_max", "absolute"):
+            raise ValueError(f"step_rule must be 'frobenius', 'lambda_max' or 'absolute', got {self.step_rule!r}")
+        if not (np.isfinite(self.step_scale) and self.step_scale > 0):
+            raise ValueError(f"step_scale must be a positive finite number, got {self.step_scale!r}")
+        if not (np.isfinite(self.tol) and self.tol >= 0):
+            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
+        if self.power_iters < 1:
+            raise ValueError(f"power_iters must be >= 1, got {self.power_iters!r}")
+        s = self.schedule
+        prunes = s.prunes_rows or s.nm is not None
+        if self.init not in ("wanda", "magnitude", "rtn", "dense", "zeros"):
+            raise ValueError(f"init must be one of wanda, magnitude, rtn, dense, zeros; got {self.init!r}")
+        if self.init in ("wanda", "magnitude") and not prunes:
+            raise ValueError(f"init={self.init!r} needs a schedule that prunes; use 'rtn' or 'dense'")
+        if self.init == "rtn" and s.quant is None:
+            raise ValueError("init='rtn' needs a schedule with a QuantSpec")
+
+    @property
+    def max_iter(self) -> int:
+        return self.schedule.max_iter
+
+
+# --- presets (the paper's settings) ---------------------------------------------------------
+
+
+def awp_pruning(sparsity: float, *, max_iter: int = 200, tol: float = 1e-4, **kw) -> PGDConfig:
+    """Paper pruning: init Wanda, η = 2/||C||_F, tol 1e-4, 200 iterations."""
+    kw = {"step_scale": 2.0, "init": "wanda", **kw}
+    return PGDConfig(schedule=sched_lib.pruning(sparsity, iters=max_iter), tol=tol, **kw)
+
+
+def awp_nm(n: int = 2, m: int = 4, *, max_iter: int = 200, tol: float = 1e-4, **kw) -> PGDConfig:
+    """N:M pruning with the pruning settings (init Wanda N:M); beyond the paper."""
+    kw = {"step_scale": 2.0, "init": "wanda", **kw}
+    return PGDConfig(schedule=sched_lib.nm_pruning(n, m, iters=max_iter), tol=tol, **kw)
+
+
+def awp_quantization(bits: int = 4, group_size: int | None = 128, *, iters: int = 10, symmetric: bool = False, **kw):
+    """Paper quantization: init RTN, η = 1.5/||C||_F, 10 iterations."""
+    kw = {"step_scale": 1.5, "init": "rtn", "tol": 0.0, **kw}
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
+    return PGDConfig(schedule=sched_lib.quantization(spec, iters=iters), **kw)
+
+
+def awp_joint(
+    sparsity: float, bits: int = 4, group_size: int | None = 128, *, symmetric: bool = False, init: Init = "dense", **kw
+):
+    """Joint pruning + quantization, η = 1.5/||C||_F.
+
+    ``init="dense"`` is the paper's recipe: from W, ramp the sparsity 0 → p over 25 iterations,
+    hold p for 25, then 50 iterations of quantize(prune(Z)). With a small step, IHT rarely
+    changes a mask once chosen, so the ramp from W ends near a magnitude mask; on activations with
+    outlier channels that is far worse than Wanda's. ``init="wanda"`` starts from Wanda's mask
+    instead (no ramp): 50 prune-only iterations at p, then 50 joint ones.
+    """
+    kw = {"step_scale": 1.5, "tol": 0.0, **kw}
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
+    if init == "dense":
+        schedule = sched_lib.joint(sparsity, spec)
+    else:
+        schedule = sched_lib.joint(sparsity, spec, ramp=0, hold=50, joint_iters=50)
+    return PGDConfig(schedule=schedule, init=init, **kw)
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+class PGDResult(NamedTuple):
+    """What a solve returns (with a leading layer axis from :func:`solve_pgd_stack`).
+
+    ``obj_*`` are values of f; ``obj_dense = tr(W C Wᵀ)`` = f(0) normalises them.
+    ``grad_norm`` is ||(W − Θ) C||_F / ||W||_F of the returned Θ.
+    """
+
+    theta: jax.Array
+    iterations: jax.Array  # updates performed
+    best_iteration: jax.Array  # iterate returned (== iterations unless keep_best picked another)
+    grad_norm: jax.Array
+    obj_init: jax.Array
+    obj_final: jax.Array
+    obj_dense: jax.Array
+    stop_reason: jax.Array  # int, see StopReason
+    step_size: jax.Array
+    trace_obj: jax.Array | None = None
+    trace_grad: jax.Array | None = None
+
+
+class _State(NamedTuple):
+    t: jax.Array
+    theta: jax.Array
+    grad: jax.Array  # (W - Θ) C
+    obj: jax.Array
+    gnorm: jax.Array
+    best_theta: jax.Array
+    best_obj: jax.Array
+    best_gnorm: jax.Array
+    best_t: jax.Array
+    reason: jax.Array
+    trace_obj: jax.Array | None
+    trace_grad: jax.Array | None
+
+
+# --- pieces ---------------------------------------------------------------------------------
+
+_TRACES: collections.Counter = collections.Counter()
+
+
+def trace_count(name: str = "solve") -> int:
+    """How many times the solver body was traced (compiled) in this process; for tests."""
+    return _TRACES[name]
+
+
+def objective(w: jax.Array, theta: jax.Array, c: jax.Array, precision="highest") -> jax.Array:
+    """``tr((W − Θ) C (W − Θ)ᵀ)``."""
+    d = w - theta
+    return jnp.sum(d * jnp.matmul(d, c, precision=precision))
+
+
+def lambda_max(c: jax.Array, iters: int = 50, precision="highest") -> jax.Array:
+    """Largest eigenvalue of a PSD ``c`` by power iteration from the all-ones vector
+    (Rayleigh quotient; a slight underestimate before convergence)."""
+    v0 = jnp.ones((c.shape[-1],), c.dtype) / jnp.sqrt(c.shape[-1]).astype(c.dtype)
+
+    def body(_, v):
+        u = jnp.matmul(c, v, precision=precision)
+        return u / jnp.maximum(jnp.linalg.norm(u), jnp.finfo(c.dtype).tiny)
+
+    v = jax.lax.fori_loop(0, iters, body, v0)
+    return jnp.dot(v, jnp.matmul(c, v, precision=precision), precision=precision)
+
+
+def step_size(c: jax.Array, config: PGDConfig) -> jax.Array:
+    """η from the config's step rule."""
+    if config.step_rule == "absolute":
+        return jnp.asarray(config.step_scale, c.dtype)
+    if config.step_rule == "frobenius":
+        denom = jnp.linalg.norm(c)
+    else:
+        denom = lambda_max(c, config.power_iters, config.precision)
+    return config.step_scale / jnp.maximum(denom, jnp.finfo(c.dtype).tiny)
+
+
+def initial_point(w: jax.Array, c: jax.Array, config: PGDConfig) -> jax.Array:
+    """Θ0 for ``config.init``: the final phase's projection of W with a Wanda or magnitude mask,
+    RTN, W itself, or zeros."""
+    s = config.schedule
+    if config.init == "dense":
+        return w
+    if config.init == "zeros":
+        return jnp.zeros_like(w)
+    final = s.final
+    k = None if final.sparsity is None else keep_count(final.sparsity, w.shape[-1])
+    score = wanda_score(w, c) if config.init == "wanda" else magnitude_score(w)
+    return project(w, k=k, nm=s.nm, quant=s.quant, quantize_now=final.quantize, score=score)
+
+
+def _compute_dtype(*arrays):
+    return jnp.float64 if any(a.dtype == jnp.float64 for a in arrays) else jnp.float32
+
+
+def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False):
+    """Un-jitted single-layer solve (traced once per shapes × config)."""
+    _TRACES["path" if with_path else "solve"] += 1
+    s = config.schedule
+    dtype = _compute_dtype(w, c)
+    w = w.astype(dtype)
+    c = c.astype(dtype)
+    d_in = w.shape[-1]
+    tables = s.tables(d_in)
+    keep_tab = jnp.asarray(tables.keep)
+    quant_tab = jnp.asarray(tables.quantize)
+    first_stop = tables.final_start + 1
+    T = config.max_iter
+    prec = config.precision
+
+    theta0 = initial_point(w, c, config) if theta0 is None else theta0.astype(dtype)
+    eta = step_size(c, config)
+    wnorm = jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
+
+    def evaluate(theta):
+        d = w - theta
+        g = jnp.matmul(d, c, precision=prec)
+        return g, jnp.sum(d * g), jnp.linalg.norm(g) / wnorm
+
+    def proj(z, t):
+        k = keep_tab[t] if s.prunes_rows else None
+        mode = s.quant_mode
+        qnow = quant_tab[t] if mode == "some" else (mode == "always")
+        return project(z, k=k, nm=s.nm, quant=s.quant, quantize_now=qnow)
+
+    if with_path:
+
+        def scan_body(theta, t):
+            g, _, _ = evaluate(theta)
+            nxt = proj(theta + eta * g, t)
+            return nxt, nxt
+
+        _, path = jax.lax.scan(scan_body, theta0, jnp.arange(T))
+        return jnp.concatenate([theta0[None], path], axis=0), eta
+
+    g0, obj0, gn0 = evaluate(theta0)
+    nan_trace = jnp.full((T + 1,), jnp.nan, dtype)
+    state = _State(
+        t=jnp.zeros((), jnp.int32),
+        theta=theta0,
+        grad=g0,
+        obj=obj0,
+        gnorm=gn0,
+        best_theta=theta0,
+        best_obj=jnp.asarray(jnp.inf, dtype),
+        best_gnorm=gn0,
+        best_t=jnp.zeros((), jnp.int32),
+        reason=jnp.asarray(StopReason.RUNNING, jnp.int32),
+        trace_obj=nan_trace.at[0].set(obj0) if config.trace else None,
+        trace_grad=nan_trace.at[0].set(gn0) if config.trace else None,
+    )
+
+    def cond(st):
+        return st.reason == StopReason.RUNNING
+
+    def body(st):
+        theta_n = proj(st.theta + eta * st.grad, st.t)
+        g_n, obj_n, gn_n = evaluate(theta_n)
+        ok = jnp.isfinite(obj_n) & jnp.isfinite(gn_n)
+        t_n = st.t + 1
+        candidate = ok & (t_n >= first_stop)
+        better = candidate & ((obj_n < st.best_obj) if config.keep_best else True)
+        sel = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        pick = lambda new, old: jnp.where(better, new, old)  # noqa: E731
+        reason = jnp.where(
+            ~ok,
+            StopReason.NONFINITE,
+            jnp.where(
+                (t_n >= first_stop) & (gn_n < config.tol),
+                StopReason.CONVERGED,
+                jnp.where(t_n >= T, StopReason.MAX_ITER, StopReason.RUNNING),
+            ),
+        ).astype(jnp.int32)
+        return _State(
+            t=jnp.where(ok, t_n, st.t),
+            theta=sel(theta_n, st.theta),
+            grad=sel(g_n, st.grad),
+            obj=sel(obj_n, st.obj),
+            gnorm=sel(gn_n, st.gnorm),
+            best_theta=pick(theta_n, st.best_theta),
+            best_obj=pick(obj_n, st.best_obj),
+            best_gnorm=pick(gn_n, st.best_gnorm),
+            best_t=pick(t_n, st.best_t),
+            reason=reason,
+            trace_obj=None if st.trace_obj is None else st.trace_obj.at[t_n].set(jnp.where(ok, obj_n, jnp.nan)),
+            trace_grad=None if st.trace_grad is None else st.trace_grad.at[t_n].set(jnp.where(ok, gn_n, jnp.nan)),
+        )
+
+    st = jax.lax.while_loop(cond, body, state)
+    # No final-phase iterate accepted (non-finite at once): fall back to the last finite iterate.
+    have_best = jnp.isfinite(st.best_obj)
+    theta = jnp.where(have_best, st.best_theta, st.theta)
+    return PGDResult(
+        theta=theta,
+        iterations=st.t,
+        best_iteration=jnp.where(have_best, st.best_t, st.t),
+        grad_norm=jnp.where(have_best, st.best_gnorm, st.gnorm),
+        obj_init=obj0,
+        obj_final=jnp.where(have_best, st.best_obj, st.obj),
+        obj_dense=jnp.sum(w * jnp.matmul(w, c, precision=prec)),
+        stop_reason=st.reason,
+        step_size=eta,
+        trace_obj=st.trace_obj,
+        trace_grad=st.trace_grad,
+    )
+
+
+_solve_jit = jax.jit(_solve_core, static_argnames=("config", "with_path"))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _solve_stack_jit(w, c, theta0, config: PGDConfig):
+    axes = (0, 0, None if theta0 is None else 0)
+    return jax.vmap(lambda w, c, t0: _solve_core(w, c, t0, config), in_axes=axes)(w, c, theta0)
+
+
+# --- validation (before any compilation) ------------------------------------------------------
+
+
+def _check_array(name, x, ndim):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    try:
+        values = np.asarray(x)
+    except jax.errors.TracerArrayConversionError:  # called under an outer jit: values unknown
+        return
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _validate(w, c, theta0, config, stacked: bool):
+    if not isinstance(config, PGDConfig):
+        raise TypeError(f"config must be a PGDConfig, got {type(config).__name__}")
+    nd = 3 if stacked else 2
+    _check_array("W", w, nd)
+    _check_array("C", c, nd)
+    d_in = w.shape[-1]
+    if c.shape[-2:] != (d_in, d_in):
+        raise ValueError(f"C must be [d_in, d_in] = [{d_in}, {d_in}] to match W {tuple(w.shape)}, got {tuple(c.shape)}")
+    if stacked and c.shape[0] != w.shape[0]:
+        raise ValueError(f"W and C stacks disagree on the number of layers: {w.shape[0]} vs {c.shape[0]}")
+    if theta0 is not None:
+        _check_array("theta0", theta0, nd)
+        if theta0.shape != w.shape:
+            raise ValueError(f"theta0 must have W's shape {tuple(w.shape)}, got {tuple(theta0.shape)}")
+    config.schedule.validate(d_in)
+
+
+def solve_pgd(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None) -> PGDResult:
+    """Compress one layer ``w [d_out, d_in]`` given ``c [d_in, d_in]``; see the module docstring.
+
+    Inputs are validated (shapes, dtypes, finiteness, schedule vs d_in) before compilation.
+    Computation is in float32 (float64 if an input is float64).
+    """
+    _validate(w, c, theta0, config, stacked=False)
+    return _solve_jit(w, c, theta0, config=config)
+
+
+def solve_pgd_stack(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None) -> PGDResult:
+    """Solve a stack of equal-shape layers ``w [L, d_out, d_in]``, ``c [L, d_in, d_in]`` at once.
+
+    Each lane equals :func:`solve_pgd` on that layer alone; lanes stop independently (a finished
+    lane is frozen while the others run).
+    """
+    _validate(w, c, theta0, config, stacked=True)
+    return _solve_stack_jit(w, c, theta0, config=config)
+
+
+def pgd_path(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None):
+    """All iterates ``[max_iter + 1, d_out, d_in]`` (no stopping test) and η — for analysis and
+    plots on small layers."""
+    _validate(w, c, theta0, config, stacked=False)
+    return _solve_jit(w, c, theta0, config=config, with_path=True)

@@ -1,0 +1,29 @@
+import jax
+import numpy as np
+import pytest
+
+# Shape bugs fail loudly instead of broadcasting silently.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def correlated_activations(rng: np.random.Generator, d_in: int, n: int, n_outliers: int = 4, outlier_scale: float = 20.0):
+    """C = X Xᵀ / n for activations with correlated channels and a few dominant outlier channels,
+    the structure real LLM layer inputs have."""
+    mix = np.eye(d_in) + 0.5 * rng.standard_normal((d_in, d_in)) / np.sqrt(d_in)
+    x = mix @ rng.standard_normal((d_in, n))
+    x[rng.choice(d_in, n_outliers, replace=False)] *= outlier_scale
+    return (x @ x.T / n).astype(np.float32)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def layer_problem():
+    """A 96 × 256 layer with outlier-heavy correlated activations (float32)."""
+    r = np.random.default_rng(1234)
+    c = correlated_activations(r, 256, 4096)
+    w = (0.05 * r.standard_normal((96, 256))).astype(np.float32)
+    return w, c

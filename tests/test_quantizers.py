@@ -1,0 +1,109 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from awp_jax.quantizers import QuantSpec, dequantize, fake_quantize, quantize, rtn
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@st.composite
+def quant_case(draw):
+    bits = draw(st.integers(2, 8))
+    # a few fixed shapes keep compilation out of the loop; the values vary freely
+    n_groups = draw(st.sampled_from([1, 4]))
+    gs = draw(st.sampled_from([4, 8, 32]))
+    per_row = draw(st.booleans())
+    sym = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    rows = draw(st.sampled_from([1, 6]))
+    r = np.random.default_rng(seed)
+    w = r.standard_normal((rows, n_groups * gs)) * r.uniform(0.01, 10)
+    if draw(st.booleans()):  # some all-positive groups and exact zeros
+        w[:, :gs] = np.abs(w[:, :gs])
+        w[r.random(w.shape) < 0.3] = 0.0
+    spec = QuantSpec(bits=bits, group_size=None if per_row else gs, symmetric=sym)
+    return jnp.asarray(w, jnp.float32), spec
+
+
+@SETTINGS
+@given(quant_case())
+def test_at_most_2_pow_b_levels_per_group(case):
+    w, spec = case
+    q = quantize(w, spec)
+    deq = np.asarray(dequantize(q))
+    g = spec.group_size or w.shape[1]
+    groups = deq.reshape(w.shape[0], -1, g)
+    for row in groups:
+        for grp in row:
+            assert len(np.unique(grp)) <= 2**spec.bits
+    assert int(np.max(np.asarray(q.codes))) <= 2**spec.bits - 1
+
+
+@SETTINGS
+@given(quant_case())
+def test_error_at_most_half_a_step_and_zero_exact(case):
+    w, spec = case
+    q = quantize(w, spec)
+    deq = dequantize(q)
+    g = spec.group_size or w.shape[1]
+    step = np.repeat(np.asarray(q.scale), g, axis=1)
+    err = np.abs(np.asarray(deq) - np.asarray(w))
+    assert np.all(err <= 0.5 * step * (1 + 1e-5) + 1e-30)
+    assert np.all(np.asarray(deq)[np.asarray(w) == 0] == 0)
+
+
+@SETTINGS
+@given(quant_case())
+def test_fake_quantize_equals_codes_roundtrip(case):
+    w, spec = case
+    np.testing.assert_allclose(fake_quantize(w, spec), dequantize(quantize(w, spec)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rtn(w, spec), fake_quantize(w, spec), rtol=0, atol=0)
+
+
+@SETTINGS
+@given(quant_case())
+def test_quantization_is_idempotent(case):
+    w, spec = case
+    once = fake_quantize(w, spec)
+    twice = fake_quantize(once, spec)
+    step = float(jnp.max(quantize(w, spec).scale))
+    np.testing.assert_allclose(twice, once, rtol=0, atol=1e-4 * step)
+
+
+def test_straight_through_gradient_is_identity():
+    spec = QuantSpec(bits=3, group_size=8)
+    w = jnp.linspace(-1.0, 1.0, 32).reshape(2, 16)
+    target = jnp.arange(32.0).reshape(2, 16)
+    g = jax.grad(lambda x: jnp.sum(fake_quantize(x, spec) * target))(w)
+    np.testing.assert_array_equal(g, target)
+    # the forward value is the quantized one, not w
+    assert not np.allclose(fake_quantize(w, spec), w)
+
+
+def test_symmetric_grid_is_symmetric_around_zero():
+    spec = QuantSpec(bits=4, group_size=None, symmetric=True)
+    w = jnp.array([[-1.0, -0.5, 0.0, 0.5, 1.0, 0.3, -0.3, 0.9]])
+    deq = np.asarray(rtn(w, spec))
+    np.testing.assert_allclose(deq, -np.asarray(rtn(-w, spec)), atol=1e-7)
+    assert np.asarray(quantize(w, spec).zero).item() == 8
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, 4.0, True])
+def test_bad_bits_rejected(bits):
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(bits=bits)
+
+
+@pytest.mark.parametrize("gs", [0, -8, 2.5])
+def test_bad_group_size_rejected(gs):
+    with pytest.raises(ValueError, match="group_size"):
+        QuantSpec(bits=4, group_size=gs)
+
+
+def test_group_size_must_divide_d_in():
+    with pytest.raises(ValueError, match="does not divide d_in=100"):
+        quantize(jnp.ones((2, 100)), QuantSpec(bits=4, group_size=128))

@@ -1,0 +1,222 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import awp_jax as aj
+from awp_jax import solver
+from awp_jax.projections import keep_count, nm_mask, row_topk
+from awp_jax.quantizers import QuantSpec
+from awp_jax.saliency import wanda_score
+from awp_jax.schedules import Phase, Schedule, joint
+from conftest import correlated_activations
+
+
+def _levels_per_group(theta, g):
+    t = np.asarray(theta).reshape(theta.shape[0], -1, g)
+    return max(len(np.unique(grp)) for row in t for grp in row)
+
+
+def test_awp_pruning_beats_wanda_start_and_magnitude(layer_problem):
+    w, c = layer_problem
+    for p in (0.5, 0.7):
+        res = aj.solve_pgd(w, c, aj.awp_pruning(p))
+        k = keep_count(p, w.shape[1])
+        wanda = aj.objective(w, aj.project(w, k=k, score=wanda_score(w, c)), c)
+        magnitude = aj.objective(w, row_topk(w, k), c)
+        np.testing.assert_allclose(res.obj_init, wanda, rtol=1e-5)  # it starts at Wanda
+        assert float(res.obj_final) < 0.95 * float(wanda)
+        assert float(res.obj_final) < float(magnitude)
+        assert np.all(np.asarray(res.theta != 0).sum(axis=1) <= k)
+        np.testing.assert_allclose(res.obj_final, aj.objective(w, res.theta, c), rtol=1e-4)
+
+
+def test_awp_nm_beats_wanda_nm(layer_problem):
+    w, c = layer_problem
+    res = aj.solve_pgd(w, c, aj.awp_nm(2, 4, max_iter=100))
+    mask = np.asarray(res.theta != 0).reshape(w.shape[0], -1, 4)
+    assert np.all(mask.sum(-1) <= 2)
+    assert float(res.obj_final) < 0.95 * float(res.obj_init)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_awp_quantization_beats_rtn_and_stays_on_grid(layer_problem, bits):
+    w, c = layer_problem
+    res = aj.solve_pgd(w, c, aj.awp_quantization(bits, 128, iters=30))
+    rtn = aj.objective(w, aj.rtn(w, QuantSpec(bits=bits, group_size=128)), c)
+    np.testing.assert_allclose(res.obj_init, rtn, rtol=1e-5)
+    assert float(res.obj_final) < float(rtn)
+    assert _levels_per_group(res.theta, 128) <= 2**bits
+
+
+def test_joint_schedule_as_data():
+    s = joint(0.5, QuantSpec(bits=4, group_size=128))
+    tab = s.tables(256)
+    assert s.max_iter == 100 and tab.final_start == 50
+    # ramp 0 → 50% over the first 25 updates, linear, then constant
+    expected = np.round((1 - 0.5 * np.arange(1, 26) / 25) * 256).astype(int)
+    np.testing.assert_array_equal(tab.keep[:25], expected)
+    assert np.all(tab.keep[25:] == 128)
+    assert not tab.quantize[:50].any() and tab.quantize[50:].all()
+
+
+@pytest.mark.parametrize("init", ["dense", "wanda"])
+def test_joint_result_is_sparse_and_quantized(layer_problem, init):
+    w, c = layer_problem
+    res = aj.solve_pgd(w, c, aj.awp_joint(0.5, 4, 128, init=init))
+    theta = np.asarray(res.theta)
+    assert np.all((theta != 0).sum(axis=1) <= 128)
+    assert _levels_per_group(res.theta, 128) <= 16
+    assert int(res.best_iteration) > 50  # returned iterate comes from the joint phase
+    # it improves on its own starting mask followed by RTN of the kept weights
+    k = keep_count(0.5, 256)
+    spec = QuantSpec(bits=4, group_size=128)
+    score = wanda_score(w, c) if init == "wanda" else None  # the paper's ramp from W ends near magnitude
+    start = aj.project(w, k=k, quant=spec, score=score)
+    assert float(res.obj_final) < float(aj.objective(w, start, c))
+
+
+def test_compiles_once_per_shape_and_config(rng):
+    cfg = aj.awp_pruning(0.5, max_iter=5)
+    w = rng.standard_normal((8, 32)).astype(np.float32)
+    c = correlated_activations(rng, 32, 256)
+    before = solver.trace_count()
+    for scale in (1.0, 2.0, 3.0):
+        aj.solve_pgd(scale * w, c, cfg).theta.block_until_ready()
+    assert solver.trace_count() - before == 1
+    aj.solve_pgd(w, c, aj.awp_pruning(0.6, max_iter=5))  # new config: one more
+    assert solver.trace_count() - before == 2
+
+
+def test_vmap_lanes_equal_single_solves_bit_for_bit(rng):
+    # planted k-sparse rows: IHT from zero converges, faster on better-conditioned C
+    L, d_out, d_in = 4, 16, 64
+    ws = (rng.standard_normal((L, d_out, d_in)) * (rng.random((L, d_out, d_in)) < 0.25)).astype(np.float32)
+    cs = []
+    for kappa in (2.0, 4.0, 8.0, 16.0):
+        q, _ = np.linalg.qr(rng.standard_normal((d_in, d_in)))
+        cs.append((q * np.geomspace(1, kappa, d_in)) @ q.T)
+    cs = np.stack(cs).astype(np.float32)
+    cfg = aj.awp_pruning(0.5, max_iter=300, tol=1e-4, init="zeros", step_rule="lambda_max", step_scale=1.0)
+    stacked = aj.solve_pgd_stack(ws, cs, cfg)
+    iters = []
+    for i in range(L):
+        single = aj.solve_pgd(ws[i], cs[i], cfg)
+        np.testing.assert_array_equal(stacked.theta[i], single.theta)
+        assert int(stacked.iterations[i]) == int(single.iterations)
+        assert int(stacked.stop_reason[i]) == int(single.stop_reason) == aj.StopReason.CONVERGED
+        iters.append(int(single.iterations))
+    assert iters == sorted(iters) and iters[0] < iters[-1], iters  # lanes stopped at different iterations
+    # explicit theta0 per lane
+    th0 = np.zeros_like(ws)
+    stacked0 = aj.solve_pgd_stack(ws, cs, cfg, theta0=th0)
+    np.testing.assert_array_equal(stacked0.theta[2], aj.solve_pgd(ws[2], cs[2], cfg, theta0=th0[2]).theta)
+
+
+def test_converged_stop_reason_and_tolerance(rng):
+    # C = I: one step with η = 1 lands on H_k(W), whose gradient W − H_k(W) is then fixed.
+    w = rng.standard_normal((8, 32)).astype(np.float32)
+    c = np.eye(32, dtype=np.float32)
+    k = 16
+    resid = np.linalg.norm(w - np.asarray(row_topk(w, k))) / np.linalg.norm(w)
+    cfg = aj.PGDConfig(
+        schedule=Schedule(phases=(Phase(iters=50, sparsity=0.5),)), step_rule="absolute", step_scale=1.0,
+        init="zeros", tol=float(resid) * 1.001,
+    )
+    res = aj.solve_pgd(w, c, cfg)
+    assert aj.StopReason(int(res.stop_reason)) is aj.StopReason.CONVERGED
+    assert int(res.iterations) == 1
+    np.testing.assert_allclose(res.theta, row_topk(w, k), rtol=1e-6)
+    cfg_never = aj.PGDConfig(schedule=cfg.schedule, step_rule="absolute", step_scale=1.0, init="zeros", tol=0.0)
+    res = aj.solve_pgd(w, c, cfg_never)
+    assert aj.StopReason(int(res.stop_reason)) is aj.StopReason.MAX_ITER and int(res.iterations) == 50
+
+
+def test_nonfinite_update_is_rejected_and_reported(rng):
+    # finite inputs whose objective overflows float32 after the first step
+    w = np.full((4, 16), 1e18, np.float32)
+    c = (np.eye(16) * 1e6).astype(np.float32)
+    cfg = aj.PGDConfig(schedule=Schedule(phases=(Phase(iters=20, sparsity=0.5),)), init="zeros", tol=0.0)
+    res = aj.solve_pgd(w, c, cfg)
+    assert aj.StopReason(int(res.stop_reason)) is aj.StopReason.NONFINITE
+    assert np.all(np.isfinite(np.asarray(res.theta)))
+
+
+def test_trace_records_objective_of_each_iterate(layer_problem):
+    w, c = layer_problem
+    cfg = aj.awp_pruning(0.5, max_iter=20, trace=True, keep_best=False)
+    res = aj.solve_pgd(w, c, cfg)
+    path, _ = aj.pgd_path(w, c, aj.awp_pruning(0.5, max_iter=20))
+    objs = [float(aj.objective(w, p, c)) for p in path]
+    np.testing.assert_allclose(res.trace_obj, objs, rtol=1e-4)
+    np.testing.assert_allclose(res.theta, path[-1], rtol=1e-6, atol=1e-8)
+
+
+def test_keep_best_returns_lowest_final_phase_objective(layer_problem):
+    w, c = layer_problem
+    res = aj.solve_pgd(w, c, aj.awp_pruning(0.7, max_iter=40, trace=True))
+    tr = np.asarray(res.trace_obj)
+    assert float(res.obj_final) == pytest.approx(np.nanmin(tr[1:]), rel=1e-6)
+    assert int(res.best_iteration) == int(np.nanargmin(tr[1:])) + 1
+
+
+def test_step_rules(layer_problem):
+    w, c = layer_problem
+    lam = np.linalg.eigvalsh(c.astype(np.float64))[-1]
+    r = aj.solve_pgd(w, c, aj.awp_pruning(0.5, max_iter=2, step_rule="lambda_max", step_scale=1.0))
+    np.testing.assert_allclose(r.step_size, 1.0 / lam, rtol=1e-3)
+    r = aj.solve_pgd(w, c, aj.awp_pruning(0.5, max_iter=2))
+    np.testing.assert_allclose(r.step_size, 2.0 / np.linalg.norm(c.astype(np.float64)), rtol=1e-5)
+
+
+def test_float64_inputs_compute_in_float64(layer_problem):
+    w, c = layer_problem
+    with jax.enable_x64(True):
+        res = aj.solve_pgd(w.astype(np.float64), c.astype(np.float64), aj.awp_pruning(0.5, max_iter=5))
+        assert res.theta.dtype == jnp.float64
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda w, c: (w[None], c), "W must have 2 dimensions"),
+        (lambda w, c: (w, c[:, :10]), r"C must be \[d_in, d_in\]"),
+        (lambda w, c: (w.astype(np.int32), c), "floating-point"),
+        (lambda w, c: (np.where(np.eye(*w.shape, dtype=bool), np.nan, w), c), "W contains NaN"),
+        (lambda w, c: (w, np.where(np.eye(*c.shape, dtype=bool), np.inf, c)), "C contains NaN or Inf"),
+    ],
+)
+def test_bad_inputs_rejected_before_compiling(layer_problem, make, match):
+    w, c = layer_problem
+    before = solver.trace_count()
+    with pytest.raises((ValueError, TypeError), match=match):
+        aj.solve_pgd(*make(w, c), aj.awp_pruning(0.5))
+    assert solver.trace_count() == before
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: aj.awp_pruning(1.0), r"sparsity must be a number in \[0, 1\)"),
+        (lambda: aj.awp_pruning(-0.1), "sparsity"),
+        (lambda: aj.awp_pruning(float("nan")), "sparsity"),
+        (lambda: aj.awp_quantization(bits=1), "bits must be an integer in 2..8"),
+        (lambda: aj.awp_quantization(bits=9), "bits"),
+        (lambda: aj.awp_nm(4, 2), "1 <= N <= M"),
+        (lambda: aj.awp_pruning(0.5, step_rule="newton"), "step_rule"),
+        (lambda: aj.awp_pruning(0.5, init="rtn"), "init='rtn' needs"),
+        (lambda: aj.awp_quantization(4, 128, init="wanda"), "needs a schedule that prunes"),
+    ],
+)
+def test_bad_configs_rejected(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_schedule_incompatible_with_layer_rejected(layer_problem):
+    w, c = layer_problem  # d_in = 256
+    with pytest.raises(ValueError, match="does not divide d_in=256"):
+        aj.solve_pgd(w, c, aj.awp_quantization(4, 96))
+    w6 = np.ones((4, 6), np.float32)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        aj.solve_pgd(w6, np.eye(6, dtype=np.float32), aj.awp_nm(2, 4))
