@@ -16,6 +16,10 @@ Symmetric grid (abs-max, zero point fixed at ``2**(bits-1)``)::
 Both grids map 0 to exactly 0, so quantizing a pruned matrix keeps its zeros, and every
 value inside the group's range is reproduced to within half a step (``scale / 2``).
 A group whose entries are all zero gets ``scale = 1`` and dequantizes to zeros.
+
+A group size that does not divide ``d_in`` is an error unless ``partial_groups=True``: then the
+last group of each row is shorter (GPTQ's convention, needed for group 128 on 576-wide layers).
+Zero padding implements it exactly, because both grids already contain 0.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ __all__ = [
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantSpec:
     """How to quantize: bit width, group size along ``d_in`` (``None`` = one group per row),
-    and whether the grid is symmetric (no zero point) or asymmetric (min-max with zero point)."""
+    whether the grid is symmetric (no zero point) or asymmetric (min-max with zero point), and
+    whether a shorter last group is allowed when ``group_size`` does not divide ``d_in``."""
 
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    partial_groups: bool = False
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -57,17 +63,24 @@ class QuantSpec:
     def levels(self) -> int:
         return 2**self.bits
 
+    def group_len(self, d_in: int) -> int:
+        return self.group_size or d_in
+
     def groups(self, d_in: int) -> int:
-        """Number of groups per row; raises if ``group_size`` does not divide ``d_in``."""
-        g = self.group_size or d_in
-        if d_in % g:
-            raise ValueError(f"group_size {g} does not divide d_in={d_in}; choose a divisor of {d_in} or None (per row)")
-        return d_in // g
+        """Number of groups per row; raises if ``group_size`` does not divide ``d_in`` (unless
+        ``partial_groups``)."""
+        g = self.group_len(d_in)
+        if d_in % g and not self.partial_groups:
+            raise ValueError(
+                f"group_size {g} does not divide d_in={d_in}; choose a divisor of {d_in}, None (per row), "
+                "or partial_groups=True (the last group of each row is shorter, as in GPTQ)"
+            )
+        return -(-d_in // g)
 
 
 class QArray(NamedTuple):
     """A quantized matrix: integer ``codes [d_out, d_in]`` (uint8) and per-group
-    ``scale``/``zero [d_out, n_groups]``. ``dequantize`` gives the dense matrix back."""
+    ``scale``/``zero [d_out, n_groups]``. ``dequantize(q, spec)`` gives the dense matrix back."""
 
     codes: jax.Array
     scale: jax.Array
@@ -75,8 +88,16 @@ class QArray(NamedTuple):
 
 
 def _grouped(w: jax.Array, spec: QuantSpec) -> jax.Array:
-    d_out, d_in = w.shape[-2:]
-    return w.reshape(*w.shape[:-1], spec.groups(d_in), d_in // spec.groups(d_in))  # [..., R, G, g]
+    """``w [..., d_in]`` → ``[..., G, g]``, zero-padded when the last group is partial."""
+    d_in = w.shape[-1]
+    n_groups, g = spec.groups(d_in), spec.group_len(d_in)
+    if n_groups * g != d_in:
+        w = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, n_groups * g - d_in)])
+    return w.reshape(*w.shape[:-1], n_groups, g)
+
+
+def _ungrouped(wg: jax.Array, d_in: int) -> jax.Array:
+    return wg.reshape(*wg.shape[:-2], -1)[..., :d_in]
 
 
 def _grid(wg: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
@@ -103,26 +124,25 @@ def quantize(w: jax.Array, spec: QuantSpec) -> QArray:
     scale, zero = _grid(wg, spec)
     codes = jnp.clip(jnp.round(wg / scale) + zero, 0, spec.levels - 1)
     return QArray(
-        codes=codes.astype(jnp.uint8).reshape(w.shape),
+        codes=_ungrouped(codes.astype(jnp.uint8), w.shape[-1]),
         scale=scale[..., 0],
         zero=zero[..., 0].astype(jnp.uint8),
     )
 
 
-def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
-    """Dense matrix ``(codes - zero) * scale`` from a :class:`QArray`."""
-    n_groups = q.scale.shape[-1]
-    shape = q.codes.shape
-    cg = q.codes.reshape(*shape[:-1], n_groups, shape[-1] // n_groups).astype(dtype)
+def dequantize(q: QArray, spec: QuantSpec, dtype=jnp.float32) -> jax.Array:
+    """Dense matrix ``(codes - zero) * scale`` from a :class:`QArray` made with ``spec``."""
+    d_in = q.codes.shape[-1]
+    cg = _grouped(q.codes.astype(dtype), spec)
     out = (cg - q.zero[..., None].astype(dtype)) * q.scale[..., None].astype(dtype)
-    return out.reshape(shape)
+    return _ungrouped(out, d_in)
 
 
 def _fake_quantize_value(w: jax.Array, spec: QuantSpec) -> jax.Array:
     wg = _grouped(w, spec)
     scale, zero = _grid(wg, spec)
     q = jnp.clip(jnp.round(wg / scale) + zero, 0, spec.levels - 1)
-    return ((q - zero) * scale).reshape(w.shape).astype(w.dtype)
+    return _ungrouped((q - zero) * scale, w.shape[-1]).astype(w.dtype)
 
 
 def fake_quantize(w: jax.Array, spec: QuantSpec) -> jax.Array:

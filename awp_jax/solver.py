@@ -136,15 +136,24 @@ def awp_nm(n: int = 2, m: int = 4, *, max_iter: int = 200, tol: float = 1e-4, **
     return PGDConfig(schedule=sched_lib.nm_pruning(n, m, iters=max_iter), tol=tol, **kw)
 
 
-def awp_quantization(bits: int = 4, group_size: int | None = 128, *, iters: int = 10, symmetric: bool = False, **kw):
+def awp_quantization(
+    bits: int = 4, group_size: int | None = 128, *, iters: int = 10, symmetric: bool = False, partial_groups: bool = False, **kw
+):
     """Paper quantization: init RTN, η = 1.5/||C||_F, 10 iterations."""
     kw = {"step_scale": 1.5, "init": "rtn", "tol": 0.0, **kw}
-    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, partial_groups=partial_groups)
     return PGDConfig(schedule=sched_lib.quantization(spec, iters=iters), **kw)
 
 
 def awp_joint(
-    sparsity: float, bits: int = 4, group_size: int | None = 128, *, symmetric: bool = False, init: Init = "dense", **kw
+    sparsity: float,
+    bits: int = 4,
+    group_size: int | None = 128,
+    *,
+    symmetric: bool = False,
+    partial_groups: bool = False,
+    init: Init = "dense",
+    **kw,
 ):
     """Joint pruning + quantization, η = 1.5/||C||_F.
 
@@ -155,7 +164,7 @@ def awp_joint(
     instead (no ramp): 50 prune-only iterations at p, then 50 joint ones.
     """
     kw = {"step_scale": 1.5, "tol": 0.0, **kw}
-    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, partial_groups=partial_groups)
     if init == "dense":
         schedule = sched_lib.joint(sparsity, spec)
     else:

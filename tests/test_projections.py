@@ -109,7 +109,7 @@ def test_joint_projection_keeps_mask_and_grid(seed, bits, p, nm):
     for grp in out.reshape(6, 4, 16).reshape(-1, 16):
         assert len(np.unique(grp)) <= 2**bits
     # the values are the grid points of the pruned matrix's codes
-    deq = dequantize(quantize(jnp.where(mask, z, 0), spec))
+    deq = dequantize(quantize(jnp.where(mask, z, 0), spec), spec)
     np.testing.assert_allclose(out, np.where(mask, deq, 0), rtol=1e-6, atol=1e-7)
 
 
