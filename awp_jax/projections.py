@@ -79,7 +79,9 @@ def row_topk_mask_sort(score: jax.Array, k: int) -> jax.Array:
     if k <= 0:
         return jnp.zeros(score.shape, bool)
     _, idx = jax.lax.top_k(score, min(k, d))
-    return jnp.sum(jax.nn.one_hot(idx, d, dtype=jnp.int32), axis=-2) > 0
+    mask = jnp.zeros(score.shape, bool).reshape(-1, d)
+    rows = jnp.arange(mask.shape[0])[:, None]
+    return mask.at[rows, idx.reshape(-1, idx.shape[-1])].set(True).reshape(score.shape)
 
 
 def row_topk(z: jax.Array, k) -> jax.Array:

