@@ -145,6 +145,11 @@ def rotary(cfg: LlamaConfig, seq_len: int):
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def _lead(v, ndim):
+    """A vector shaped to broadcast against the last axis of an ``ndim``-dimensional array."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
 def _rotate_half(x):
     h = x.shape[-1] // 2
     return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
@@ -159,7 +164,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         y = jnp.einsum("...i,oi->...o", x, self.weight[...])
-        return y if self.bias is None else y + self.bias[...]
+        return y if self.bias is None else y + _lead(self.bias[...], y.ndim)
 
 
 class RMSNorm(nnx.Module):
@@ -170,7 +175,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * h.astype(x.dtype)
+        return _lead(self.weight[...], x.ndim) * h.astype(x.dtype)
 
 
 class Block(nnx.Module):

@@ -1,0 +1,118 @@
+"""Calibration statistics: ``C = X Xᵀ / n`` for the input of every linear layer of every block.
+
+For each block, four second-moment matrices are accumulated over all calibration tokens:
+``attn_in`` (shared by q/k/v), ``o_in`` (o_proj), ``mlp_in`` (shared by gate/up) and ``down_in``
+(down_proj); :data:`awp_jax.model.INPUT_OF` maps a layer to its statistic.
+
+Two modes behind one function, :func:`block_statistics`:
+
+* ``"sequential"`` (the reference implementations' way, the default for compression): block l's
+  inputs are the outputs of blocks < l *after* ``on_block`` has compressed them, so each block
+  sees the errors of the ones before it.
+* ``"parallel"``: every block's statistics from one pass through the dense model; ``on_block``
+  may still compress block l, but block l + 1's inputs come from the dense block l. Without
+  ``on_block`` all blocks' statistics are returned (e.g. to stack equal-shape layers across blocks).
+
+Memory: the hidden states of the calibration windows at the current block boundary
+(``n × seqlen × hidden`` floats, as in the reference implementations), one batch of one block's
+activations, and one block's statistics. Products are summed in float32 on the device; with
+``accumulate="float64"`` each batch's float32 product is added into float64 totals on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from awp_jax.model import Llama, rotary
+
+__all__ = ["STAT_NAMES", "block_statistics"]
+
+STAT_NAMES = ("attn_in", "o_in", "mlp_in", "down_in")
+
+
+@jax.jit
+def _embed(table, tokens):
+    return table[tokens]
+
+
+def _block_fns(graphdef):
+    @jax.jit
+    def stats(state, x, cos, sin):  # x [B, L, D] -> (y, {name: X Xᵀ summed over B·L})
+        y, cap = nnx.merge(graphdef, state)(x, cos, sin, capture=True)
+        grams = {k: jnp.einsum("bli,blj->ij", v.astype(jnp.float32), v.astype(jnp.float32),
+                               precision="highest") for k, v in cap.items()}
+        return y, grams
+
+    @jax.jit
+    def run(state, x, cos, sin):
+        return nnx.merge(graphdef, state)(x, cos, sin)
+
+    return stats, run
+
+
+def block_statistics(
+    model: Llama,
+    windows: np.ndarray,
+    *,
+    mode: Literal["sequential", "parallel"] = "sequential",
+    batch_size: int = 8,
+    accumulate: Literal["float32", "float64"] = "float32",
+    on_block: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+    progress: bool = False,
+) -> list[dict[str, np.ndarray]] | None:
+    """Second moments ``C`` (``{name: [d, d]}``, divided by the token count) for every block.
+
+    ``on_block(l, stats)`` is called once per block in order; in sequential mode it may change
+    block l's weights (compress it) before block l + 1's inputs are computed. Without ``on_block``
+    the list of all blocks' statistics is returned; with it, nothing is kept and ``None`` returned.
+    """
+    if mode not in ("sequential", "parallel"):
+        raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
+    if accumulate not in ("float32", "float64"):
+        raise ValueError(f"accumulate must be 'float32' or 'float64', got {accumulate!r}")
+    windows = np.asarray(windows, np.int32)
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be [n, seqlen], got shape {windows.shape}")
+    n, seqlen = windows.shape
+    n_tokens = n * seqlen
+    cos, sin = rotary(model.cfg, seqlen)
+    batches = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
+    hidden = [_embed(model.embed_tokens[...], jnp.asarray(b)) for b in batches]
+    graphdef = nnx.graphdef(model.layers[0])
+    stats_fn, run_fn = _block_fns(graphdef)
+    kept: list | None = [] if on_block is None else None
+
+    layers = range(len(model.layers))
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc=f"calibration ({mode})", unit="block")
+    for li in layers:
+        state = nnx.state(model.layers[li])
+        totals = None
+        outs = []
+        for x in hidden:
+            y, grams = stats_fn(state, x, cos, sin)
+            if accumulate == "float64":
+                grams = {k: np.asarray(v, np.float64) for k, v in grams.items()}
+            totals = grams if totals is None else {k: totals[k] + grams[k] for k in grams}
+            outs.append(y)
+        c = {k: np.asarray(v / n_tokens) for k, v in totals.items()}
+        if mode == "sequential":
+            if on_block is not None:
+                on_block(li, c)
+                state = nnx.state(model.layers[li])
+                outs = [run_fn(state, x, cos, sin) for x in hidden]  # through the compressed block
+            else:
+                kept.append(c)
+        elif on_block is not None:
+            on_block(li, c)  # the next block's inputs were already computed by the dense block
+        else:
+            kept.append(c)
+        hidden = outs
+    return kept

@@ -1,0 +1,75 @@
+"""Perplexity by the WikiText protocol.
+
+Join the evaluation text, tokenize once, cut non-overlapping windows of ``seqlen`` tokens
+(:func:`awp_jax.data.eval_windows`), and average the next-token negative log-likelihood over every
+predicted position (``seqlen − 1`` per window); perplexity is ``exp`` of that mean. The forward is
+jitted once per (batch, seqlen) shape; a last partial batch is padded and its padding ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from awp_jax.model import Llama
+
+__all__ = ["PerplexityResult", "perplexity", "window_nll"]
+
+
+class PerplexityResult(NamedTuple):
+    perplexity: float
+    mean_nll: float
+    tokens: int  # predicted positions
+    windows: int
+    seqlen: int
+
+
+def _nll_fn(graphdef):
+    @jax.jit
+    def nll(state, tokens):  # tokens [B, L] -> summed NLL per window [B]
+        logits = nnx.merge(graphdef, state)(tokens)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        tok = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        return -jnp.sum(tok, axis=-1)
+
+    return nll
+
+
+def window_nll(model: Llama, windows: np.ndarray, batch_size: int = 8, progress: bool = True) -> np.ndarray:
+    """Summed next-token NLL of each window ``[N]`` (float64 on the host)."""
+    windows = np.asarray(windows, np.int32)
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [N, seqlen >= 2], got shape {windows.shape}")
+    graphdef, state = nnx.split(model)
+    fn = _nll_fn(graphdef)
+    out = []
+    n = len(windows)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=f"perplexity (seqlen {windows.shape[1]})", unit="win", leave=False)
+    for i in range(0, n, batch_size):
+        batch = windows[i : i + batch_size]
+        real = len(batch)
+        if real < batch_size:  # pad to the compiled shape; padded rows are dropped
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+        out.append(np.asarray(fn(state, jnp.asarray(batch)), np.float64)[:real])
+        if bar:
+            bar.update(real)
+    if bar:
+        bar.close()
+    return np.concatenate(out)
+
+
+def perplexity(model: Llama, windows: np.ndarray, batch_size: int = 8, progress: bool = True) -> PerplexityResult:
+    """Perplexity of ``model`` on ``windows [N, seqlen]`` (see the module docstring)."""
+    nll = window_nll(model, windows, batch_size, progress)
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    mean = float(np.sum(nll) / tokens)
+    return PerplexityResult(math.exp(mean), mean, tokens, windows.shape[0], windows.shape[1])

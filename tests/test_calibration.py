@@ -1,0 +1,110 @@
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from awp_jax import calibration, data, perplexity
+from awp_jax.model import Llama, random_weights, rotary
+from test_model import TINY, torch_model
+
+
+@pytest.fixture
+def tiny():
+    return Llama(TINY, random_weights(TINY, seed=5, scale=0.2))
+
+
+@pytest.fixture
+def windows():
+    return np.random.default_rng(0).integers(0, TINY.vocab_size, (6, 32)).astype(np.int32)
+
+
+def _manual_inputs(model, windows):
+    """Inputs of every block's linear layers, computed directly: list over blocks of {name: [N, d]}."""
+    cos, sin = rotary(model.cfg, windows.shape[1])
+    x = model.embed(jnp.asarray(windows))
+    out = []
+    for blk in model.layers:
+        x, cap = blk(x, cos, sin, capture=True)
+        out.append({k: np.asarray(v, np.float64).reshape(-1, v.shape[-1]) for k, v in cap.items()})
+    return out
+
+
+def test_statistics_equal_x_xt_over_n(tiny, windows):
+    stats = calibration.block_statistics(tiny, windows, batch_size=4)  # 2 batches, last one short
+    manual = _manual_inputs(tiny, windows)
+    for s, m in zip(stats, manual):
+        for k, x in m.items():
+            np.testing.assert_allclose(s[k], x.T @ x / x.shape[0], rtol=2e-5, atol=1e-6)
+
+
+def test_float64_accumulation_agrees(tiny, windows):
+    a = calibration.block_statistics(tiny, windows, batch_size=2)
+    b = calibration.block_statistics(tiny, windows, batch_size=2, accumulate="float64")
+    assert b[0]["attn_in"].dtype == np.float64
+    for s, t in zip(a, b):
+        for k in s:
+            np.testing.assert_allclose(s[k], t[k], rtol=1e-5, atol=1e-7)
+
+
+def test_sequential_sees_compressed_blocks_parallel_does_not(windows):
+    def run(mode):
+        model = Llama(TINY, random_weights(TINY, seed=5, scale=0.2))
+        seen = []
+
+        def on_block(i, c):
+            seen.append(c)
+            blk = model.layers[i]
+            blk.down_proj.weight[...] = blk.down_proj.weight[...] * 0.0  # "compress" block i hard
+        calibration.block_statistics(model, windows, mode=mode, on_block=on_block)
+        return seen
+
+    seq, par = run("sequential"), run("parallel")
+    dense = calibration.block_statistics(Llama(TINY, random_weights(TINY, seed=5, scale=0.2)), windows)
+    np.testing.assert_allclose(seq[0]["attn_in"], par[0]["attn_in"], rtol=1e-6)
+    np.testing.assert_allclose(par[1]["attn_in"], dense[1]["attn_in"], rtol=1e-6)
+    assert not np.allclose(seq[1]["attn_in"], dense[1]["attn_in"], rtol=1e-3)
+
+
+def test_bad_mode_rejected(tiny, windows):
+    with pytest.raises(ValueError, match="mode must be"):
+        calibration.block_statistics(tiny, windows, mode="lazy")
+
+
+def test_perplexity_matches_transformers_loss(tiny, windows):
+    res = perplexity.perplexity(tiny, windows, batch_size=4, progress=False)  # padded last batch
+    tm = torch_model(TINY, random_weights(TINY, seed=5, scale=0.2))
+    with torch.no_grad():
+        loss = tm(torch.from_numpy(windows).long(), labels=torch.from_numpy(windows).long()).loss.item()
+    assert res.tokens == 6 * 31 and res.windows == 6
+    assert res.perplexity == pytest.approx(np.exp(loss), rel=1e-4)
+
+
+def test_windows(tmp_path):
+    tokens = np.arange(1000, dtype=np.int32)
+    a = data.calibration_windows(tokens, n=5, seqlen=100, seed=3)
+    np.testing.assert_array_equal(a, data.calibration_windows(tokens, n=5, seqlen=100, seed=3))
+    assert a.shape == (5, 100) and np.all(np.diff(a, axis=1) == 1)
+    assert not np.array_equal(a, data.calibration_windows(tokens, n=5, seqlen=100, seed=4))
+    e = data.eval_windows(tokens, 300)
+    assert e.shape == (3, 300) and e[1, 0] == 300
+    with pytest.raises(data.DataError, match="fewer than one window of 2048"):
+        data.eval_windows(tokens, 2048)
+    with pytest.raises(data.DataError, match="fewer than one window of 1000"):
+        data.calibration_windows(tokens, seqlen=1000)
+
+
+def test_user_text_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    assert data.read_text(tmp_path / "a.txt") == "hello world"
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert data.load_text(tmp_path / "b.jsonl") == "one\n\ntwo"
+    (tmp_path / "c.jsonl").write_text('{"text": "one"}\n{"txt": 2}\n')
+    with pytest.raises(data.DataError, match="c.jsonl:2: expected a JSON object with a 'text' field"):
+        data.read_text(tmp_path / "c.jsonl")
+    (tmp_path / "d.txt").write_text("  \n")
+    with pytest.raises(data.DataError, match="holds no text"):
+        data.read_text(tmp_path / "d.txt")
+    with pytest.raises(data.DataError, match="not found"):
+        data.read_text(tmp_path / "zzz.txt")

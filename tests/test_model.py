@@ -1,0 +1,126 @@
+"""The Llama port against transformers' PyTorch implementation, and the checkpoint loaders."""
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from awp_jax.checkpoints import CheckpointError, load_checkpoint, load_hf_dir, load_model
+from awp_jax.model import Llama, LlamaConfig, forward, random_weights, weights_of
+
+TINY = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=256)
+VARIANTS = {
+    "gqa-untied": TINY,
+    "gqa-tied": dataclasses.replace(TINY, tie_word_embeddings=True),
+    "llama3-rope": dataclasses.replace(TINY, rope_theta=500000.0, max_position_embeddings=512, rope_scaling=(
+        ("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0), ("original_max_position_embeddings", 64.0))),
+    "qwen2-bias": dataclasses.replace(TINY, attention_bias=True),
+}
+
+
+def torch_model(cfg: LlamaConfig, weights):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = cfg.to_hf_dict()
+    hf_cfg = AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k not in ("architectures", "torch_dtype")})
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(hf_cfg).eval()
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return m
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(variant):
+    cfg = VARIANTS[variant]
+    w = random_weights(cfg, seed=1, scale=0.2)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 200)).astype(np.int32)
+    ours = np.asarray(forward(Llama(cfg, w))(jnp.asarray(tokens)))
+    with torch.no_grad():
+        ref = torch_model(cfg, w)(torch.from_numpy(tokens).long()).logits.numpy()
+    assert np.max(np.abs(ours - ref)) <= 1e-3, np.max(np.abs(ours - ref))
+
+
+def test_bfloat16_close_to_float32():
+    w = random_weights(TINY, seed=2, scale=0.2)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, TINY.vocab_size, (1, 64)), jnp.int32)
+    f32 = np.asarray(forward(Llama(TINY, w))(tokens))
+    bf16 = np.asarray(forward(Llama(dataclasses.replace(TINY, dtype="bfloat16"), w))(tokens))
+    assert bf16.dtype == np.float32
+    assert np.max(np.abs(bf16 - f32)) < 0.1 * np.max(np.abs(f32))
+
+
+def test_weights_round_trip_and_shape_errors():
+    w = random_weights(TINY, seed=3)
+    back = weights_of(Llama(TINY, w))
+    assert set(back) == set(w) and all(np.array_equal(back[k], w[k]) for k in w)
+    bad = dict(w)
+    bad["model.layers.1.mlp.down_proj.weight"] = np.zeros((64, 95), np.float32)
+    with pytest.raises(ValueError, match=r"down_proj.weight has shape \(64, 95\), but the config needs \(64, 96\)"):
+        Llama(TINY, bad)
+    del bad["model.norm.weight"]
+    with pytest.raises(ValueError, match="missing 1 tensors"):
+        Llama(TINY, bad)
+    ints = dict(w)
+    ints["model.norm.weight"] = np.ones(64, np.int32)
+    with pytest.raises(TypeError, match="floating-point"):
+        Llama(TINY, ints)
+
+
+def _save_hf_dir(path, cfg, weights, shards=1):
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    keys = sorted(weights)
+    if shards == 1:
+        save_file({k: weights[k] for k in keys}, str(path / "model.safetensors"))
+        return
+    wm = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[s::shards]
+        save_file({k: weights[k] for k in part}, str(path / name))
+        wm.update({k: name for k in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_hf_directory_loads(tmp_path, shards):
+    cfg = VARIANTS["qwen2-bias"]
+    w = random_weights(cfg, seed=4)
+    _save_hf_dir(tmp_path / "m", cfg, w, shards)
+    cfg2, w2, tok = load_hf_dir(tmp_path / "m")
+    assert cfg2 == cfg and tok is None
+    assert all(np.array_equal(w2[k], w[k]) for k in w)
+    model, _ = load_model(tmp_path / "m")
+    assert isinstance(model, Llama)
+
+
+def test_hf_directory_errors(tmp_path):
+    cfg = TINY
+    _save_hf_dir(tmp_path / "m", cfg, random_weights(cfg))
+    f = tmp_path / "m" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_hf_dir(tmp_path / "m")
+    f.unlink()
+    with pytest.raises(CheckpointError, match="neither model.safetensors"):
+        load_hf_dir(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="model not found"):
+        load_checkpoint(tmp_path / "nope")
+    d = cfg.to_hf_dict()
+    d["model_type"] = "gpt2"
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'gpt2'"):
+        load_hf_dir(tmp_path / "g")
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(CheckpointError, match="not a readable GGUF"):
+        load_checkpoint(bad)
