@@ -39,7 +39,7 @@ def torch_model(cfg: LlamaConfig, weights):
 def test_logits_match_transformers(variant):
     cfg = VARIANTS[variant]
     w = random_weights(cfg, seed=1, scale=0.2)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 200)).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 300)).astype(np.int32)  # > one attention chunk
     ours = np.asarray(forward(Llama(cfg, w))(jnp.asarray(tokens)))
     with torch.no_grad():
         ref = torch_model(cfg, w)(torch.from_numpy(tokens).long()).logits.numpy()
