@@ -49,10 +49,14 @@ def _block_fns(graphdef):
         return y, grams
 
     @jax.jit
+    def grams_only(state, x, cos, sin):  # when the block's output is recomputed after compression
+        return stats(state, x, cos, sin)[1]
+
+    @jax.jit
     def run(state, x, cos, sin):
         return nnx.merge(graphdef, state)(x, cos, sin)
 
-    return stats, run
+    return stats, grams_only, run
 
 
 def block_statistics(
@@ -84,7 +88,8 @@ def block_statistics(
     batches = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
     hidden = [_embed(model.embed_tokens[...], jnp.asarray(b)) for b in batches]
     graphdef = nnx.graphdef(model.layers[0])
-    stats_fn, run_fn = _block_fns(graphdef)
+    stats_fn, grams_fn, run_fn = _block_fns(graphdef)
+    recompute = mode == "sequential" and on_block is not None
     kept: list | None = [] if on_block is None else None
 
     layers = range(len(model.layers))
@@ -97,22 +102,21 @@ def block_statistics(
         totals = None
         outs = []
         for x in hidden:
-            y, grams = stats_fn(state, x, cos, sin)
+            if recompute:
+                grams = grams_fn(state, x, cos, sin)
+            else:
+                y, grams = stats_fn(state, x, cos, sin)
+                outs.append(y)
             if accumulate == "float64":
                 grams = {k: np.asarray(v, np.float64) for k, v in grams.items()}
             totals = grams if totals is None else {k: totals[k] + grams[k] for k in grams}
-            outs.append(y)
         c = {k: np.asarray(v / n_tokens) for k, v in totals.items()}
-        if mode == "sequential":
-            if on_block is not None:
-                on_block(li, c)
-                state = nnx.state(model.layers[li])
-                outs = [run_fn(state, x, cos, sin) for x in hidden]  # through the compressed block
-            else:
-                kept.append(c)
-        elif on_block is not None:
-            on_block(li, c)  # the next block's inputs were already computed by the dense block
-        else:
+        if on_block is None:
             kept.append(c)
+        else:
+            on_block(li, c)
+            if recompute:  # sequential: the next block sees the compressed block's output
+                state = nnx.state(model.layers[li])
+                outs = [run_fn(state, x, cos, sin) for x in hidden]
         hidden = outs
     return kept
