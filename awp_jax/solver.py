@@ -13,8 +13,10 @@ where ``(W − Θ) C = −∇f / 2`` and ``Proj_t`` comes from the :class:`~awp_
 The loop is a ``lax.while_loop``; it stops when ``||(W − Θ) C||_F / ||W||_F < tol`` (tested on
 iterates of the final phase only, so a dense or half-ramped iterate is never returned), when the
 schedule ends, or when an update turns non-finite (that update is rejected and the reason
-reported). With ``keep_best`` the lowest-objective iterate of the final phase is returned: PGD with
-the paper's step ``2/||C||_F`` sits at the edge of the stable range and need not be monotone.
+reported). With ``keep_best`` the lowest-objective feasible point seen is returned — an iterate of
+the final phase, or the initial point when the final projection made it (Wanda, magnitude, RTN):
+PGD with the paper's step ``2/||C||_F`` sits at the edge of the stable range and need not be
+monotone, and a quantization grid recomputed at every step is not a fixed set.
 
 Public entry points (where ``jit`` happens, one compilation per shapes × config):
 :func:`solve_pgd` (one layer), :func:`solve_pgd_stack` (``vmap`` over equal-shape layers) and
@@ -80,7 +82,8 @@ class PGDConfig:
       tol: stop when ||(W − Θ) C||_F / ||W||_F < tol (paper: 1e-4). 0 disables the test.
       init: Θ0 when none is passed: ``"wanda"`` (final projection with the Wanda mask),
         ``"magnitude"`` / ``"rtn"`` (final projection of W), ``"dense"`` (W), ``"zeros"``.
-      keep_best: return the lowest-objective iterate of the final phase instead of the last one.
+      keep_best: return the lowest-objective feasible point seen (final-phase iterates, and the
+        initial point when ``init`` is a projection of W) instead of the last iterate.
       trace: record objective and relative gradient norm of every iterate (length max_iter + 1,
         NaN after the stop).
       precision: matmul precision (``"highest"`` keeps fp32 on TPU/GPU).
@@ -283,6 +286,9 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False):
     T = config.max_iter
     prec = config.precision
 
+    # An initial point made by the final projection (Wanda, magnitude, RTN) is feasible, so it
+    # competes for "best" too: the solve never returns something worse than where it started.
+    init_feasible = theta0 is None and config.init in ("wanda", "magnitude", "rtn")
     theta0 = initial_point(w, c, config) if theta0 is None else theta0.astype(dtype)
     eta = step_size(c, config)
     wnorm = jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
@@ -317,7 +323,7 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False):
         obj=obj0,
         gnorm=gn0,
         best_theta=theta0,
-        best_obj=jnp.asarray(jnp.inf, dtype),
+        best_obj=obj0 if init_feasible and config.keep_best else jnp.asarray(jnp.inf, dtype),
         best_gnorm=gn0,
         best_t=jnp.zeros((), jnp.int32),
         reason=jnp.asarray(StopReason.RUNNING, jnp.int32),

@@ -155,9 +155,18 @@ def test_trace_records_objective_of_each_iterate(layer_problem):
 def test_keep_best_returns_lowest_final_phase_objective(layer_problem):
     w, c = layer_problem
     res = aj.solve_pgd(w, c, aj.awp_pruning(0.7, max_iter=40, trace=True))
-    tr = np.asarray(res.trace_obj)
-    assert float(res.obj_final) == pytest.approx(np.nanmin(tr[1:]), rel=1e-6)
-    assert int(res.best_iteration) == int(np.nanargmin(tr[1:])) + 1
+    tr = np.asarray(res.trace_obj)  # includes the (feasible) Wanda start at index 0
+    assert float(res.obj_final) == pytest.approx(np.nanmin(tr), rel=1e-6)
+    assert int(res.best_iteration) == int(np.nanargmin(tr))
+    assert float(res.obj_final) <= float(res.obj_init)
+
+
+def test_result_never_worse_than_a_feasible_start(layer_problem):
+    w, c = layer_problem
+    # a step far too large: iterates get worse than RTN, and the RTN start is returned
+    res = aj.solve_pgd(w, c, aj.awp_quantization(3, 128, iters=5, step_scale=50.0))
+    assert int(res.best_iteration) == 0 and float(res.obj_final) == float(res.obj_init)
+    np.testing.assert_array_equal(res.theta, aj.rtn(w, QuantSpec(bits=3, group_size=128)))
 
 
 def test_step_rules(layer_problem):

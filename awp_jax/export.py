@@ -1,0 +1,54 @@
+"""Writing compressed models as Hugging Face directories.
+
+The directory holds ``config.json``, ``model.safetensors`` (the dense weights after compression —
+exactly the weights that were evaluated), the tokenizer files and ``awp_report.json``. It loads
+with transformers' ``AutoModelForCausalLM.from_pretrained`` and with :func:`awp_jax.checkpoints.load_model`.
+
+The directory is written under a temporary name beside the target and renamed into place, so an
+interrupted write never leaves a directory that looks complete. An existing non-empty target is
+refused unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import numpy as np
+
+from awp_jax.model import Llama, weights_of
+
+__all__ = ["save_hf_dir", "OutputExistsError"]
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def save_hf_dir(model: Llama, out: os.PathLike, *, tokenizer=None, report: dict | None = None, overwrite: bool = False) -> pathlib.Path:
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"output {out} already exists and is not empty; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        cfg = model.cfg.to_hf_dict()
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        weights = {k: np.ascontiguousarray(v, np.float32) for k, v in weights_of(model).items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if report is not None:
+            (tmp / "awp_report.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

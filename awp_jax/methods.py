@@ -1,0 +1,214 @@
+"""One registry of layer compression methods behind one signature.
+
+``method(W [d_out, d_in], C [d_in, d_in], spec) -> LayerResult`` — the pipeline, the CLI and the
+benchmarks call every method the same way and never special-case one. What a method can do is
+declared (``kinds``: "prune", "nm", "quant", "joint"); asking for anything else is an error that
+names the method and what it supports.
+
+| name | kinds | what |
+|---|---|---|
+| ``awp`` | prune, nm, quant, joint | projected gradient descent (:mod:`awp_jax.solver`), paper defaults |
+| ``magnitude`` | prune, nm | keep the largest ``|W|`` per row / per group of m |
+| ``wanda`` | prune, nm | keep the largest ``|W| · sqrt(C_jj)`` per row / per group of m |
+| ``sparsegpt`` | prune, nm | OBS sweep, blocksize 128, damping 0.01 (:mod:`awp_jax.obs`) |
+| ``rtn`` | quant | round to nearest on the group grid |
+| ``gptq`` | quant | OBS sweep on the group grid, blocksize 128, damping 0.01, optional act-order |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from awp_jax import obs
+from awp_jax import solver as solver_lib
+from awp_jax.projections import keep_count, project
+from awp_jax.quantizers import QuantSpec, rtn
+from awp_jax.saliency import wanda_score
+
+__all__ = ["CompressionSpec", "LayerResult", "METHODS", "get_method", "compress_layer"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompressionSpec:
+    """What to do to every layer. Pruning: ``sparsity`` (per row) or ``nm``; quantization:
+    ``bits`` (+ ``group_size``, ``symmetric``); both for joint. ``partial_groups`` defaults to
+    True here so group 128 applies to 576-wide layers (GPTQ's convention: a shorter last group).
+    AWP options left ``None`` take the paper's defaults for the kind of compression."""
+
+    sparsity: float = 0.0
+    nm: tuple[int, int] | None = None
+    bits: int | None = None
+    group_size: int | None = 128
+    symmetric: bool = False
+    partial_groups: bool = True
+    max_iter: int | None = None
+    tol: float | None = None
+    step_rule: str | None = None
+    step_scale: float | None = None
+    act_order: bool = False
+    percdamp: float = 0.01
+    blocksize: int = 128
+
+    def __post_init__(self):
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        if self.nm is not None:
+            n, m = self.nm
+            if not (isinstance(n, int) and isinstance(m, int)) or not 1 <= n <= m:
+                raise ValueError(f"N:M needs integers 1 <= N <= M, got {self.nm!r}")
+            if self.sparsity:
+                raise ValueError("give either a sparsity or an N:M pattern, not both")
+        if self.bits is not None:
+            self.quant  # validates bits and group size
+        if self.kind is None:
+            raise ValueError("nothing to do: give a sparsity, an N:M pattern, or bits")
+
+    @property
+    def prunes(self) -> bool:
+        return self.sparsity > 0 or self.nm is not None
+
+    @property
+    def kind(self) -> str | None:
+        if self.prunes and self.bits is not None:
+            return "joint"
+        if self.nm is not None:
+            return "nm"
+        if self.sparsity > 0:
+            return "prune"
+        return "quant" if self.bits is not None else None
+
+    @property
+    def quant(self) -> QuantSpec | None:
+        if self.bits is None:
+            return None
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, partial_groups=self.partial_groups)
+
+    def describe(self) -> str:
+        parts = []
+        if self.nm:
+            parts.append(f"{self.nm[0]}:{self.nm[1]}")
+        elif self.sparsity:
+            parts.append(f"{self.sparsity:.0%} sparse")
+        if self.bits:
+            parts.append(f"int{self.bits} g{self.group_size or 'row'}{' sym' if self.symmetric else ''}")
+        return " + ".join(parts)
+
+
+class LayerResult(NamedTuple):
+    theta: jax.Array
+    info: dict[str, Any]  # method-specific scalars (iterations, stop reason, damping, ...)
+
+
+class Method(NamedTuple):
+    fn: Callable[[jax.Array, jax.Array, CompressionSpec], LayerResult]
+    kinds: frozenset
+    doc: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, kinds, doc: str):
+    def deco(fn):
+        METHODS[name] = Method(fn, frozenset(kinds), doc)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def compress_layer(name: str, w, c, spec: CompressionSpec) -> LayerResult:
+    """Compress one layer with method ``name``; checks the method supports ``spec``."""
+    m = get_method(name)
+    if spec.kind not in m.kinds:
+        raise ValueError(f"method {name!r} does not do {spec.kind} compression ({spec.describe()}); it supports: {', '.join(sorted(m.kinds))}")
+    return m.fn(jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32), spec)
+
+
+def _k(spec, d_in):
+    return keep_count(spec.sparsity, d_in) if spec.sparsity else None
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "wanda"))
+def _mask_prune(w, c, spec, wanda):
+    score = wanda_score(w, c) if wanda else None
+    return project(w, k=_k(spec, w.shape[1]), nm=spec.nm, score=score)
+
+
+@register("magnitude", {"prune", "nm"}, "largest |W| per row (or per group of m)")
+def _magnitude(w, c, spec):
+    return LayerResult(_mask_prune(w, c, spec, False), {})
+
+
+@register("wanda", {"prune", "nm"}, "largest |W|·sqrt(C_jj) per row (or per group of m)")
+def _wanda(w, c, spec):
+    return LayerResult(_mask_prune(w, c, spec, True), {})
+
+
+@register("rtn", {"quant"}, "round to nearest, asymmetric min-max per group")
+def _rtn(w, c, spec):
+    return LayerResult(jax.jit(rtn, static_argnames="spec")(w, spec=spec.quant), {})
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _sparsegpt_jit(w, c, spec):
+    return obs.sparsegpt(w, c, sparsity=spec.sparsity, nm=spec.nm, blocksize=spec.blocksize, percdamp=spec.percdamp)
+
+
+@register("sparsegpt", {"prune", "nm"}, "SparseGPT OBS sweep (blocksize 128, damping 0.01)")
+def _sparsegpt(w, c, spec):
+    theta, damp, ok = _sparsegpt_jit(w, c, spec)
+    return LayerResult(theta, {"damping": float(damp), "cholesky_ok": bool(ok)})
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _gptq_jit(w, c, spec):
+    return obs.gptq(w, c, spec.quant, blocksize=spec.blocksize, percdamp=spec.percdamp, act_order=spec.act_order)
+
+
+@register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)")
+def _gptq(w, c, spec):
+    theta, damp, ok = _gptq_jit(w, c, spec)
+    return LayerResult(theta, {"damping": float(damp), "cholesky_ok": bool(ok)})
+
+
+def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
+    """The solver configuration for ``spec``: the paper's preset, with any overrides."""
+    over = {k: v for k, v in (("step_rule", spec.step_rule), ("step_scale", spec.step_scale), ("tol", spec.tol)) if v is not None}
+    kind = spec.kind
+    if kind == "prune":
+        return solver_lib.awp_pruning(spec.sparsity, max_iter=spec.max_iter or 200, **over)
+    if kind == "nm":
+        return solver_lib.awp_nm(*spec.nm, max_iter=spec.max_iter or 200, **over)
+    q = spec.quant
+    if kind == "quant":
+        return solver_lib.awp_quantization(q.bits, q.group_size, iters=spec.max_iter or 10, symmetric=q.symmetric,
+                                           partial_groups=q.partial_groups, **over)
+    if spec.nm is not None:
+        from awp_jax.schedules import Phase, Schedule
+
+        sched = Schedule(phases=(Phase(iters=spec.max_iter or 100, quantize=True),), nm=spec.nm, quant=q)
+        return solver_lib.PGDConfig(schedule=sched, step_scale=1.5, init="wanda", **{"tol": 0.0, **over})
+    return solver_lib.awp_joint(spec.sparsity, q.bits, q.group_size, symmetric=q.symmetric, partial_groups=q.partial_groups, **over)
+
+
+@register("awp", {"prune", "nm", "quant", "joint"}, "activation-aware projected gradient descent (paper defaults)")
+def _awp(w, c, spec):
+    res = solver_lib.solve_pgd(w, c, awp_config(spec))
+    return LayerResult(res.theta, {
+        "iterations": int(res.iterations),
+        "best_iteration": int(res.best_iteration),
+        "stop": solver_lib.StopReason(int(res.stop_reason)).name.lower(),
+        "grad_norm": float(res.grad_norm),
+        "init_rel_objective": float(res.obj_init / res.obj_dense) if float(res.obj_dense) > 0 else 0.0,
+    })

@@ -1,0 +1,144 @@
+"""End to end on a small random Llama: every method, the export, the command line."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from awp_jax import assets, checkpoints, compress, methods
+from awp_jax.cli import main
+from awp_jax.export import OutputExistsError, save_hf_dir
+from awp_jax.model import Llama, LlamaConfig, forward, random_weights, weights_of
+
+SMALL = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=512)
+
+
+def _windows(n=8, L=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 2000, (n, L)).astype(np.int32)
+
+
+SPECS = {
+    "prune": methods.CompressionSpec(sparsity=0.5, max_iter=30),
+    "nm": methods.CompressionSpec(nm=(2, 4), max_iter=30),
+    "quant": methods.CompressionSpec(bits=3, group_size=64),
+    "joint": methods.CompressionSpec(sparsity=0.5, bits=4, group_size=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_every_method_runs_and_respects_its_constraint(name, kind):
+    spec = SPECS[kind]
+    if kind not in methods.METHODS[name].kinds:
+        with pytest.raises(ValueError, match=f"method '{name}' does not do {kind}"):
+            compress.compress_model(Llama(SMALL, random_weights(SMALL, 1)), _windows(), name, spec, progress=False)
+        return
+    model = Llama(SMALL, random_weights(SMALL, 1))
+    report = compress.compress_model(model, _windows(), name, spec, progress=False)
+    assert len(report) == 2 * 7
+    for row in report:
+        w = weights_of(model)[f"model.layers.{row['block']}.{'self_attn' if row['layer'][0] in 'qkvo' else 'mlp'}.{row['layer']}.weight"]
+        if spec.nm:
+            assert np.all((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2)
+        elif spec.sparsity and name != "sparsegpt":  # sparsegpt's mask is per 128-column block
+            assert np.all((w != 0).sum(1) <= w.shape[1] // 2)
+        if spec.bits:
+            for start in range(0, w.shape[1], 64):
+                assert max(len(np.unique(r[start:start + 64])) for r in w) <= 2 ** spec.bits
+        assert 0 <= row["rel_objective"] < 1.0
+        if name == "awp":  # AWP ends at or below its own starting point on every layer
+            assert row["rel_objective"] <= row["init_rel_objective"] * (1 + 1e-6) or kind == "joint"
+
+
+def test_awp_beats_wanda_and_gptq_beats_rtn_per_layer_on_average():
+    def mean_obj(name, spec):
+        model = Llama(SMALL, random_weights(SMALL, 2))
+        return np.mean([r["rel_objective"] for r in compress.compress_model(model, _windows(), name, spec, progress=False)])
+
+    prune = methods.CompressionSpec(sparsity=0.5, max_iter=50)
+    assert mean_obj("awp", prune) < mean_obj("wanda", prune) < mean_obj("magnitude", prune)
+    quant = methods.CompressionSpec(bits=3, group_size=64)
+    assert mean_obj("gptq", quant) < mean_obj("rtn", quant)
+
+
+def test_export_round_trips_and_transformers_loads_it(tmp_path):
+    model = Llama(SMALL, random_weights(SMALL, 3))
+    compress.compress_model(model, _windows(), "wanda", methods.CompressionSpec(sparsity=0.5), progress=False)
+    out = save_hf_dir(model, tmp_path / "out", report={"x": 1})
+    again, _ = checkpoints.load_model(out)
+    a, b = weights_of(model), weights_of(again)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    from transformers import AutoModelForCausalLM
+
+    tm = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokens = _windows(1, 40)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(tokens).long()).logits.numpy()
+    assert np.max(np.abs(np.asarray(forward(model)(tokens)) - ref)) < 1e-3
+    with pytest.raises(OutputExistsError, match="already exists"):
+        save_hf_dir(model, out)
+    assert json.loads((out / "awp_report.json").read_text()) == {"x": 1}
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    """A small random model with the default model's tokenizer, as a HF directory, and a text."""
+    d = tmp_path_factory.mktemp("small")
+    tok = checkpoints.load_tokenizer(assets.fetch(assets.DEFAULT_MODEL))
+    save_hf_dir(Llama(SMALL, random_weights(SMALL, 4)), d / "model", tokenizer=tok)
+    text = d / "text.jsonl"
+    rng = np.random.default_rng(0)
+    words = "the of and a in to is was for on as with by he at from his an were are which this".split()
+    text.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, 400))}) for _ in range(30)))
+    return d
+
+
+def test_cli_compress_and_eval(small_dir, tmp_path, capsys):
+    out = tmp_path / "c"
+    rc = main(["compress", "--model", str(small_dir / "model"), "--method", "awp", "--sparsity", "0.5", "--max-iter", "20",
+               "--calib", str(small_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64",
+               "--eval-text", str(small_dir / "text.jsonl"), "--eval-seqlen", "64", "--eval-windows", "4", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "perplexity: dense" in printed and "compressed" in printed
+    report = json.loads((out / "awp_report.json").read_text())
+    assert len(report["layers"]) == 14 and report["spec"]["sparsity"] == 0.5
+    assert set(report["perplexity"]) == {"dense", "compressed"}
+    assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+    assert main(["eval", "--model", str(out), "--text", str(small_dir / "text.jsonl"), "--seqlen", "64", "--max-windows", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "9"], "bits must be an integer in 2..8"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--method", "rtn", "--sparsity", "0.5"], "--method rtn does not do prune"),
+    (["--sparsity", "1.0"], r"sparsity must be a number in \[0, 1\)"),
+    (["--nm", "4:2"], "1 <= N <= M"),
+    (["--model", "/no/such/model"], "model not found"),
+])
+def test_cli_errors_name_the_problem(small_dir, tmp_path, capsys, args, message):
+    base = ["compress", "--model", str(small_dir / "model"), "--calib", str(small_dir / "text.jsonl"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        main(base + args)
+    assert e.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_cli_refuses_existing_output(small_dir, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("precious")
+    with pytest.raises(SystemExit):
+        main(["compress", "--model", str(small_dir / "model"), "--out", str(tmp_path / "o")])
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
+
+
+def test_cli_bad_nm_syntax(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--nm", "2-4", "--out", "x"])
+    assert "expected N:M such as 2:4" in capsys.readouterr().err
