@@ -8,6 +8,7 @@ prints the layer objective before and after.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -112,8 +113,8 @@ def _compress(args) -> int:
     method = methods.get_method(args.method)
     if spec.kind not in method.kinds:
         raise ValueError(f"--method {args.method} does not do {spec.kind} compression; it supports: {', '.join(sorted(method.kinds))}")
-    out = __import__("pathlib").Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    out = pathlib.Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ValueError(f"--out {out} already exists and is not empty; choose another or pass --overwrite")
 
     t_start = time.perf_counter()
@@ -154,6 +155,8 @@ def _compress(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from awp_jax.methods import METHODS
+
     parser = argparse.ArgumentParser(
         prog="awp-jax",
         description="Activation-aware pruning and quantization of LLMs by projected gradient descent.",
@@ -163,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     comp = sub.add_parser(
         "compress", help="compress a model and write a Hugging Face directory",
         description="Calibrate, compress every linear layer, write the model. With no options: the default model "
-        "(SmolLM2-135M), AWP at 50%% sparsity, 32 x 512 calibration tokens of Wikipedia leads, perplexity on "
+        "(SmolLM2-135M), AWP at 50% sparsity, 32 x 512 calibration tokens of Wikipedia leads, perplexity on "
         "32 x 512 tokens of Wikipedia articles before and after (minutes on 2 CPU cores).",
     )
     comp.add_argument("--model", default=None, help="Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    comp.add_argument("--method", default="awp", help="one of: " + ", ".join(sorted(__import__("awp_jax.methods").methods.METHODS)) + " (default awp)")
+    comp.add_argument("--method", default="awp", help="one of: " + ", ".join(sorted(METHODS)) + " (default awp)")
     comp.add_argument("--sparsity", type=float, default=None, help="fraction of each row pruned, in [0, 1) (default 0.5 when nothing else is asked)")
     comp.add_argument("--nm", type=_nm, default=None, help="N:M pattern along the input dimension, e.g. 2:4")
     comp.add_argument("--bits", type=int, default=None, help="quantize to this many bits (2..8)")

@@ -1,7 +1,8 @@
 """Cost of one AWP iteration against the dense matmul it is built on.
 
 For each Llama-shaped layer this measures, in one run on one device:
-  * matmul: the jitted ``(W − Θ) @ C`` alone (the FLOP-bound part of an iteration);
+  * matmul: an unprojected step ``Θ + ε (W − Θ) C`` in a jitted loop (the FLOP-bound part of an
+    iteration), timed the same way as the solver's iterations;
   * iteration: a PGD iteration of ``solve_pgd`` (pruning 50 %, and INT4 g128 quantization),
     as (t(N2 iterations) − t(N1 iterations)) / (N2 − N1), so initialisation and step size cancel;
   * projection: the row top-k projection alone (bisection) and the ``lax.top_k`` reference;
@@ -63,8 +64,13 @@ def iteration_time(w, c, make_cfg, n1, n2, reps):
 def bench_shape(name, d_out, d_in, n1, n2, reps):
     w, c = problem(d_out, d_in)
     theta = w * 0.5
-    matmul = jax.jit(lambda w, t, c: jnp.matmul(w - t, c, precision="highest"))
-    t_mm = timeit(matmul, w, theta, c, reps=reps)
+    # the dense reference: the same number of unprojected steps Θ + ε (W − Θ) C inside one
+    # jitted loop, so per-call dispatch cancels as it does for the solver
+    def dense_steps(n):
+        step = lambda _, t: t + 1e-9 * jnp.matmul(w - t, c, precision="highest")  # noqa: E731
+        return jax.jit(lambda t: jax.lax.fori_loop(0, n, step, t))
+
+    t_mm = max(timeit(dense_steps(n2), theta, reps=reps) - timeit(dense_steps(n1), theta, reps=reps), 1e-9) / (n2 - n1)
     k = keep_count(0.5, d_in)
     t_proj = timeit(jax.jit(lambda z: row_topk_mask(jnp.abs(z), k)), w, reps=reps)
     t_topk = timeit(jax.jit(lambda z: row_topk_mask_sort(jnp.abs(z), k)), w, reps=reps)
@@ -126,7 +132,7 @@ def main():
 Command: `{cmd}`
 Device: {dev.platform} ({dev.device_kind}), {os.cpu_count()} host cores, jax {jax.__version__}, {platform.python_version()}
 
-Per layer shape (fp32, precision highest): the jitted `(W − Θ) @ C` alone, one AWP iteration
+Per layer shape (fp32, precision highest): an unprojected step `Θ + ε (W − Θ) C`, one AWP iteration
 (pruning 50 % and INT4 g128), and the projection alone. "matmul fraction" = matmul time /
 iteration time, i.e. the share of dense-matmul throughput an iteration reaches. Iteration time is
 (t(N2 iterations) − t(N1 iterations)) / (N2 − N1), medians of repeated runs, compile excluded.
