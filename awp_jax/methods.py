@@ -13,6 +13,7 @@ names the method and what it supports.
 | ``sparsegpt`` | prune, nm | OBS sweep, blocksize 128, damping 0.01 (:mod:`awp_jax.obs`) |
 | ``rtn`` | quant | round to nearest on the group grid |
 | ``gptq`` | quant | OBS sweep on the group grid, blocksize 128, damping 0.01, optional act-order |
+| ``awq`` | quant | per-channel scale search (grid 20) + clip search, at layer level (:mod:`awp_jax.awq`) |
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from awp_jax import awq as awq_lib
 from awp_jax import obs
 from awp_jax import solver as solver_lib
 from awp_jax.projections import keep_count, project
@@ -180,6 +182,17 @@ def _gptq_jit(w, c, spec):
 def _gptq(w, c, spec):
     theta, damp, ok = _gptq_jit(w, c, spec)
     return LayerResult(theta, {"damping": float(damp), "cholesky_ok": bool(ok)})
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _awq_jit(w, c, spec):
+    return awq_lib.awq(w, c, spec.quant)
+
+
+@register("awq", {"quant"}, "AWQ scale search (grid 20) and clip search, layer-level loss")
+def _awq(w, c, spec):
+    theta, alpha = _awq_jit(w, c, spec)
+    return LayerResult(theta, {"alpha": float(alpha)})
 
 
 def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:

@@ -45,7 +45,7 @@ def test_every_method_runs_and_respects_its_constraint(name, kind):
             assert np.all((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2)
         elif spec.sparsity and name != "sparsegpt":  # sparsegpt's mask is per 128-column block
             assert np.all((w != 0).sum(1) <= w.shape[1] // 2)
-        if spec.bits:
+        if spec.bits and name != "awq":  # AWQ's grid lives in the scaled space W·diag(s)
             for start in range(0, w.shape[1], 64):
                 assert max(len(np.unique(r[start:start + 64])) for r in w) <= 2 ** spec.bits
         assert 0 <= row["rel_objective"] < 1.0
@@ -53,7 +53,7 @@ def test_every_method_runs_and_respects_its_constraint(name, kind):
             assert row["rel_objective"] <= row["init_rel_objective"] * (1 + 1e-6) or kind == "joint"
 
 
-def test_awp_beats_wanda_and_gptq_beats_rtn_per_layer_on_average():
+def test_awp_beats_wanda_and_gptq_awq_beat_rtn_per_layer_on_average():
     def mean_obj(name, spec):
         model = Llama(SMALL, random_weights(SMALL, 2))
         return np.mean([r["rel_objective"] for r in compress.compress_model(model, _windows(), name, spec, progress=False)])
@@ -61,7 +61,8 @@ def test_awp_beats_wanda_and_gptq_beats_rtn_per_layer_on_average():
     prune = methods.CompressionSpec(sparsity=0.5, max_iter=50)
     assert mean_obj("awp", prune) < mean_obj("wanda", prune) < mean_obj("magnitude", prune)
     quant = methods.CompressionSpec(bits=3, group_size=64)
-    assert mean_obj("gptq", quant) < mean_obj("rtn", quant)
+    rtn = mean_obj("rtn", quant)
+    assert mean_obj("gptq", quant) < rtn and mean_obj("awq", quant) < rtn
 
 
 def test_export_round_trips_and_transformers_loads_it(tmp_path):

@@ -229,3 +229,19 @@ def test_schedule_incompatible_with_layer_rejected(layer_problem):
     w6 = np.ones((4, 6), np.float32)
     with pytest.raises(ValueError, match="multiple of 4"):
         aj.solve_pgd(w6, np.eye(6, dtype=np.float32), aj.awp_nm(2, 4))
+
+
+def test_awq_grid_in_scaled_space_and_beats_rtn(layer_problem):
+    from awp_jax.awq import awq
+
+    w, c = layer_problem
+    spec = QuantSpec(bits=3, group_size=128)
+    theta, alpha = awq(w, c, spec)
+    assert 0.0 <= float(alpha) < 1.0
+    assert float(aj.objective(w, theta, c)) < float(aj.objective(w, aj.rtn(w, spec), c))
+    # theta · diag(s) lies on a 3-bit group grid for the chosen s
+    a = np.sqrt(np.diagonal(c))
+    s = a ** float(alpha)
+    s = s / np.sqrt(s.max() * s.min())
+    scaled = np.asarray(theta) * s[None, :]
+    assert _levels_per_group(scaled.round(5), 128) <= 8
