@@ -68,12 +68,17 @@ def block_statistics(
     accumulate: Literal["float32", "float64"] = "float32",
     on_block: Callable[[int, dict[str, np.ndarray]], None] | None = None,
     progress: bool = False,
+    start_block: int = 0,
+    after_prefix: Callable[[], None] | None = None,
 ) -> list[dict[str, np.ndarray]] | None:
     """Second moments ``C`` (``{name: [d, d]}``, divided by the token count) for every block.
 
     ``on_block(l, stats)`` is called once per block in order; in sequential mode it may change
     block l's weights (compress it) before block l + 1's inputs are computed. Without ``on_block``
     the list of all blocks' statistics is returned; with it, nothing is kept and ``None`` returned.
+
+    ``start_block`` resumes a run: blocks before it only carry the hidden states forward (with the
+    weights they have at that moment), then ``after_prefix()`` is called, then statistics start.
     """
     if mode not in ("sequential", "parallel"):
         raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
@@ -91,8 +96,13 @@ def block_statistics(
     stats_fn, grams_fn, run_fn = _block_fns(graphdef)
     recompute = mode == "sequential" and on_block is not None
     kept: list | None = [] if on_block is None else None
+    for li in range(start_block):
+        state = nnx.state(model.layers[li])
+        hidden = [run_fn(state, x, cos, sin) for x in hidden]
+    if after_prefix is not None:
+        after_prefix()
 
-    layers = range(len(model.layers))
+    layers = range(start_block, len(model.layers))
     if progress:
         from tqdm.auto import tqdm
 

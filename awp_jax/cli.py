@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import sys
 import time
 
@@ -130,8 +131,11 @@ def _compress(args) -> int:
         print(f"dense perplexity {ppl['dense']:.4f}", file=sys.stderr)
     print(f"compressing with {args.method} ({spec.describe()}), {args.mode} calibration on "
           f"{args.nsamples} x {args.seqlen} tokens", file=sys.stderr)
+    # finished blocks are kept here until the output is written, so a killed run resumes
+    run_dir = out.parent / f".{out.name}.run"
+    weights_settings = {"model": str(args.model or "default"), "awp_jax_version": awp_jax.__version__}
     layers = compress.compress_model(model, calib, args.method, spec, mode=args.mode, batch_size=args.batch_size,
-                                     progress=True, verbose=args.verbose)
+                                     progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings)
     if eval_windows is not None:
         ppl["compressed"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
     report = {
@@ -143,6 +147,7 @@ def _compress(args) -> int:
         "perplexity": ppl, "seconds": round(time.perf_counter() - t_start, 1), "layers": layers,
     }
     export.save_hf_dir(model, out, tokenizer=tok, report=report, overwrite=args.overwrite)
+    shutil.rmtree(run_dir, ignore_errors=True)
     mean = {}
     for row in layers:
         mean.setdefault(row["layer"], []).append(row["rel_objective"])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def test_cli_errors_name_the_problem(small_dir, tmp_path, capsys, args, message)
     with pytest.raises(SystemExit) as e:
         main(base + args)
     assert e.value.code == 2
-    assert __import__("re").search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_cli_refuses_existing_output(small_dir, tmp_path, capsys):
@@ -143,3 +144,65 @@ def test_cli_bad_nm_syntax(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--nm", "2-4", "--out", "x"])
     assert "expected N:M such as 2:4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch, mode):
+    spec = methods.CompressionSpec(sparsity=0.5, max_iter=15)
+    cfg = dataclasses.replace(SMALL, num_layers=3)
+    ref = Llama(cfg, random_weights(cfg, 6))
+    ref_report = compress.compress_model(ref, _windows(), "awp", spec, mode=mode, progress=False)
+
+    real = methods.compress_layer
+    calls = {"n": 0}
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7 + 3:  # in the middle of block 1
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*a, **k)
+
+    model = Llama(cfg, random_weights(cfg, 6))
+    monkeypatch.setattr(methods, "compress_layer", failing)
+    with pytest.raises(KeyboardInterrupt):
+        compress.compress_model(model, _windows(), "awp", spec, mode=mode, progress=False, run_dir=tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").glob("block_*")) == ["block_0000.safetensors"]
+    monkeypatch.setattr(methods, "compress_layer", real)
+    model = Llama(cfg, random_weights(cfg, 6))  # a fresh process would start from the dense weights
+    report = compress.compress_model(model, _windows(), "awp", spec, mode=mode, progress=False, run_dir=tmp_path / "run")
+    a, b = weights_of(ref), weights_of(model)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [r["rel_objective"] for r in report] == [r["rel_objective"] for r in ref_report]
+    with pytest.raises(compress.RunMismatchError, match="other settings"):
+        compress.compress_model(model, _windows(), "awp", methods.CompressionSpec(sparsity=0.6), mode=mode,
+                                progress=False, run_dir=tmp_path / "run")
+
+
+def test_cli_kill_9_then_rerun_gives_the_uninterrupted_output(small_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def cmd(out):
+        return [sys.executable, "-m", "awp_jax.cli", "compress", "--model", str(small_dir / "model"),
+                "--calib", str(small_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64", "--eval-windows", "0",
+                "--max-iter", "600", "--tol", "0", "--out", str(out)]
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run(cmd(tmp_path / "ref"), check=True, env=env, capture_output=True)
+    out = tmp_path / "run"
+    run_dir = tmp_path / ".run.run"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "block_0000.safetensors").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first block was saved"
+        time.sleep(0.02)
+    assert proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and not (run_dir / "block_0001.safetensors").exists()
+    subprocess.run(cmd(out), check=True, env=env, capture_output=True)
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    assert not run_dir.exists()
