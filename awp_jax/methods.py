@@ -157,9 +157,12 @@ def _wanda(w, c, spec):
     return LayerResult(_mask_prune(w, c, spec, True), {})
 
 
+_rtn_jit = jax.jit(rtn, static_argnames="spec")
+
+
 @register("rtn", {"quant"}, "round to nearest, asymmetric min-max per group")
 def _rtn(w, c, spec):
-    return LayerResult(jax.jit(rtn, static_argnames="spec")(w, spec=spec.quant), {})
+    return LayerResult(_rtn_jit(w, spec=spec.quant), {})
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
