@@ -52,6 +52,7 @@ class CompressionSpec:
     tol: float | None = None
     step_rule: str | None = None
     step_scale: float | None = None
+    momentum: bool = False
     act_order: bool = False
     percdamp: float = 0.01
     blocksize: int = 128
@@ -201,6 +202,7 @@ def _awq(w, c, spec):
 def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
     """The solver configuration for ``spec``: the paper's preset, with any overrides."""
     over = {k: v for k, v in (("step_rule", spec.step_rule), ("step_scale", spec.step_scale), ("tol", spec.tol)) if v is not None}
+    over["momentum"] = spec.momentum
     kind = spec.kind
     if kind == "prune":
         return solver_lib.awp_pruning(spec.sparsity, max_iter=spec.max_iter or 200, **over)

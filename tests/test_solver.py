@@ -245,3 +245,17 @@ def test_awq_grid_in_scaled_space_and_beats_rtn(layer_problem):
     s = s / np.sqrt(s.max() * s.min())
     scaled = np.asarray(theta) * s[None, :]
     assert _levels_per_group(scaled.round(5), 128) <= 8
+
+
+def test_momentum_reaches_lower_objective_in_fewer_iterations(layer_problem):
+    w, c = layer_problem
+    plain_200 = aj.solve_pgd(w, c, aj.awp_pruning(0.5, max_iter=200))
+    fast_50 = aj.solve_pgd(w, c, aj.awp_pruning(0.5, max_iter=50, momentum=True))
+    assert float(fast_50.obj_final) < float(plain_200.obj_final)
+    assert np.all(np.asarray(fast_50.theta != 0).sum(axis=1) <= 128)
+    # stacked momentum lanes equal single solves too
+    cfg = aj.awp_pruning(0.5, max_iter=20, momentum=True)
+    stacked = aj.solve_pgd_stack(np.stack([w, 2 * w]), np.stack([c, c]), cfg)
+    np.testing.assert_array_equal(stacked.theta[1], aj.solve_pgd(2 * w, c, cfg).theta)
+    with pytest.raises(ValueError, match="momentum=True is not supported"):
+        aj.pgd_path(w, c, cfg)
