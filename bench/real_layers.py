@@ -22,7 +22,8 @@ VARIANTS = [
     ("awp η=1.9/λmax", "awp", {"step_rule": "lambda_max", "step_scale": 1.9}),
     ("awp 1000 it", "awp", {"max_iter": 1000}),
     ("awp momentum", "awp", {"momentum": True}),
-    ("awp momentum 1000 it", "awp", {"momentum": True, "max_iter": 1000}),
+    ("awp momentum η=1/λmax", "awp", {"momentum": True, "step_rule": "lambda_max", "step_scale": 1.0}),
+    ("awp momentum η=1/λmax 1000 it", "awp", {"momentum": True, "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 1000}),
 ]
 
 model, tok = checkpoints.load_default()
