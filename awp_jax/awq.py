@@ -22,13 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from awp_jax.quantizers import QuantSpec, _grouped, _ungrouped, fake_quantize
+from awp_jax.solver import objective
 
 __all__ = ["awq"]
-
-
-def _layer_error(w, theta, c):
-    d = w - theta
-    return jnp.sum(d * jnp.matmul(d, c, precision="highest"))
 
 
 def _clip_quantize(ws, ratio, spec):
@@ -51,7 +47,7 @@ def awq(w, c, spec: QuantSpec, *, n_grid: int = 20, max_shrink: float = 0.5):
         return fake_quantize(w * s[None, :], spec) / s[None, :], s
 
     alphas = jnp.arange(n_grid) / n_grid
-    errs = jax.vmap(lambda al: _layer_error(w, scaled_result(al)[0], c))(alphas)
+    errs = jax.vmap(lambda al: objective(w, scaled_result(al)[0], c))(alphas)
     alpha = alphas[jnp.argmin(errs)]
     _, s = scaled_result(alpha)
     ws = w * s[None, :]

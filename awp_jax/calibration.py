@@ -21,6 +21,7 @@ activations, and one block's statistics. Products are summed in float32 on the d
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Literal
 
 import jax
@@ -40,6 +41,7 @@ def _embed(table, tokens):
     return table[tokens]
 
 
+@functools.lru_cache(maxsize=8)  # one set of compiled functions per block structure
 def _block_fns(graphdef):
     @jax.jit
     def stats(state, x, cos, sin):  # x [B, L, D] -> (y, {name: X Xᵀ summed over B·L})

@@ -8,6 +8,7 @@ jitted once per (batch, seqlen) shape; a last partial batch is padded and its pa
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -29,6 +30,7 @@ class PerplexityResult(NamedTuple):
     seqlen: int
 
 
+@functools.lru_cache(maxsize=8)  # one compiled function per model structure, not per call
 def _nll_fn(graphdef):
     @jax.jit
     def nll(state, tokens):  # tokens [B, L] -> summed NLL per window [B]
