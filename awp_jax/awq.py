@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from awp_jax.quantizers import QuantSpec, _grouped, _ungrouped, fake_quantize
+from awp_jax.quantizers import QuantSpec, _grouped, _ungrouped, rtn
 from awp_jax.solver import objective
 
 __all__ = ["awq"]
@@ -32,11 +32,16 @@ def _clip_quantize(ws, ratio, spec):
     g = _grouped(ws, spec)  # [R, G, gs]
     amax = jnp.max(jnp.abs(g), axis=-1, keepdims=True) * ratio[..., None]
     clipped = _ungrouped(jnp.clip(g, -amax, amax), ws.shape[-1])
-    return fake_quantize(clipped, spec)
+    return rtn(clipped, spec)
 
 
 def awq(w, c, spec: QuantSpec, *, n_grid: int = 20, max_shrink: float = 0.5):
-    """AWQ of ``w [d_out, d_in]`` with ``c [d_in, d_in]``; returns ``(theta, alpha)`` (theta dense)."""
+    """AWQ of ``w [d_out, d_in]`` with ``c [d_in, d_in]``.
+
+    Returns ``(theta, alpha, r, q)``: the dense result ``theta = q · r``, the chosen exponent,
+    ``r = 1/s`` the inverse per-input-channel scales and ``q``, the scaled weights ``W·diag(s)`` on
+    the group grid (what a deployment stores, with ``s`` folded into the previous operation).
+    ``theta`` is a product, not a quotient, so that a stored ``(q, r)`` reproduces it exactly."""
     d_in = w.shape[1]
     a = jnp.sqrt(jnp.maximum(jnp.diagonal(c), 0))
     a = jnp.where(a > 0, a, jnp.min(jnp.where(a > 0, a, jnp.inf)))  # dead channels: smallest live magnitude
@@ -44,7 +49,7 @@ def awq(w, c, spec: QuantSpec, *, n_grid: int = 20, max_shrink: float = 0.5):
     def scaled_result(alpha):
         s = a**alpha
         s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
-        return fake_quantize(w * s[None, :], spec) / s[None, :], s
+        return rtn(w * s[None, :], spec) / s[None, :], s
 
     alphas = jnp.arange(n_grid) / n_grid
     errs = jax.vmap(lambda al: objective(w, scaled_result(al)[0], c))(alphas)
@@ -68,5 +73,6 @@ def awq(w, c, spec: QuantSpec, *, n_grid: int = 20, max_shrink: float = 0.5):
     ratios = 1.0 - jnp.arange(int(max_shrink * n_grid)) / n_grid
     errors = jax.vmap(group_errors)(ratios)  # [n_ratio, R, G]
     best = ratios[jnp.argmin(errors, axis=0)]  # [R, G]
-    theta = _clip_quantize(ws, best, spec) / s[None, :]
-    return theta, alpha
+    q = _clip_quantize(ws, best, spec)
+    r = 1.0 / s
+    return q * r[None, :], alpha, r, q

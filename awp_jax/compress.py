@@ -28,8 +28,8 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
-from awp_jax import calibration, methods
-from awp_jax.model import INPUT_OF, LINEAR_NAMES, Llama
+from awp_jax import calibration, methods, packed
+from awp_jax.model import _PREFIX, INPUT_OF, LINEAR_NAMES, Llama
 from awp_jax.solver import objective
 
 __all__ = ["compress_model", "RunMismatchError"]
@@ -39,28 +39,41 @@ class RunMismatchError(ValueError):
     """The run directory holds a run made with other settings."""
 
 
+def _hf_name(i: int, name: str) -> str:
+    return f"model.layers.{i}.{_PREFIX[name]}.{name}.weight"
+
+
 def _block_file(run_dir: pathlib.Path, i: int) -> pathlib.Path:
     return run_dir / f"block_{i:04d}.safetensors"
 
 
-def _save_block(run_dir: pathlib.Path, i: int, blk, rows: list[dict]) -> None:
+def _save_block(run_dir: pathlib.Path, i: int, blk, rows: list[dict], enc: dict[str, dict]) -> None:
     from safetensors.numpy import save_file
 
     tensors = {name: np.asarray(getattr(blk, name).weight[...]) for name in LINEAR_NAMES}
+    for name, e in enc.items():
+        tensors.update({f"{name}::{k}": np.ascontiguousarray(v) for k, v in e.items() if k != "meta"})
+    meta = {"rows": json.dumps(rows), "encoded": json.dumps({n: e["meta"] for n, e in enc.items()})}
     tmp = run_dir / f".block_{i:04d}.tmp"
-    save_file(tensors, str(tmp), metadata={"rows": json.dumps(rows)})
+    save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, _block_file(run_dir, i))
 
 
-def _load_block(run_dir: pathlib.Path, i: int, blk) -> list[dict]:
+def _load_block(run_dir: pathlib.Path, i: int, blk) -> tuple[list[dict], dict[str, dict]]:
     from safetensors import safe_open
 
     with safe_open(str(_block_file(run_dir, i)), framework="numpy") as f:
-        rows = json.loads(f.metadata()["rows"])
+        md = f.metadata()
+        rows = json.loads(md["rows"])
+        enc = {n: {"meta": m} for n, m in json.loads(md["encoded"]).items()}
+        for key in f.keys():
+            if "::" in key:
+                n, field = key.split("::")
+                enc[n][field] = f.get_tensor(key)
         for name in LINEAR_NAMES:
             lin = getattr(blk, name)
             lin.weight[...] = jnp.asarray(f.get_tensor(name), lin.weight[...].dtype)
-    return rows
+    return rows, enc
 
 
 def _open_run(run_dir: pathlib.Path, settings: dict, n_blocks: int) -> int:
@@ -93,8 +106,17 @@ def compress_model(
     verbose: bool = False,
     run_dir: os.PathLike | None = None,
     settings: dict | None = None,
+    encoded: dict | None = None,
+    vmap_groups: bool = True,
 ) -> list[dict]:
-    """Compress ``model`` in place; returns one report row per layer (see the module docstring)."""
+    """Compress ``model`` in place; returns one report row per layer (see the module docstring).
+
+    ``encoded``: a dict to fill with the lossless compressed form of every layer
+    (:func:`awp_jax.packed.encode`), keyed by the weight's Hugging Face name. The weights written
+    into the model are exactly ``packed.decode`` of it.
+
+    ``vmap_groups``: solve the layers of a block that have the same shape and input (k/v under
+    GQA, gate/up) as one vmapped stack, for methods that offer it (AWP); results are the same."""
     m = methods.get_method(method)
     if spec.kind not in m.kinds:
         raise ValueError(f"method {method!r} does not do {spec.kind} compression; it supports: {', '.join(sorted(m.kinds))}")
@@ -109,9 +131,13 @@ def compress_model(
         if start and progress:
             print(f"resuming: blocks 0..{start - 1} already compressed in {run_dir}", file=sys.stderr)
 
+    encoded = {} if encoded is None else encoded
+
     def load_done():
         for i in range(start):
-            report.extend(_load_block(run_dir, i, model.layers[i]))
+            rows, enc = _load_block(run_dir, i, model.layers[i])
+            report.extend(rows)
+            encoded.update({_hf_name(i, n): e for n, e in enc.items()})
 
     if mode == "sequential":
         load_done()  # later blocks are calibrated on the compressed ones
@@ -119,28 +145,49 @@ def compress_model(
     def on_block(i: int, stats: dict[str, np.ndarray]):
         blk = model.layers[i]
         rows = []
+        enc_block = {}
+        # layers of equal shape that share an input (k/v under GQA, gate/up) are solved as one stack
+        groups: dict = {}
+        for name in LINEAR_NAMES:
+            key = (tuple(getattr(blk, name).weight[...].shape), INPUT_OF[name]) if vmap_groups else name
+            groups.setdefault(key, []).append(name)
+        results = {}
+        for names in groups.values():
+            ws = [jnp.asarray(getattr(blk, n).weight[...], jnp.float32) for n in names]
+            cs = [jnp.asarray(stats[INPUT_OF[n]], jnp.float32) for n in names]
+            t0 = time.perf_counter()
+            out = methods.compress_layers(method, ws, cs, spec) if len(names) > 1 else [methods.compress_layer(method, ws[0], cs[0], spec)]
+            jnp.stack([r.theta for r in out]).block_until_ready()
+            secs = (time.perf_counter() - t0) / len(names)
+            for n, w, c, res in zip(names, ws, cs, out):
+                results[n] = (w, c, res, secs, len(names))
         for name in LINEAR_NAMES:
             lin = getattr(blk, name)
-            w = jnp.asarray(lin.weight[...], jnp.float32)
-            c = jnp.asarray(stats[INPUT_OF[name]], jnp.float32)
+            w, c, res, secs, lanes = results[name]
             t0 = time.perf_counter()
-            res = methods.compress_layer(method, w, c, spec)
-            theta = res.theta.block_until_ready()
-            secs = time.perf_counter() - t0
+            theta = np.asarray(res.theta)
+            if not np.all(np.isfinite(theta)):
+                raise FloatingPointError(f"block {i} {name}: {method} produced non-finite weights ({res.info})")
+            try:
+                enc = packed.encode(theta, bits=spec.bits, group_size=spec.group_size, pruned=spec.prunes, aux=res.aux)
+            except packed.NotLosslessError as e:
+                raise RuntimeError(f"block {i} {name}: {method}'s result is not on its {spec.describe()} grid: {e}") from e
+            theta = jnp.asarray(packed.decode(enc))
+            secs += time.perf_counter() - t0
             dense = float(objective(w, jnp.zeros_like(w), c))
             rel = float(objective(w, theta, c)) / dense if dense > 0 else 0.0
-            if not bool(jnp.all(jnp.isfinite(theta))):
-                raise FloatingPointError(f"block {i} {name}: {method} produced non-finite weights ({res.info})")
+            enc_block[name] = enc
             lin.weight[...] = theta.astype(lin.weight[...].dtype)
             row = {"block": i, "layer": name, "method": method, "shape": list(w.shape), "rel_objective": rel,
-                   "seconds": round(secs, 4), **res.info}
+                   "seconds": round(secs, 4), "stacked": lanes, **res.info}
             rows.append(row)
             if verbose:
                 extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.info.items())
                 print(f"  block {i:2d} {name:<9} {str(tuple(w.shape)):<12} rel.obj {rel:.4g}  {secs:6.2f}s  {extra}", file=sys.stderr)
         if run_dir is not None:
-            _save_block(run_dir, i, blk, rows)
+            _save_block(run_dir, i, blk, rows, enc_block)
         report.extend(rows)
+        encoded.update({_hf_name(i, n): e for n, e in enc_block.items()})
 
     calibration.block_statistics(model, windows, mode=mode, batch_size=batch_size, on_block=on_block, progress=progress,
                                  start_block=start, after_prefix=None if mode == "sequential" else load_done)

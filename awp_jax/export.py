@@ -3,6 +3,9 @@
 The directory holds ``config.json``, ``model.safetensors`` (the dense weights after compression —
 exactly the weights that were evaluated), the tokenizer files and ``awp_report.json``. It loads
 with transformers' ``AutoModelForCausalLM.from_pretrained`` and with :func:`awp_jax.checkpoints.load_model`.
+With ``encoded`` (the lossless compressed layers) it also holds ``compressed/``, an orbax
+directory of the Flax parameters with codes, scales, zero points and bit-packed masks
+(:mod:`awp_jax.packed`); decoding it gives exactly ``model.safetensors``.
 
 The directory is written under a temporary name beside the target and renamed into place, so an
 interrupted write never leaves a directory that looks complete. An existing non-empty target is
@@ -28,7 +31,8 @@ class OutputExistsError(FileExistsError):
     pass
 
 
-def save_hf_dir(model: Llama, out: os.PathLike, *, tokenizer=None, report: dict | None = None, overwrite: bool = False) -> pathlib.Path:
+def save_hf_dir(model: Llama, out: os.PathLike, *, tokenizer=None, report: dict | None = None, overwrite: bool = False,
+                encoded: dict | None = None) -> pathlib.Path:
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out)
@@ -45,6 +49,10 @@ def save_hf_dir(model: Llama, out: os.PathLike, *, tokenizer=None, report: dict 
             tokenizer.save_pretrained(str(tmp))
         if report is not None:
             (tmp / "awp_report.json").write_text(json.dumps(report, indent=2))
+        if encoded is not None:
+            from awp_jax.checkpoints import save_orbax_model
+
+            save_orbax_model(model, tmp / "compressed", tokenizer=tokenizer, encoded=encoded)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

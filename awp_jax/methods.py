@@ -14,6 +14,9 @@ names the method and what it supports.
 | ``rtn`` | quant | round to nearest on the group grid |
 | ``gptq`` | quant | OBS sweep on the group grid, blocksize 128, damping 0.01, optional act-order |
 | ``awq`` | quant | per-channel scale search (grid 20) + clip search, at layer level (:mod:`awp_jax.awq`) |
+| ``wanda_awq`` | joint | Wanda mask, then AWQ on the pruned weights (the zeros stay on the grid) |
+| ``awq_wanda`` | joint | AWQ, then the Wanda mask of the quantized weights |
+| ``hwpq`` | prune, nm | contribution ``W_ij²·C_jj``; EWMA threshold instead of sorting (:mod:`awp_jax.hwpq`) |
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from awp_jax import awq as awq_lib
+from awp_jax import hwpq as hwpq_lib
 from awp_jax import obs
 from awp_jax import solver as solver_lib
 from awp_jax.projections import keep_count, project
@@ -53,6 +57,7 @@ class CompressionSpec:
     step_rule: str | None = None
     step_scale: float | None = None
     momentum: bool = False
+    init: str | None = None
     act_order: bool = False
     percdamp: float = 0.01
     blocksize: int = 128
@@ -105,20 +110,25 @@ class CompressionSpec:
 class LayerResult(NamedTuple):
     theta: jax.Array
     info: dict[str, Any]  # method-specific scalars (iterations, stop reason, damping, ...)
+    # what the lossless encoding (awp_jax.packed) needs beyond theta: AWQ's inverse per-channel
+    # scales "col_scale_inv" and scaled grid values "prescaled"; GPTQ act-order's column order "perm"
+    aux: dict[str, Any] | None = None
 
 
 class Method(NamedTuple):
     fn: Callable[[jax.Array, jax.Array, CompressionSpec], LayerResult]
     kinds: frozenset
     doc: str
+    # optional: compress a stack of equal-shape layers at once (vmapped); same results as ``fn`` per lane
+    stack: Callable[[jax.Array, jax.Array, CompressionSpec], list[LayerResult]] | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, kinds, doc: str):
+def register(name: str, kinds, doc: str, stack=None):
     def deco(fn):
-        METHODS[name] = Method(fn, frozenset(kinds), doc)
+        METHODS[name] = Method(fn, frozenset(kinds), doc, stack)
         return fn
 
     return deco
@@ -128,6 +138,17 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def compress_layers(name: str, ws, cs, spec: CompressionSpec) -> list[LayerResult]:
+    """Compress several layers with method ``name``. Layers of equal shape are solved as one stack
+    (vmapped) when the method offers it; each result equals :func:`compress_layer` on its own."""
+    m = get_method(name)
+    if m.stack is None or len(ws) < 2 or len({tuple(w.shape) for w in ws} | {tuple(c.shape) for c in cs}) > 2:
+        return [compress_layer(name, w, c, spec) for w, c in zip(ws, cs)]
+    if spec.kind not in m.kinds:
+        raise ValueError(f"method {name!r} does not do {spec.kind} compression ({spec.describe()}); it supports: {', '.join(sorted(m.kinds))}")
+    return m.stack(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]), spec)
 
 
 def compress_layer(name: str, w, c, spec: CompressionSpec) -> LayerResult:
@@ -184,8 +205,8 @@ def _gptq_jit(w, c, spec):
 
 @register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)")
 def _gptq(w, c, spec):
-    theta, damp, ok = _gptq_jit(w, c, spec)
-    return LayerResult(theta, {"damping": float(damp), "cholesky_ok": bool(ok)})
+    theta, damp, ok, perm = _gptq_jit(w, c, spec)
+    return LayerResult(theta, {"damping": float(damp), "cholesky_ok": bool(ok)}, {"perm": perm} if spec.act_order else None)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -195,14 +216,47 @@ def _awq_jit(w, c, spec):
 
 @register("awq", {"quant"}, "AWQ scale search (grid 20) and clip search, layer-level loss")
 def _awq(w, c, spec):
-    theta, alpha = _awq_jit(w, c, spec)
-    return LayerResult(theta, {"alpha": float(alpha)})
+    theta, alpha, s, q = _awq_jit(w, c, spec)
+    return LayerResult(theta, {"alpha": float(alpha)}, {"col_scale_inv": s, "prescaled": q})
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _hwpq_jit(w, c, spec):
+    return hwpq_lib.hwpq_prune(w, c, sparsity=spec.sparsity, nm=spec.nm)
+
+
+@register("hwpq", {"prune", "nm"}, "Hessian-free contribution W²·C_jj; EWMA threshold instead of sorting (approximate per-row counts)")
+def _hwpq(w, c, spec):
+    theta = _hwpq_jit(w, c, spec)
+    return LayerResult(theta, {"sparsity": float(jnp.mean(theta == 0))})
+
+
+@register("wanda_awq", {"joint"}, "Wanda pruning, then AWQ quantization of the pruned weights")
+def _wanda_awq(w, c, spec):
+    pruned = _mask_prune(w, c, spec, True)
+    theta, alpha, r, q = _awq_jit(pruned, c, spec)
+    return LayerResult(theta, {"alpha": float(alpha)}, {"col_scale_inv": r, "prescaled": q})
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _awq_then_mask(w, c, spec):
+    theta, alpha, r, q = awq_lib.awq(w, c, spec.quant)
+    mask = project(theta, k=_k(spec, w.shape[1]), nm=spec.nm, score=wanda_score(theta, c)) != 0
+    return jnp.where(mask, theta, 0.0), alpha, r, jnp.where(mask, q, 0.0)
+
+
+@register("awq_wanda", {"joint"}, "AWQ quantization, then the Wanda mask of the quantized weights")
+def _awq_wanda(w, c, spec):
+    theta, alpha, r, q = _awq_then_mask(w, c, spec)
+    return LayerResult(theta, {"alpha": float(alpha)}, {"col_scale_inv": r, "prescaled": q})
 
 
 def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
     """The solver configuration for ``spec``: the paper's preset, with any overrides."""
     over = {k: v for k, v in (("step_rule", spec.step_rule), ("step_scale", spec.step_scale), ("tol", spec.tol)) if v is not None}
     over["momentum"] = spec.momentum
+    if spec.init is not None:
+        over["init"] = spec.init
     kind = spec.kind
     if kind == "prune":
         return solver_lib.awp_pruning(spec.sparsity, max_iter=spec.max_iter or 200, **over)
@@ -217,16 +271,29 @@ def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
 
         sched = Schedule(phases=(Phase(iters=spec.max_iter or 100, quantize=True),), nm=spec.nm, quant=q)
         return solver_lib.PGDConfig(schedule=sched, step_scale=1.5, init="wanda", **{"tol": 0.0, **over})
-    return solver_lib.awp_joint(spec.sparsity, q.bits, q.group_size, symmetric=q.symmetric, partial_groups=q.partial_groups, **over)
+    init = over.pop("init", "dense")
+    return solver_lib.awp_joint(spec.sparsity, q.bits, q.group_size, symmetric=q.symmetric, partial_groups=q.partial_groups,
+                                init=init, **over)
 
 
-@register("awp", {"prune", "nm", "quant", "joint"}, "activation-aware projected gradient descent (paper defaults)")
+def _awp_info(res, lane=None):
+    pick = (lambda x: x) if lane is None else (lambda x: x[lane])
+    dense = float(pick(res.obj_dense))
+    return {
+        "iterations": int(pick(res.iterations)),
+        "best_iteration": int(pick(res.best_iteration)),
+        "stop": solver_lib.StopReason(int(pick(res.stop_reason))).name.lower(),
+        "grad_norm": float(pick(res.grad_norm)),
+        "init_rel_objective": float(pick(res.obj_init)) / dense if dense > 0 else 0.0,
+    }
+
+
+def _awp_stack(ws, cs, spec):
+    res = solver_lib.solve_pgd_stack(ws, cs, awp_config(spec))
+    return [LayerResult(res.theta[i], _awp_info(res, i)) for i in range(ws.shape[0])]
+
+
+@register("awp", {"prune", "nm", "quant", "joint"}, "activation-aware projected gradient descent (paper defaults)", stack=_awp_stack)
 def _awp(w, c, spec):
     res = solver_lib.solve_pgd(w, c, awp_config(spec))
-    return LayerResult(res.theta, {
-        "iterations": int(res.iterations),
-        "best_iteration": int(res.best_iteration),
-        "stop": solver_lib.StopReason(int(res.stop_reason)).name.lower(),
-        "grad_norm": float(res.grad_norm),
-        "init_rel_objective": float(res.obj_init / res.obj_dense) if float(res.obj_dense) > 0 else 0.0,
-    })
+    return LayerResult(res.theta, _awp_info(res))

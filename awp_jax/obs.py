@@ -147,13 +147,15 @@ def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
 def gptq(w, c, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False):
     """GPTQ quantization of ``w`` on ``spec``'s grid (group-wise, grid fixed when a group starts).
 
-    Returns ``(theta, damp_used, ok)``; ``theta`` is the dequantized matrix.
+    Returns ``(theta, damp_used, ok, perm)``; ``theta`` is the dequantized matrix and ``perm`` the
+    column order of the sweep (groups are consecutive columns in that order; identity unless
+    ``act_order``).
     """
     d_out, d_in = w.shape
     g = spec.group_len(d_in)
     spec.groups(d_in)  # validates divisibility
     w, h, damp = prepare_hessian(w, c, percdamp)
-    perm = None
+    perm = jnp.arange(d_in)
     if act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)
         w, h = w[:, perm], h[perm][:, perm]
@@ -184,6 +186,6 @@ def gptq(w, c, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,
     # per row: one grid from the whole (dead-column-zeroed) row, fixed for the sweep
     fixed = group_grid(w) if per_row else (jnp.ones((d_out,), w.dtype), jnp.zeros((d_out,), w.dtype))
     theta = _sweep(w, u, blocksize, column, lambda w1, u1: fixed)
-    if perm is not None:
+    if act_order:
         theta = theta[:, jnp.argsort(perm)]
-    return theta, damp, ok
+    return theta, damp, ok, perm

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from awp_jax.quantizers import QuantSpec, fake_quantize
+from awp_jax.quantizers import QuantSpec, rtn
 
 __all__ = [
     "keep_count",
@@ -148,7 +148,7 @@ def project(
     if isinstance(quantize_now, bool):
         if not quantize_now:
             return z
-        q = fake_quantize(z, quant)
+        q = rtn(z, quant)
     else:
-        q = jax.lax.cond(quantize_now, lambda x: fake_quantize(x, quant), lambda x: x, z)
+        q = jax.lax.cond(quantize_now, lambda x: rtn(x, quant), lambda x: x, z)
     return q if mask is None else jnp.where(mask, q, jnp.zeros_like(q))

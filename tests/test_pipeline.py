@@ -44,6 +44,8 @@ def test_every_method_runs_and_respects_its_constraint(name, kind):
         w = weights_of(model)[f"model.layers.{row['block']}.{'self_attn' if row['layer'][0] in 'qkvo' else 'mlp'}.{row['layer']}.weight"]
         if spec.nm:
             assert np.all((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2)
+        elif spec.sparsity and name == "hwpq":  # EWMA threshold: approximate per row, on target per layer
+            assert abs(np.mean(w == 0) - spec.sparsity) < 0.03
         elif spec.sparsity and name != "sparsegpt":  # sparsegpt's mask is per 128-column block
             assert np.all((w != 0).sum(1) <= w.shape[1] // 2)
         if spec.bits and name != "awq":  # AWQ's grid lives in the scaled space W·diag(s)
@@ -64,6 +66,19 @@ def test_awp_beats_wanda_and_gptq_awq_beat_rtn_per_layer_on_average():
     quant = methods.CompressionSpec(bits=3, group_size=64)
     rtn = mean_obj("rtn", quant)
     assert mean_obj("gptq", quant) < rtn and mean_obj("awq", quant) < rtn
+
+
+@pytest.mark.parametrize("spec", [methods.CompressionSpec(sparsity=0.5, max_iter=25), methods.CompressionSpec(bits=3, group_size=64)])
+def test_vmapped_equal_shape_layers_give_the_same_model(spec):
+    a = Llama(SMALL, random_weights(SMALL, 11))
+    b = Llama(SMALL, random_weights(SMALL, 11))
+    ra = compress.compress_model(a, _windows(), "awp", spec, progress=False, vmap_groups=True)
+    rb = compress.compress_model(b, _windows(), "awp", spec, progress=False, vmap_groups=False)
+    assert {r["layer"]: r["stacked"] for r in ra if r["block"] == 0} == {
+        "q_proj": 1, "k_proj": 2, "v_proj": 2, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 1}
+    wa, wb = weights_of(a), weights_of(b)
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert [r["iterations"] for r in ra] == [r["iterations"] for r in rb]
 
 
 def test_export_round_trips_and_transformers_loads_it(tmp_path):
@@ -153,21 +168,28 @@ def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch, mode):
     ref = Llama(cfg, random_weights(cfg, 6))
     ref_report = compress.compress_model(ref, _windows(), "awp", spec, mode=mode, progress=False)
 
-    real = methods.compress_layer
-    calls = {"n": 0}
+    real = methods.compress_layer, methods.compress_layers
+    calls = {"n": 0, "fail_at": None}
 
-    def failing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7 + 3:  # in the middle of block 1
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*a, **k)
+    def counting(fn):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == calls["fail_at"]:
+                raise KeyboardInterrupt("simulated interruption")
+            return fn(*a, **k)
+        return wrapped
 
+    monkeypatch.setattr(methods, "compress_layer", counting(real[0]))
+    monkeypatch.setattr(methods, "compress_layers", counting(real[1]))
+    compress.compress_model(Llama(cfg, random_weights(cfg, 6)), _windows(), "awp", spec, mode=mode, progress=False)
+    per_block = calls["n"] // cfg.num_layers
+    calls.update(n=0, fail_at=per_block + 2)  # in the middle of block 1
     model = Llama(cfg, random_weights(cfg, 6))
-    monkeypatch.setattr(methods, "compress_layer", failing)
     with pytest.raises(KeyboardInterrupt):
         compress.compress_model(model, _windows(), "awp", spec, mode=mode, progress=False, run_dir=tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").glob("block_*")) == ["block_0000.safetensors"]
-    monkeypatch.setattr(methods, "compress_layer", real)
+    monkeypatch.setattr(methods, "compress_layer", real[0])
+    monkeypatch.setattr(methods, "compress_layers", real[1])
     model = Llama(cfg, random_weights(cfg, 6))  # a fresh process would start from the dense weights
     report = compress.compress_model(model, _windows(), "awp", spec, mode=mode, progress=False, run_dir=tmp_path / "run")
     a, b = weights_of(ref), weights_of(model)

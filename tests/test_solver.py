@@ -236,7 +236,7 @@ def test_awq_grid_in_scaled_space_and_beats_rtn(layer_problem):
 
     w, c = layer_problem
     spec = QuantSpec(bits=3, group_size=128)
-    theta, alpha = awq(w, c, spec)
+    theta, alpha, _, _ = awq(w, c, spec)
     assert 0.0 <= float(alpha) < 1.0
     assert float(aj.objective(w, theta, c)) < float(aj.objective(w, aj.rtn(w, spec), c))
     # theta · diag(s) lies on a 3-bit group grid for the chosen s

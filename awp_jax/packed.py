@@ -1,0 +1,306 @@
+"""The compressed form of a layer, kept losslessly, and the orbax checkpoint that holds a model.
+
+A compressed layer is stored as what it is, not as a dense matrix:
+
+| layer | stored arrays |
+|---|---|
+| pruned (unstructured or N:M) | ``mask`` (bit-packed, 1 bit per weight) + ``values`` (float32, kept entries, row-major) |
+| quantized | ``codes`` (bit-packed, ``bits`` bits per weight) + ``scale`` (float32) and ``zero`` (uint8) per (row, group) |
+| pruned and quantized | as quantized; when ``1 + bits·density < bits`` the ``mask`` is stored and ``codes`` only for kept entries |
+| AWQ | as quantized, for the scaled weights ``W·diag(s)``, + ``col_scale_inv`` ``1/s`` (float32 per input channel) |
+| GPTQ with act-order | as quantized, with groups of consecutive columns in sweep order, + ``perm`` (int32) |
+
+:func:`encode` finds the grid from the weights themselves: every quantized group is
+``(code − zero)·scale`` for one float32 ``scale``, and the search checks, bit for bit, that the
+stored form reproduces every weight (an encoding that does not is an error, never a silent
+approximation). :func:`decode` gives the dense float32 matrix back; the pipeline writes exactly
+``decode(encode(theta))`` into the model, so the dense export and the compressed form are the same
+weights.
+
+A model's checkpoint (:func:`save_orbax`) is a directory with ``awp_jax.json`` (config, per-layer
+metadata, format version) and ``state/``, an orbax checkpoint of ``{"params": dense parameters not
+compressed, "layers": encoded layers}``. A plain Flax user's model saved with no ``encoded`` layers
+is the same format with every parameter dense. :func:`load_orbax` restores it onto any device
+layout (pass ``sharding``) and decodes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+__all__ = ["encode", "decode", "NotLosslessError", "save_orbax", "load_orbax", "is_orbax_dir", "stored_bits"]
+
+FORMAT = "awp_jax.orbax/1"
+
+
+class NotLosslessError(ValueError):
+    """The weights are not on the grid the specification describes."""
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned integers ``< 2**bits`` into a flat uint8 array, ``bits`` bits each."""
+    flat = np.ascontiguousarray(codes, np.uint8).reshape(-1, 1)
+    return np.packbits(np.unpackbits(flat, axis=1)[:, 8 - bits:])
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(np.asarray(packed, np.uint8))[: count * bits].reshape(count, bits)
+    return np.packbits(np.pad(planes, ((0, 0), (8 - bits, 0))), axis=1)[:, 0]
+
+
+def _groups(x: np.ndarray, g: int) -> np.ndarray:
+    d_out, d_in = x.shape
+    n = -(-d_in // g)
+    return np.pad(x, ((0, 0), (0, n * g - d_in))).reshape(d_out, n, g)
+
+
+def _step_ulps(x: np.ndarray, n: int) -> np.ndarray:
+    for _ in range(abs(n)):
+        x = np.nextafter(x, np.float32(np.inf if n > 0 else -np.inf)).astype(np.float32)
+    return x
+
+
+def _exact_grid(t: np.ndarray, bits: int):
+    """Per group (rows of ``t [N, g]``, float32): a float32 ``scale`` and integer ``zero`` in
+    ``[0, 2**bits)`` with ``(code − zero)·scale == t`` exactly for codes in ``[0, 2**bits)``."""
+    maxq = 2**bits - 1
+    n = t.shape[0]
+    amax = np.abs(t).max(1)
+    span = t.max(1) - t.min(1)
+    scale = np.ones(n, np.float32)
+    zero = np.zeros(n, np.int64)
+    codes = np.zeros(t.shape, np.uint8)
+    todo = np.nonzero(amax > 0)[0]
+    failed = []
+    # |t| <= amax = k·scale with k <= amax·maxq/span: search k downward from that bound
+    k_hi = np.where(span > 0, np.floor(amax.astype(np.float64) * maxq / np.maximum(span, 1e-38) * (1 + 1e-6)), maxq)
+    k_hi = np.clip(k_hi, 1, maxq).astype(np.int64)
+    for j in range(maxq):
+        if todo.size == 0:
+            break
+        k = k_hi[todo] - j
+        live = k >= 1
+        failed.append(todo[~live])
+        todo = todo[live]
+        k = k[live]
+        solved = np.zeros(todo.size, bool)
+        base = (amax[todo] / k).astype(np.float32)
+        tt = t[todo]
+        for d in (0, 1, -1, 2, -2):
+            cand = _step_ulps(base, d)
+            m = np.rint(tt / cand[:, None])
+            lo = np.maximum(0, -m.min(1))
+            hi = np.minimum(maxq, maxq - m.max(1))
+            ok = ~solved & (lo <= hi) & np.all((m * cand[:, None]).astype(np.float32) == tt, axis=1)
+            idx = todo[ok]
+            scale[idx], zero[idx] = cand[ok], lo[ok]
+            codes[idx] = (m[ok] + lo[ok][:, None]).astype(np.uint8)
+            solved |= ok
+        todo = todo[~solved]
+    n_failed = todo.size + sum(f.size for f in failed)
+    if n_failed:
+        raise NotLosslessError(f"{n_failed} of {n} groups are not on any {bits}-bit grid")
+    return scale, zero.astype(np.uint8), codes
+
+
+def stored_bits(enc: dict[str, Any]) -> int:
+    return sum(np.asarray(v).nbytes * 8 for k, v in enc.items() if k != "meta")
+
+
+def encode(theta, *, bits: int | None = None, group_size: int | None = None, pruned: bool = False,
+           aux: dict | None = None) -> dict[str, Any]:
+    """The lossless stored form of one compressed layer ``theta [d_out, d_in]`` (see module doc).
+
+    ``bits``/``group_size``: the quantization grid (``None``: not quantized, ``group_size=None``:
+    one group per row); ``pruned``: store a sparsity mask; ``aux``: a method's extras
+    (``col_scale_inv`` + ``prescaled`` for AWQ, ``perm`` for GPTQ act-order). Raises
+    :class:`NotLosslessError` when the stored form would not reproduce ``theta`` exactly."""
+    theta = np.asarray(theta, np.float32)
+    if theta.ndim != 2:
+        raise ValueError(f"encode expects a 2-D weight matrix, got shape {theta.shape}")
+    if not np.all(np.isfinite(theta)):
+        raise ValueError("encode: weights contain NaN or Inf")
+    d_out, d_in = theta.shape
+    aux = {k: np.asarray(v) for k, v in (aux or {}).items()}
+    meta = {"shape": [d_out, d_in], "bits": bits, "group_size": group_size}
+    enc: dict[str, Any] = {}
+    if bits is None:
+        if not pruned:
+            enc["values"] = theta.copy()
+            meta["kind"] = "dense"
+        else:
+            mask = theta != 0
+            enc["mask"] = np.packbits(mask.reshape(-1))
+            enc["values"] = theta[mask]
+            meta["kind"] = "sparse"
+    else:
+        meta["kind"] = "quant"
+        grid_vals = theta
+        if "col_scale_inv" in aux:
+            grid_vals = aux["prescaled"].astype(np.float32)
+            enc["col_scale_inv"] = aux["col_scale_inv"].astype(np.float32)
+        if "perm" in aux:
+            enc["perm"] = aux["perm"].astype(np.int32)
+            grid_vals = grid_vals[:, enc["perm"]]
+        g = group_size or d_in
+        tg = _groups(grid_vals, g)
+        scale, zero, codes = _exact_grid(tg.reshape(-1, g), bits)
+        codes = codes.reshape(d_out, -1)[:, :d_in]
+        enc["scale"] = scale.reshape(d_out, -1)
+        enc["zero"] = zero.reshape(d_out, -1)
+        mask = grid_vals != 0
+        density = mask.mean()
+        if pruned and 1 + bits * density < bits:
+            enc["mask"] = np.packbits(mask.reshape(-1))
+            codes = codes[mask]
+        enc["codes"] = pack_bits(codes, bits)
+    enc["meta"] = meta
+    back = decode(enc)
+    if not np.array_equal(back, theta):
+        bad = np.argmax(back != theta)
+        raise NotLosslessError(f"stored form does not reproduce the weights (first difference at flat index {bad}: "
+                               f"{theta.reshape(-1)[bad]!r} vs {back.reshape(-1)[bad]!r})")
+    return enc
+
+
+def decode(enc: dict[str, Any]) -> np.ndarray:
+    """The dense float32 matrix of an encoded layer."""
+    meta = enc["meta"]
+    d_out, d_in = meta["shape"]
+    kind = meta["kind"]
+    if kind == "dense":
+        return np.asarray(enc["values"], np.float32).reshape(d_out, d_in)
+    if kind == "sparse":
+        mask = np.unpackbits(np.asarray(enc["mask"], np.uint8))[: d_out * d_in].astype(bool).reshape(d_out, d_in)
+        out = np.zeros((d_out, d_in), np.float32)
+        out[mask] = np.asarray(enc["values"], np.float32)
+        return out
+    if kind != "quant":
+        raise ValueError(f"unknown layer kind {kind!r} in a compressed checkpoint")
+    bits, g = meta["bits"], meta["group_size"] or d_in
+    if "mask" in enc:
+        mask = np.unpackbits(np.asarray(enc["mask"], np.uint8))[: d_out * d_in].astype(bool).reshape(d_out, d_in)
+        scale_g = np.asarray(enc["scale"], np.float32)
+        zero_g = np.asarray(enc["zero"], np.uint8)
+        # pruned entries hold their group's zero point
+        codes = np.repeat(zero_g, g, axis=1)[:, :d_in].copy()
+        codes[mask] = unpack_bits(enc["codes"], bits, int(mask.sum()))
+    else:
+        codes = unpack_bits(enc["codes"], bits, d_out * d_in).reshape(d_out, d_in)
+        scale_g = np.asarray(enc["scale"], np.float32)
+        zero_g = np.asarray(enc["zero"], np.uint8)
+    cg = _groups(codes.astype(np.float32), g)
+    vals = ((cg - zero_g[..., None].astype(np.float32)) * scale_g[..., None]).astype(np.float32)
+    out = vals.reshape(d_out, -1)[:, :d_in]
+    if "perm" in enc:
+        out = out[:, np.argsort(np.asarray(enc["perm"]))]
+    if "col_scale_inv" in enc:
+        out = (out * np.asarray(enc["col_scale_inv"], np.float32)[None, :]).astype(np.float32)
+    return np.ascontiguousarray(out)
+
+
+# --------------------------------------------------------------------------- orbax checkpoints
+
+def is_orbax_dir(path: os.PathLike) -> bool:
+    p = pathlib.Path(path)
+    return (p / "awp_jax.json").is_file() and (p / "state").is_dir()
+
+
+def save_orbax(path: os.PathLike, config: dict, weights: dict[str, np.ndarray], encoded: dict[str, dict] | None = None,
+               *, extra: dict | None = None) -> pathlib.Path:
+    """Write ``weights`` (HF names → arrays; those in ``encoded`` are stored in their compressed
+    form instead) as an orbax checkpoint directory. Written beside ``path`` and renamed into place."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    if path.exists():
+        raise FileExistsError(f"{path} already exists")
+    encoded = encoded or {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        tree = {"params": {_key(k): np.asarray(v) for k, v in weights.items() if k not in encoded},
+                "layers": {_key(k): {f: np.asarray(a) for f, a in e.items() if f != "meta"} for k, e in encoded.items()}}
+        meta = {"format": FORMAT, "config": config, "layers": {k: e["meta"] for k, e in encoded.items()},
+                "params": sorted(k for k in weights if k not in encoded), **(extra or {})}
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "state", tree)
+            ckptr.wait_until_finished()
+        (tmp / "awp_jax.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "/")  # orbax treats '.' in keys poorly; '/' never occurs in HF names
+
+
+def _unkey(key: str) -> str:
+    return key.replace("/", ".")
+
+
+def load_orbax(path: os.PathLike, *, sharding=None) -> tuple[dict, dict[str, Any], dict[str, dict]]:
+    """``(config, dense weights, encoded layers)`` from :func:`save_orbax`'s directory.
+
+    ``sharding``: ``None`` (host arrays) or a function ``(name, shape) -> jax.sharding.Sharding``
+    placing each restored array (dense parameters and the compressed arrays alike); compressed
+    layers are decoded on the host. Raises ``CheckpointError``-style ``ValueError`` naming the file
+    when the directory is incomplete or corrupt."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    meta_file = path / "awp_jax.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not an awp_jax orbax checkpoint (no awp_jax.json)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_file} is corrupt: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            abstract = ckptr.metadata(path / "state").item_metadata
+            if sharding is not None:
+                def place(kp, leaf):
+                    name = "/".join(str(getattr(k, "key", k)) for k in kp)
+                    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding(name, leaf.shape))
+            else:
+                cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]) if jax.devices()[0].platform != "cpu" else None
+
+                def place(kp, leaf):
+                    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=cpu or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+            target = jax.tree_util.tree_map_with_path(place, abstract)
+            tree = ckptr.restore(path / "state", target)
+    except Exception as e:  # orbax raises many types for missing / truncated files
+        raise ValueError(f"cannot restore the orbax checkpoint in {path / 'state'} (incomplete or corrupt?): {e}") from e
+    params = {_unkey(k): v for k, v in tree.get("params", {}).items()}
+    encoded = {}
+    for k, arrays in tree.get("layers", {}).items():
+        name = _unkey(k)
+        if name not in meta["layers"]:
+            raise ValueError(f"{path}: layer {name} has no metadata in awp_jax.json")
+        encoded[name] = {**arrays, "meta": meta["layers"][name]}
+    missing = set(meta["params"]) - set(params)
+    if missing:
+        raise ValueError(f"{path}: parameters missing from the checkpoint: {sorted(missing)[:5]}")
+    return meta, params, encoded
+
+
+def dense_weights(params: dict[str, Any], encoded: dict[str, dict]) -> dict[str, np.ndarray]:
+    """All weights as dense host arrays (compressed layers decoded)."""
+    out = {k: np.asarray(v) for k, v in params.items()}
+    for name, enc in encoded.items():
+        out[name] = decode({k: (np.asarray(v) if k != "meta" else v) for k, v in enc.items()})
+    return out

@@ -1,0 +1,145 @@
+"""The lossless compressed form: encode/decode, bit packing, orbax checkpoints, --model ORBAX_DIR."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from awp_jax import checkpoints, compress, methods, packed
+from awp_jax.cli import main, synthetic_layer
+from awp_jax.export import save_hf_dir
+from awp_jax.model import Llama, random_weights, weights_of
+from tests.test_pipeline import SMALL, _windows
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+def test_bit_packing_round_trips_and_uses_bits_per_value(bits, n, seed):
+    codes = np.random.default_rng(seed).integers(0, 2**bits, n).astype(np.uint8)
+    p = packed.pack_bits(codes, bits)
+    assert p.nbytes == -(-n * bits // 8)
+    assert np.array_equal(packed.unpack_bits(p, bits, n), codes)
+
+
+LAYER_SPECS = {
+    "rtn int4": ("rtn", methods.CompressionSpec(bits=4)),
+    "rtn int8 per row": ("rtn", methods.CompressionSpec(bits=8, group_size=None)),
+    "gptq int3": ("gptq", methods.CompressionSpec(bits=3)),
+    "gptq int4 act-order": ("gptq", methods.CompressionSpec(bits=4, act_order=True)),
+    "awq int4": ("awq", methods.CompressionSpec(bits=4)),
+    "awp int2 sym": ("awp", methods.CompressionSpec(bits=2, symmetric=True)),
+    "awp 60%": ("awp", methods.CompressionSpec(sparsity=0.6, max_iter=20)),
+    "awp 75% int4": ("awp", methods.CompressionSpec(sparsity=0.75, bits=4, max_iter=30)),
+    "awp 2:4 int3": ("awp", methods.CompressionSpec(nm=(2, 4), bits=3, max_iter=20)),
+    "sparsegpt 2:4": ("sparsegpt", methods.CompressionSpec(nm=(2, 4))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_SPECS))
+def test_every_method_result_is_stored_losslessly_and_smaller(case):
+    name, spec = LAYER_SPECS[case]
+    w, c = synthetic_layer(1, 96, 320, 2048)  # 320 = 2 full groups of 128 + a partial one
+    res = methods.compress_layer(name, w, c, spec)
+    enc = packed.encode(res.theta, bits=spec.bits, group_size=spec.group_size, pruned=spec.prunes, aux=res.aux)
+    theta = np.asarray(res.theta)
+    assert np.array_equal(packed.decode(enc), theta)
+    dense_bits = 32 * theta.size
+    if spec.bits:
+        groups = -(-320 // (spec.group_size or 320))
+        bound = spec.bits * theta.size + 40 * 96 * groups + 32 * 320  # codes + scale/zero + column extras
+        if "mask" in enc:
+            bound = theta.size + spec.bits * np.count_nonzero(theta) + 40 * 96 * groups + 16  # + byte padding
+        assert packed.stored_bits(enc) <= bound
+    else:
+        assert packed.stored_bits(enc) <= theta.size + 32 * np.count_nonzero(theta) < dense_bits
+
+
+def test_weights_off_the_grid_are_refused():
+    w, _ = synthetic_layer(2, 8, 64, 128)
+    with pytest.raises(packed.NotLosslessError, match="not on any 4-bit grid"):
+        packed.encode(w, bits=4, group_size=32)
+    w[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        packed.encode(w)
+
+
+@pytest.mark.parametrize("method, spec", [
+    ("awp", methods.CompressionSpec(sparsity=0.5, bits=4, group_size=64, max_iter=20)),
+    ("awq", methods.CompressionSpec(bits=3, group_size=64)),
+    ("sparsegpt", methods.CompressionSpec(nm=(2, 4))),
+])
+def test_export_holds_an_orbax_checkpoint_that_decodes_to_the_dense_export(tmp_path, method, spec):
+    model = Llama(SMALL, random_weights(SMALL, 5))
+    enc = {}
+    compress.compress_model(model, _windows(), method, spec, progress=False, encoded=enc)
+    assert len(enc) == 14
+    out = save_hf_dir(model, tmp_path / "out", encoded=enc)
+    meta = json.loads((out / "compressed" / "awp_jax.json").read_text())
+    assert set(meta["layers"]) == set(enc) and "model.embed_tokens.weight" in meta["params"]
+    _, dense, _ = checkpoints.load_checkpoint(out, with_tokenizer=False)
+    _, restored, _ = checkpoints.load_checkpoint(out / "compressed", with_tokenizer=False)
+    assert set(dense) == set(restored)
+    for k in dense:
+        assert np.array_equal(dense[k], restored[k]), k
+    layer_bytes = sum(packed.stored_bits(e) for e in enc.values()) / 8
+    dense_bytes = sum(dense[k].nbytes for k in enc)
+    assert layer_bytes < (0.45 if spec.bits else 0.6) * dense_bytes
+
+
+def test_a_plain_flax_checkpoint_round_trips(tmp_path):
+    model = Llama(SMALL, random_weights(SMALL, 7))
+    checkpoints.save_orbax_model(model, tmp_path / "flax")
+    again, _ = checkpoints.load_model(tmp_path / "flax", with_tokenizer=False)
+    a, b = weights_of(model), weights_of(again)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileExistsError):
+        checkpoints.save_orbax_model(model, tmp_path / "flax")
+
+
+def test_corrupt_orbax_checkpoint_is_a_clear_error(tmp_path):
+    model = Llama(SMALL, random_weights(SMALL, 8))
+    d = checkpoints.save_orbax_model(model, tmp_path / "m")
+    victims = sorted(p for p in (d / "state").rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    assert victims
+    for v in victims:
+        v.write_bytes(v.read_bytes()[: v.stat().st_size // 3])
+    with pytest.raises(checkpoints.CheckpointError, match="corrupt"):
+        checkpoints.load_checkpoint(d, with_tokenizer=False)
+    (d / "awp_jax.json").write_text("{not json")
+    with pytest.raises(checkpoints.CheckpointError, match="corrupt"):
+        checkpoints.load_checkpoint(d, with_tokenizer=False)
+
+
+RESHARD = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from awp_jax import packed
+mesh = Mesh(np.array(jax.devices()), ("model",))
+def place(name, shape):
+    return NamedSharding(mesh, P("model") if len(shape) >= 1 and shape[0] % 4 == 0 else P())
+meta, params, enc = packed.load_orbax(sys.argv[1], sharding=place)
+emb = params["model.embed_tokens.weight"]
+assert len(emb.sharding.device_set) == 4 and emb.addressable_shards[0].data.shape[0] == emb.shape[0] // 4
+w = packed.dense_weights(params, enc)
+ref = dict(np.load(sys.argv[2]))
+assert set(ref) == set(w) and all(np.array_equal(ref[k], w[k]) for k in ref)
+print("ok")
+"""
+
+
+def test_orbax_checkpoint_restores_onto_another_device_layout(tmp_path):
+    model = Llama(SMALL, random_weights(SMALL, 9))
+    enc = {}
+    compress.compress_model(model, _windows(), "rtn", methods.CompressionSpec(bits=4, group_size=64), progress=False, encoded=enc)
+    d = checkpoints.save_orbax_model(model, tmp_path / "m", encoded=enc)
+    np.savez(tmp_path / "ref.npz", **weights_of(model))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", RESHARD, str(d), str(tmp_path / "ref.npz")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
