@@ -109,7 +109,8 @@ def _compress(args) -> int:
     spec = methods.CompressionSpec(
         sparsity=args.sparsity or 0.0, nm=args.nm, bits=args.bits, group_size=args.group_size,
         symmetric=args.symmetric, max_iter=args.max_iter, tol=args.tol, step_rule=args.step_rule,
-        step_scale=args.step_scale, momentum=args.momentum, init=args.init, act_order=args.act_order,
+        step_scale=args.step_scale, momentum=args.momentum, init=args.init, scope=args.scope,
+        refit_iters=args.refit_iters, act_order=args.act_order,
     )
     method = methods.get_method(args.method)
     if spec.kind not in method.kinds:
@@ -194,8 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--step-rule", choices=("frobenius", "lambda_max", "absolute"), default=None, help="awp step rule (default frobenius)")
     comp.add_argument("--step-scale", type=float, default=None, help="awp step constant c (default 2 pruning, 1.5 quantization)")
     comp.add_argument("--momentum", action="store_true", help="awp: accelerated PGD with restart (beyond the paper; default off)")
-    comp.add_argument("--init", choices=("wanda", "magnitude", "rtn", "dense", "zeros"), default=None,
-                      help="awp starting point (default: the paper's: wanda pruning, rtn quantization, dense joint)")
+    comp.add_argument("--init", choices=("wanda", "magnitude", "rtn", "dense", "zeros", "sparsegpt"), default=None,
+                      help="awp starting point (default: the paper's: wanda pruning, rtn quantization, dense joint); "
+                      "sparsegpt: SparseGPT's result, with --scope layer for unstructured pruning")
+    comp.add_argument("--scope", choices=("row", "layer"), default=None,
+                      help="awp unstructured pruning: each row keeps its k largest (row, the paper's) or the layer keeps its k*d_out largest")
+    comp.add_argument("--refit-iters", type=int, default=None,
+                      help="awp pruning: conjugate-gradient iterations on the final mask (beyond the paper; default 0)")
     comp.add_argument("--eval-text", default="evaluation", help="evaluation text: 'evaluation' (Wikipedia articles) or a file")
     comp.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
     comp.add_argument("--eval-windows", type=int, default=32, help="evaluation windows; 0 skips evaluation (default 32)")

@@ -58,6 +58,8 @@ class CompressionSpec:
     step_scale: float | None = None
     momentum: bool = False
     init: str | None = None
+    scope: str | None = None
+    refit_iters: int | None = None
     act_order: bool = False
     percdamp: float = 0.01
     blocksize: int = 128
@@ -256,7 +258,17 @@ def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
     over = {k: v for k, v in (("step_rule", spec.step_rule), ("step_scale", spec.step_scale), ("tol", spec.tol)) if v is not None}
     over["momentum"] = spec.momentum
     if spec.init is not None:
-        over["init"] = spec.init
+        # "sparsegpt": the method passes SparseGPT's result as theta0; SparseGPT's mask holds a
+        # per-layer, not a per-row, count, so the projection's scope is the layer
+        over["init"] = "dense" if spec.init == "sparsegpt" else spec.init
+        if spec.init == "sparsegpt" and spec.kind == "prune":
+            if spec.scope == "row":
+                raise ValueError("init='sparsegpt' needs scope='layer' for unstructured pruning: SparseGPT's mask is not per row")
+            over["scope"] = "layer"
+    if spec.scope is not None and "scope" not in over:
+        over["scope"] = spec.scope
+    if spec.refit_iters is not None:
+        over["refit_iters"] = spec.refit_iters
     kind = spec.kind
     if kind == "prune":
         return solver_lib.awp_pruning(spec.sparsity, max_iter=spec.max_iter or 200, **over)
@@ -289,11 +301,24 @@ def _awp_info(res, lane=None):
 
 
 def _awp_stack(ws, cs, spec):
+    if spec.init == "sparsegpt":
+        return [_awp(w, c, spec) for w, c in zip(ws, cs)]
     res = solver_lib.solve_pgd_stack(ws, cs, awp_config(spec))
     return [LayerResult(res.theta[i], _awp_info(res, i)) for i in range(ws.shape[0])]
 
 
 @register("awp", {"prune", "nm", "quant", "joint"}, "activation-aware projected gradient descent (paper defaults)", stack=_awp_stack)
 def _awp(w, c, spec):
+    if spec.init == "sparsegpt":
+        if spec.kind not in ("prune", "nm"):
+            raise ValueError("init='sparsegpt' is for pruning (unstructured or N:M)")
+        theta0, _, _ = _sparsegpt_jit(w, c, spec)
+        res = solver_lib.solve_pgd(w, c, awp_config(spec), theta0=theta0)
+        info = _awp_info(res)
+        # SparseGPT's point is feasible: it competes, so the result is never worse than SparseGPT's
+        if not float(res.obj_final) < float(res.obj_init):
+            info.update(best_iteration=0, note="kept the SparseGPT start")
+            return LayerResult(theta0, info)
+        return LayerResult(res.theta, info)
     res = solver_lib.solve_pgd(w, c, awp_config(spec))
     return LayerResult(res.theta, _awp_info(res))

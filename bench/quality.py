@@ -38,28 +38,62 @@ S = methods.CompressionSpec
 MOMENTUM = dict(momentum=True, step_rule="lambda_max", step_scale=1.0)
 
 
+PLUS = "awp+ (SparseGPT start, CG refit)"
+
+
+def plus(**kw):
+    """Beyond the paper: start from SparseGPT's result (layer-wise count for unstructured), 50 PGD
+    iterations at η = 1/λmax, then 50 conjugate-gradient iterations on the final mask."""
+    return S(init="sparsegpt", max_iter=50, step_rule="lambda_max", step_scale=1.0, refit_iters=50, **kw)
+
+
 def rows(quick: bool):
-    """(table, column, label, method, spec) for every configuration, in run order."""
+    """(table, column, label, method, spec) for every configuration, most informative first."""
     out = []
-    prune = [0.5] if quick else [0.5, 0.6, 0.7, 0.8, 0.9]
-    for p in prune:
-        for m in ("magnitude", "wanda", "sparsegpt", "awp"):
+
+    def prune(p, with_magnitude=True):
+        for m in (("magnitude",) if with_magnitude else ()) + ("wanda", "sparsegpt", "awp"):
             out.append(("1 pruning", f"{p:.0%}", m, m, S(sparsity=p)))
-    for b in ([4] if quick else [4, 3, 2]):
+        out.append(("1 pruning", f"{p:.0%}", PLUS, "awp", plus(sparsity=p)))
+
+    def quant(b):
         for m in ("rtn", "gptq", "awq", "awp"):
             out.append(("3 quantization", f"INT{b}", m, m, S(bits=b, group_size=128)))
+
+    def nm(n, m_):
+        for m in ("wanda", "sparsegpt", "hwpq", "awp"):
+            out.append(("2 N:M", f"{n}:{m_}", m, m, S(nm=(n, m_))))
+        out.append(("2 N:M", f"{n}:{m_}", PLUS, "awp", plus(nm=(n, m_))))
+
+    def joint(p):
+        for label, m, extra in (("awq→wanda", "awq_wanda", {}), ("wanda→awq", "wanda_awq", {}),
+                                ("awp joint (paper: from dense)", "awp", {}), ("awp joint (from wanda)", "awp", {"init": "wanda"})):
+            out.append(("4 joint INT4 g128", f"{p:.0%}", label, m, S(sparsity=p, bits=4, group_size=128, **extra)))
+
+    prune(0.5)
+    quant(4)
     if quick:
         return out
-    for nm in ((2, 4), (4, 8)):
-        for m in ("wanda", "sparsegpt", "hwpq", "awp"):
-            out.append(("2 N:M", f"{nm[0]}:{nm[1]}", m, m, S(nm=nm)))
-    for p in (0.25, 0.5, 0.75):
-        for label, m, extra in (("awq→wanda", "awq_wanda", {}), ("wanda→awq", "wanda_awq", {}), ("awp joint (paper: from dense)", "awp", {}),
-                                ("awp joint (from wanda)", "awp", {"init": "wanda"})):
-            out.append(("4 joint INT4 g128", f"{p:.0%}", label, m, S(sparsity=p, bits=4, group_size=128, **extra)))
+    quant(3)
+    prune(0.7)
+    nm(2, 4)
+    prune(0.6)
+    prune(0.8)
+    joint(0.5)
+    quant(2)
+    prune(0.9)
+    nm(4, 8)
+    joint(0.25)
+    joint(0.75)
     for p in (0.6, 0.7, 0.8):  # beyond the paper: the step from λ_max and momentum
         out.append(("1 pruning", f"{p:.0%}", "awp (momentum, η=1/λmax)", "awp", S(sparsity=p, **MOMENTUM)))
     return out
+
+
+def spec_fields(spec):
+    """The fields of ``spec`` that differ from the defaults (stable keys when fields are added)."""
+    default = S(sparsity=0.5)
+    return {k: v for k, v in dataclasses.asdict(spec).items() if k == "sparsity" or v != getattr(default, k)}
 
 
 def key(table, col, label, settings):
@@ -224,7 +258,7 @@ def main(argv=None):
         tmp.write_text(json.dumps(store, indent=1))
         os.replace(tmp, store_file)
 
-    table_rows = [(t, col, lab, m, spec, key(t, col, lab, {**settings, "method": m, "spec": dataclasses.asdict(spec)}))
+    table_rows = [(t, col, lab, m, spec, key(t, col, lab, {**settings, "method": m, "spec": spec_fields(spec)}))
                   for t, col, lab, m, spec in rows(args.quick)]
     command = "python bench/quality.py" + (" --quick" if args.quick else "")
     model, tok = checkpoints.load_default()

@@ -1,4 +1,5 @@
 import jax
+import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -259,3 +260,56 @@ def test_momentum_reaches_lower_objective_in_fewer_iterations(layer_problem):
     np.testing.assert_array_equal(stacked.theta[1], aj.solve_pgd(2 * w, c, cfg).theta)
     with pytest.raises(ValueError, match="momentum=True is not supported"):
         aj.pgd_path(w, c, cfg)
+
+
+def test_refit_support_reaches_the_least_squares_optimum_on_the_mask(rng):
+    d_out, d = 6, 24
+    x = rng.standard_normal((d, 400)) * np.geomspace(1, 30, d)[:, None]
+    c = x @ x.T / 400
+    w = rng.standard_normal((d_out, d))
+    theta = np.asarray(aj.project(w, k=10))
+    with jax.enable_x64(True):
+        refit = np.asarray(aj.refit_support(w, c, theta, iters=2 * d))
+    mask = theta != 0
+    assert np.array_equal(refit != 0, mask)  # the support is kept
+    for i in range(d_out):  # row i: C_SS θ_S = (W C)_S
+        s = mask[i]
+        exact = np.linalg.solve(c[np.ix_(s, s)], (w[i] @ c)[s])
+        np.testing.assert_allclose(refit[i, s], exact, rtol=1e-6, atol=1e-9)
+
+
+def test_refit_lowers_the_objective_and_keeps_the_constraint(layer_problem):
+    w, c = layer_problem
+    base = aj.solve_pgd(w, c, aj.awp_pruning(0.6, max_iter=30))
+    res = aj.solve_pgd(w, c, aj.awp_pruning(0.6, max_iter=30, refit_iters=40))
+    assert float(res.obj_final) < 0.97 * float(base.obj_final)
+    assert np.all(np.sum(np.asarray(res.theta) != 0, axis=1) <= aj.keep_count(0.6, w.shape[1]))
+    with pytest.raises(ValueError, match="refit_iters needs a pruning schedule without quantization"):
+        aj.awp_joint(0.5, 4, 64, refit_iters=5)
+
+
+def test_layer_scope_keeps_the_layer_count_and_rows_may_differ(layer_problem):
+    w, c = layer_problem
+    res = aj.solve_pgd(w, c, aj.awp_pruning(0.5, max_iter=30, scope="layer"))
+    per_row = np.sum(np.asarray(res.theta) != 0, axis=1)
+    assert per_row.sum() == aj.keep_count(0.5, w.shape[1]) * w.shape[0]
+    assert per_row.min() < per_row.max()
+    with pytest.raises(ValueError, match="scope='layer' applies to unstructured"):
+        aj.awp_nm(2, 4, scope="layer")
+
+
+def test_awp_from_sparsegpt_is_never_worse_than_sparsegpt(layer_problem):
+    from awp_jax import methods
+
+    w, c = layer_problem
+    for spec in (methods.CompressionSpec(sparsity=0.7), methods.CompressionSpec(nm=(2, 4))):
+        sg = methods.compress_layer("sparsegpt", w, c, spec).theta
+        awp_spec = dataclasses.replace(spec, init="sparsegpt", refit_iters=40, max_iter=20)
+        th = np.asarray(methods.compress_layer("awp", w, c, awp_spec).theta)
+        assert float(aj.objective(w, th, c)) < 0.98 * float(aj.objective(w, sg, c))
+        if spec.nm:
+            assert np.all((th != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2)
+        else:
+            assert np.sum(th != 0) <= aj.keep_count(0.7, w.shape[1]) * w.shape[0]
+    with pytest.raises(ValueError, match="SparseGPT's mask is not per row"):
+        methods.compress_layer("awp", w, c, methods.CompressionSpec(sparsity=0.5, init="sparsegpt", scope="row"))
