@@ -44,7 +44,9 @@ def awq(w, c, spec: QuantSpec, *, n_grid: int = 20, max_shrink: float = 0.5):
     ``theta`` is a product, not a quotient, so that a stored ``(q, r)`` reproduces it exactly."""
     d_in = w.shape[1]
     a = jnp.sqrt(jnp.maximum(jnp.diagonal(c), 0))
-    a = jnp.where(a > 0, a, jnp.min(jnp.where(a > 0, a, jnp.inf)))  # dead channels: smallest live magnitude
+    smallest = jnp.min(jnp.where(a > 0, a, jnp.inf))
+    # dead channels: the smallest live magnitude (all dead: every channel 1, i.e. plain RTN + clip)
+    a = jnp.where(a > 0, a, jnp.where(jnp.isfinite(smallest), smallest, 1.0))
 
     def scaled_result(alpha):
         s = a**alpha

@@ -228,10 +228,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     run = {"demo": _demo, "compress": _compress, "eval": _eval}[args.command]
+    import signal
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, on_term)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:  # errors a user can act on
+    except KeyboardInterrupt:
+        where = ""
+        if args.command == "compress":
+            out = pathlib.Path(args.out)
+            where = f"; finished blocks are kept in {out.parent / ('.' + out.name + '.run')}: run the same command again to resume"
+        parser.exit(130, f"awp-jax {args.command}: interrupted{where}\n")
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError, ArithmeticError) as e:  # errors a user can act on
         parser.exit(2, f"awp-jax {args.command}: error: {e}\n")
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,14 @@ def _block_file(run_dir: pathlib.Path, i: int) -> pathlib.Path:
 
 
 def _save_block(run_dir: pathlib.Path, i: int, blk, rows: list[dict], enc: dict[str, dict]) -> None:
+    try:
+        _write_block(run_dir, i, blk, rows, enc)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot save block {i} in {run_dir} ({e.strerror or e}); blocks 0..{i - 1} are kept there: "
+                      "free space (or fix the problem) and run the same command again to resume") from e
+
+
+def _write_block(run_dir: pathlib.Path, i: int, blk, rows: list[dict], enc: dict[str, dict]) -> None:
     from safetensors.numpy import save_file
 
     tensors = {name: np.asarray(getattr(blk, name).weight[...]) for name in LINEAR_NAMES}
@@ -55,8 +63,11 @@ def _save_block(run_dir: pathlib.Path, i: int, blk, rows: list[dict], enc: dict[
         tensors.update({f"{name}::{k}": np.ascontiguousarray(v) for k, v in e.items() if k != "meta"})
     meta = {"rows": json.dumps(rows), "encoded": json.dumps({n: e["meta"] for n, e in enc.items()})}
     tmp = run_dir / f".block_{i:04d}.tmp"
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, _block_file(run_dir, i))
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, _block_file(run_dir, i))
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_block(run_dir: pathlib.Path, i: int, blk) -> tuple[list[dict], dict[str, dict]]:
@@ -181,6 +192,12 @@ def compress_model(
             row = {"block": i, "layer": name, "method": method, "shape": list(w.shape), "rel_objective": rel,
                    "seconds": round(secs, 4), "stacked": lanes, **res.info}
             rows.append(row)
+            if res.info.get("stop") == "nonfinite":
+                print(f"warning: block {i} {name}: an AWP update became non-finite; the last finite feasible iterate "
+                      "was kept (see the report's stop column)", file=sys.stderr)
+            if res.info.get("damping_retries"):
+                print(f"note: block {i} {name}: Cholesky failed at the base damping; succeeded after "
+                      f"{res.info['damping_retries']} retries with 10x damping ({res.info['damping']:.3g})", file=sys.stderr)
             if verbose:
                 extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.info.items())
                 print(f"  block {i:2d} {name:<9} {str(tuple(w.shape)):<12} rel.obj {rel:.4g}  {secs:6.2f}s  {extra}", file=sys.stderr)

@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from awp_jax import awq as awq_lib
 from awp_jax import hwpq as hwpq_lib
@@ -150,14 +151,39 @@ def compress_layers(name: str, ws, cs, spec: CompressionSpec) -> list[LayerResul
         return [compress_layer(name, w, c, spec) for w, c in zip(ws, cs)]
     if spec.kind not in m.kinds:
         raise ValueError(f"method {name!r} does not do {spec.kind} compression ({spec.describe()}); it supports: {', '.join(sorted(m.kinds))}")
+    for w, c in zip(ws, cs):
+        check_layer(w, c)
     return m.stack(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]), spec)
 
 
+def check_layer(w, c) -> None:
+    """Reject what no method can compress meaningfully, naming the problem: shapes, non-finite
+    weights or statistics, a C that is not a covariance (asymmetric, negative diagonal)."""
+    w, c = np.asarray(w), np.asarray(c)
+    if w.ndim != 2:
+        raise ValueError(f"weights must be a 2-D [d_out, d_in] matrix, got shape {w.shape}")
+    if c.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"C must be [d_in, d_in] = {(w.shape[1], w.shape[1])} for weights {w.shape}, got {c.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"weights contain NaN or Inf ({int(np.sum(~np.isfinite(w)))} entries)")
+    if not np.all(np.isfinite(c)):
+        raise ValueError(f"calibration statistics C contain NaN or Inf ({int(np.sum(~np.isfinite(c)))} entries): "
+                         "the activations overflowed or the checkpoint is broken")
+    diag = np.diagonal(c)
+    scale = max(float(np.max(np.abs(diag))), np.finfo(np.float32).tiny)
+    if np.min(diag) < -1e-6 * scale:
+        raise ValueError(f"C is not a covariance: negative diagonal entry {float(np.min(diag)):.3g}")
+    if np.max(np.abs(c - c.T)) > 1e-4 * scale:
+        raise ValueError(f"C is not symmetric (max |C - Cᵀ| = {float(np.max(np.abs(c - c.T))):.3g})")
+
+
 def compress_layer(name: str, w, c, spec: CompressionSpec) -> LayerResult:
-    """Compress one layer with method ``name``; checks the method supports ``spec``."""
+    """Compress one layer with method ``name``; checks the method supports ``spec`` and the inputs
+    (:func:`check_layer`)."""
     m = get_method(name)
     if spec.kind not in m.kinds:
         raise ValueError(f"method {name!r} does not do {spec.kind} compression ({spec.describe()}); it supports: {', '.join(sorted(m.kinds))}")
+    check_layer(w, c)
     return m.fn(jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32), spec)
 
 
@@ -189,6 +215,17 @@ def _rtn(w, c, spec):
     return LayerResult(_rtn_jit(w, spec=spec.quant), {})
 
 
+def _damping_info(c, spec, damp, ok):
+    """Damping used and how many 10× retries the Cholesky factorisation needed; failure is an error."""
+    diag = np.diagonal(np.asarray(c))
+    base = spec.percdamp * float(np.mean(np.where(diag == 0, 1.0, diag)))
+    retries = int(round(np.log10(float(damp) / base))) if base > 0 and float(damp) > 0 else 0
+    if not bool(ok):
+        raise FloatingPointError(f"Cholesky factorisation failed even with damping {float(damp):.3g} "
+                                 f"({retries} retries at 10x): C is far from positive definite")
+    return {"damping": float(damp), "damping_retries": retries}
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _sparsegpt_jit(w, c, spec):
     return obs.sparsegpt(w, c, sparsity=spec.sparsity, nm=spec.nm, blocksize=spec.blocksize, percdamp=spec.percdamp)
@@ -197,7 +234,7 @@ def _sparsegpt_jit(w, c, spec):
 @register("sparsegpt", {"prune", "nm"}, "SparseGPT OBS sweep (blocksize 128, damping 0.01)")
 def _sparsegpt(w, c, spec):
     theta, damp, ok = _sparsegpt_jit(w, c, spec)
-    return LayerResult(theta, {"damping": float(damp), "cholesky_ok": bool(ok)})
+    return LayerResult(theta, _damping_info(c, spec, damp, ok))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -208,7 +245,7 @@ def _gptq_jit(w, c, spec):
 @register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)")
 def _gptq(w, c, spec):
     theta, damp, ok, perm = _gptq_jit(w, c, spec)
-    return LayerResult(theta, {"damping": float(damp), "cholesky_ok": bool(ok)}, {"perm": perm} if spec.act_order else None)
+    return LayerResult(theta, _damping_info(c, spec, damp, ok), {"perm": perm} if spec.act_order else None)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

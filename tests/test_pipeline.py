@@ -200,31 +200,51 @@ def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch, mode):
                                 progress=False, run_dir=tmp_path / "run")
 
 
-def test_cli_kill_9_then_rerun_gives_the_uninterrupted_output(small_dir, tmp_path):
+def _compress_cmd(small_dir, out):
+    import sys
+
+    return [sys.executable, "-m", "awp_jax.cli", "compress", "--model", str(small_dir / "model"),
+            "--calib", str(small_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64", "--eval-windows", "0",
+            "--max-iter", "600", "--tol", "0", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_dir, tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("ref") / "ref"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run(_compress_cmd(small_dir, out), check=True, env=env, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_cli_killed_then_rerun_gives_the_uninterrupted_output(small_dir, uninterrupted, tmp_path, sig):
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    def cmd(out):
-        return [sys.executable, "-m", "awp_jax.cli", "compress", "--model", str(small_dir / "model"),
-                "--calib", str(small_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64", "--eval-windows", "0",
-                "--max-iter", "600", "--tol", "0", "--out", str(out)]
-
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    subprocess.run(cmd(tmp_path / "ref"), check=True, env=env, capture_output=True)
     out = tmp_path / "run"
     run_dir = tmp_path / ".run.run"
-    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_compress_cmd(small_dir, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (run_dir / "block_0000.safetensors").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first block was saved"
         time.sleep(0.02)
     assert proc.poll() is None
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+    else:  # a clean exit that says how to resume
+        assert proc.returncode == 130 and "interrupted" in err and "run the same command again to resume" in err, err[-2000:]
     assert not out.exists() and not (run_dir / "block_0001.safetensors").exists()
-    subprocess.run(cmd(out), check=True, env=env, capture_output=True)
-    assert (out / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    assert not list(run_dir.glob(".block_*"))  # no half-written block left behind
+    subprocess.run(_compress_cmd(small_dir, out), check=True, env=env, capture_output=True)
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
     assert not run_dir.exists()
