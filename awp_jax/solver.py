@@ -331,8 +331,16 @@ def _compute_dtype(*arrays):
     return jnp.float64 if any(a.dtype == jnp.float64 for a in arrays) else jnp.float32
 
 
-def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False):
-    """Un-jitted single-layer solve (traced once per shapes × config)."""
+def _total(x, axis_name):
+    """Sum of all entries; across the devices of ``axis_name`` too when the rows are sharded."""
+    s = jnp.sum(x)
+    return s if axis_name is None else jax.lax.psum(s, axis_name)
+
+
+def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_name: str | None = None):
+    """Un-jitted single-layer solve (traced once per shapes × config). With ``axis_name`` the rows
+    of ``w`` are one shard of a layer split by rows over that mesh axis (inside ``shard_map``): the
+    iteration is row-local; only the objective and norms (scalars) are summed across devices."""
     _TRACES["path" if with_path else "solve"] += 1
     s = config.schedule
     dtype = _compute_dtype(w, c)
@@ -351,12 +359,15 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False):
     init_feasible = theta0 is None and config.init in ("wanda", "magnitude", "rtn")
     theta0 = initial_point(w, c, config) if theta0 is None else theta0.astype(dtype)
     eta = step_size(c, config)
-    wnorm = jnp.maximum(jnp.linalg.norm(w), jnp.finfo(dtype).tiny)
+    wnorm = jnp.maximum(jnp.sqrt(_total(w * w, axis_name)), jnp.finfo(dtype).tiny)
 
     def evaluate(theta):
         d = w - theta
         g = jnp.matmul(d, c, precision=prec)
-        return g, jnp.sum(d * g), jnp.linalg.norm(g) / wnorm
+        return g, _total(d * g, axis_name), jnp.sqrt(_total(g * g, axis_name)) / wnorm
+
+    if config.scope == "layer" and axis_name is not None:
+        raise ValueError("scope='layer' needs the whole matrix on one device; use scope='row' with a sharded solve")
 
     def proj(z, t):
         k = keep_tab[t] if s.prunes_rows else None
@@ -463,7 +474,7 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False):
         grad_norm=gnorm_final,
         obj_init=obj0,
         obj_final=obj_final,
-        obj_dense=jnp.sum(w * jnp.matmul(w, c, precision=prec)),
+        obj_dense=_total(w * jnp.matmul(w, c, precision=prec), axis_name),
         stop_reason=st.reason,
         step_size=eta,
         trace_obj=st.trace_obj,

@@ -68,3 +68,16 @@ def test_default_calibration_both_modes(default):
         for k in calibration.STAT_NAMES:
             np.testing.assert_allclose(s[k], p[k], rtol=1e-5, atol=1e-6)
     assert seq[0]["down_in"].shape == (1536, 1536) and seq[0]["attn_in"].shape == (576, 576)
+
+
+def test_float32_accumulation_of_c_agrees_with_float64_on_real_layers(default):
+    *_, tok, model = default
+    windows = data.calibration_windows(data.tokenize(tok, data.calibration_text()[:400_000]), n=8, seqlen=256, seed=1)
+    f32 = calibration.block_statistics(model, windows, mode="parallel", batch_size=4, accumulate="float32")
+    f64 = calibration.block_statistics(model, windows, mode="parallel", batch_size=4, accumulate="float64")
+    worst = 0.0
+    for a, b in zip(f32, f64):
+        for k in calibration.STAT_NAMES:
+            b64 = np.asarray(b[k], np.float64)
+            worst = max(worst, float(np.linalg.norm(np.asarray(a[k], np.float64) - b64) / np.linalg.norm(b64)))
+    assert worst < 1e-5, worst  # real outlier channels included (block 0..29, all four inputs)
