@@ -110,7 +110,7 @@ def _compress(args) -> int:
         sparsity=args.sparsity or 0.0, nm=args.nm, bits=args.bits, group_size=args.group_size,
         symmetric=args.symmetric, max_iter=args.max_iter, tol=args.tol, step_rule=args.step_rule,
         step_scale=args.step_scale, momentum=args.momentum, init=args.init, scope=args.scope,
-        refit_iters=args.refit_iters, act_order=args.act_order,
+        refit_iters=args.refit_iters, refit_damping=args.refit_damping, act_order=args.act_order,
     )
     method = methods.get_method(args.method)
     if spec.kind not in method.kinds:
@@ -119,6 +119,17 @@ def _compress(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ValueError(f"--out {out} already exists and is not empty; choose another or pass --overwrite")
 
+    rank = 0
+    if args.num_processes > 1:
+        if args.coordinator is None or args.process_id is None:
+            raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT and --process-id")
+        if not 0 <= args.process_id < args.num_processes:
+            raise ValueError(f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
+        if jax.config.jax_platforms in (None, "", "cpu"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout)
+        rank = jax.process_index()
     t_start = time.perf_counter()
     model, tok = checkpoints.load_model(args.model)
     if tok is None:
@@ -126,7 +137,7 @@ def _compress(args) -> int:
     calib = data.calibration_windows(data.tokenize(tok, data.load_text(args.calib)), args.nsamples, args.seqlen, args.seed)
     eval_windows = None
     ppl = {}
-    if args.eval_windows:
+    if args.eval_windows and rank == 0:
         eval_windows = data.eval_windows(data.tokenize(tok, data.load_text(args.eval_text)), args.eval_seqlen, args.eval_windows)
         ppl["dense"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
         print(f"dense perplexity {ppl['dense']:.4f}", file=sys.stderr)
@@ -139,6 +150,8 @@ def _compress(args) -> int:
     layers = compress.compress_model(model, calib, args.method, spec, mode=args.mode, batch_size=args.batch_size,
                                      progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings,
                                      encoded=encoded)
+    if rank != 0:  # process 0 evaluates and writes
+        return 0
     if eval_windows is not None:
         ppl["compressed"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
     report = {
@@ -202,10 +215,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="awp unstructured pruning: each row keeps its k largest (row, the paper's) or the layer keeps its k*d_out largest")
     comp.add_argument("--refit-iters", type=int, default=None,
                       help="awp pruning: conjugate-gradient iterations on the final mask (beyond the paper; default 0)")
+    comp.add_argument("--refit-damping", type=float, default=None,
+                      help="awp: ridge term of the refit, as a fraction of mean(diag C) (default 0; 0.1 generalises better on small calibration sets)")
     comp.add_argument("--eval-text", default="evaluation", help="evaluation text: 'evaluation' (Wikipedia articles) or a file")
     comp.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
     comp.add_argument("--eval-windows", type=int, default=32, help="evaluation windows; 0 skips evaluation (default 32)")
     comp.add_argument("--batch-size", type=int, default=8)
+    comp.add_argument("--num-processes", type=int, default=1, help="compress with this many processes (jax.distributed; default 1)")
+    comp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, with --num-processes > 1")
+    comp.add_argument("--process-id", type=int, default=None, help="this process's index, with --num-processes > 1")
+    comp.add_argument("--heartbeat-timeout", type=int, default=100, help="seconds before a silent process fails the run (default 100)")
     comp.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     comp.add_argument("-v", "--verbose", action="store_true", help="one line per layer")

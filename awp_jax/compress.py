@@ -7,6 +7,12 @@
 report: method, shape, relative layer objective ``tr((W−Θ)C(W−Θ)ᵀ) / tr(W C Wᵀ)`` of the result
 (and of the method's starting point where it has one), method details, seconds.
 
+Several processes (``jax.distributed``, ``jax.process_count() > 1``): every process calibrates
+(the same windows, the same bits), the groups of layers of each block are dealt out among the
+processes, and each result is sent to all (``multihost_utils.process_allgather``), so every
+process holds the same compressed model — identical to a one-process run. Only process 0 writes
+the run directory, which must be on storage all processes see.
+
 Resuming: with ``run_dir`` every finished block is written there at once (its seven compressed
 matrices and its report rows, in one safetensors file renamed into place, so a block file is
 complete or absent). A run started again with the same ``settings`` loads the finished blocks,
@@ -87,7 +93,26 @@ def _load_block(run_dir: pathlib.Path, i: int, blk) -> tuple[list[dict], dict[st
     return rows, enc
 
 
-def _open_run(run_dir: pathlib.Path, settings: dict, n_blocks: int) -> int:
+def _allgather(x: np.ndarray) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
+def _exchange(payload, owner: int, what: str):
+    """Every process gets ``owner``'s (picklable) ``payload``; the others pass ``None``."""
+    import pickle
+
+    data = b"" if payload is None else pickle.dumps(payload, protocol=5)
+    sizes = _allgather(np.asarray([len(data)], np.int32)).ravel()
+    if sizes[owner] == 0:
+        raise RuntimeError(f"{what}: process {owner} sent no result")
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: len(data)] = np.frombuffer(data, np.uint8)
+    return pickle.loads(_allgather(buf)[owner, : sizes[owner]].tobytes())
+
+
+def _open_run(run_dir: pathlib.Path, settings: dict, n_blocks: int, write: bool = True) -> int:
     """Create or check ``run_dir``; returns how many leading blocks are already done."""
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = run_dir / "run.json"
@@ -95,6 +120,8 @@ def _open_run(run_dir: pathlib.Path, settings: dict, n_blocks: int) -> int:
     if meta.exists():
         if meta.read_text() != text:
             raise RunMismatchError(f"{run_dir} holds a run with other settings; remove it or choose another output")
+    elif not write:
+        pass
     else:
         tmp = run_dir / ".run.json.tmp"
         tmp.write_text(text)
@@ -128,6 +155,10 @@ def compress_model(
 
     ``vmap_groups``: solve the layers of a block that have the same shape and input (k/v under
     GQA, gate/up) as one vmapped stack, for methods that offer it (AWP); results are the same."""
+    import jax
+
+    rank, n_proc = jax.process_index(), jax.process_count()
+    progress = progress and rank == 0
     m = methods.get_method(method)
     if spec.kind not in m.kinds:
         raise ValueError(f"method {method!r} does not do {spec.kind} compression; it supports: {', '.join(sorted(m.kinds))}")
@@ -138,7 +169,12 @@ def compress_model(
         full = {"method": method, "spec": repr(spec), "mode": mode, "batch_size": batch_size,
                 "windows_sha": hashlib.sha256(np.ascontiguousarray(windows, np.int32).tobytes()).hexdigest(),
                 **(settings or {})}
-        start = _open_run(run_dir, full, len(model.layers))
+        start = _open_run(run_dir, full, len(model.layers), write=rank == 0)
+        if n_proc > 1:
+            starts = _allgather(np.asarray([start], np.int32))
+            if len(set(starts.ravel().tolist())) != 1:
+                raise RunMismatchError(f"the processes see different finished blocks in {run_dir} ({starts.ravel().tolist()}): "
+                                       "is the run directory on storage they all share?")
         if start and progress:
             print(f"resuming: blocks 0..{start - 1} already compressed in {run_dir}", file=sys.stderr)
 
@@ -163,13 +199,20 @@ def compress_model(
             key = (tuple(getattr(blk, name).weight[...].shape), INPUT_OF[name]) if vmap_groups else name
             groups.setdefault(key, []).append(name)
         results = {}
-        for names in groups.values():
+        for g, names in enumerate(groups.values()):
             ws = [jnp.asarray(getattr(blk, n).weight[...], jnp.float32) for n in names]
             cs = [jnp.asarray(stats[INPUT_OF[n]], jnp.float32) for n in names]
-            t0 = time.perf_counter()
-            out = methods.compress_layers(method, ws, cs, spec) if len(names) > 1 else [methods.compress_layer(method, ws[0], cs[0], spec)]
-            jnp.stack([r.theta for r in out]).block_until_ready()
-            secs = (time.perf_counter() - t0) / len(names)
+            owner = g % n_proc  # several processes: the groups of a block are dealt out among them
+            out = None
+            if owner == rank:
+                t0 = time.perf_counter()
+                out = methods.compress_layers(method, ws, cs, spec) if len(names) > 1 else [methods.compress_layer(method, ws[0], cs[0], spec)]
+                jnp.stack([r.theta for r in out]).block_until_ready()
+                secs = (time.perf_counter() - t0) / len(names)
+                out = [methods.LayerResult(np.asarray(r.theta), r.info, None if r.aux is None else {k: np.asarray(v) for k, v in r.aux.items()})
+                       for r in out]
+            if n_proc > 1:
+                out, secs = _exchange(None if out is None else (out, secs), owner, f"block {i} {'/'.join(names)}")
             for n, w, c, res in zip(names, ws, cs, out):
                 results[n] = (w, c, res, secs, len(names))
         for name in LINEAR_NAMES:
@@ -201,7 +244,7 @@ def compress_model(
             if verbose:
                 extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.info.items())
                 print(f"  block {i:2d} {name:<9} {str(tuple(w.shape)):<12} rel.obj {rel:.4g}  {secs:6.2f}s  {extra}", file=sys.stderr)
-        if run_dir is not None:
+        if run_dir is not None and rank == 0:
             _save_block(run_dir, i, blk, rows, enc_block)
         report.extend(rows)
         encoded.update({_hf_name(i, n): e for n, e in enc_block.items()})

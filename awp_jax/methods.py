@@ -61,6 +61,7 @@ class CompressionSpec:
     init: str | None = None
     scope: str | None = None
     refit_iters: int | None = None
+    refit_damping: float | None = None
     act_order: bool = False
     percdamp: float = 0.01
     blocksize: int = 128
@@ -306,6 +307,8 @@ def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
         over["scope"] = spec.scope
     if spec.refit_iters is not None:
         over["refit_iters"] = spec.refit_iters
+    if spec.refit_damping is not None:
+        over["refit_damping"] = spec.refit_damping
     kind = spec.kind
     if kind == "prune":
         return solver_lib.awp_pruning(spec.sparsity, max_iter=spec.max_iter or 200, **over)

@@ -208,6 +208,17 @@ def decode(enc: dict[str, Any]) -> np.ndarray:
 
 # --------------------------------------------------------------------------- orbax checkpoints
 
+def _checkpointer():
+    """A StandardCheckpointer for this process alone (in a multi-process run only one process
+    writes, so orbax must not wait for the others at its barriers)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    opts = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}) if jax.process_count() > 1 else ocp.options.MultiprocessingOptions()
+    return ocp.StandardCheckpointer(multiprocessing_options=opts)
+
+
 def is_orbax_dir(path: os.PathLike) -> bool:
     p = pathlib.Path(path)
     return (p / "awp_jax.json").is_file() and (p / "state").is_dir()
@@ -230,7 +241,7 @@ def save_orbax(path: os.PathLike, config: dict, weights: dict[str, np.ndarray], 
                 "layers": {_key(k): {f: np.asarray(a) for f, a in e.items() if f != "meta"} for k, e in encoded.items()}}
         meta = {"format": FORMAT, "config": config, "layers": {k: e["meta"] for k, e in encoded.items()},
                 "params": sorted(k for k in weights if k not in encoded), **(extra or {})}
-        with ocp.StandardCheckpointer() as ckptr:
+        with _checkpointer() as ckptr:
             ckptr.save(tmp / "state", tree)
             ckptr.wait_until_finished()
         (tmp / "awp_jax.json").write_text(json.dumps(meta, indent=1))
@@ -270,7 +281,7 @@ def load_orbax(path: os.PathLike, *, sharding=None) -> tuple[dict, dict[str, Any
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _checkpointer() as ckptr:
             abstract = ckptr.metadata(path / "state").item_metadata
             if sharding is not None:
                 def place(kp, leaf):

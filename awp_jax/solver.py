@@ -100,6 +100,11 @@ class PGDConfig:
         unchanged). IHT at a stable step rarely changes the mask once chosen, and CG reaches the
         best weights on it in about sqrt(κ) instead of κ iterations, one matmul each. Pruning
         only (no quantization). 0 (default) is the paper's solver.
+      refit_damping: the refit minimises the objective with ``C + δ·mean(diag C)·I`` (δ =
+        refit_damping), i.e. adds ``δ·mean(diag C)·‖W − Θ‖²`` on the kept entries — the damping
+        SparseGPT applies to its Hessian: it keeps the kept weights nearer their dense values and
+        fits the calibration sample less closely. The result is still taken only if it lowers the
+        undamped objective.
     """
 
     schedule: sched_lib.Schedule
@@ -114,6 +119,7 @@ class PGDConfig:
     precision: str = "highest"
     scope: Literal["row", "layer"] = "row"
     refit_iters: int = 0
+    refit_damping: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.schedule, sched_lib.Schedule):
@@ -140,6 +146,8 @@ class PGDConfig:
             raise ValueError("scope='layer' applies to unstructured pruning schedules only")
         if isinstance(self.refit_iters, bool) or not isinstance(self.refit_iters, int) or self.refit_iters < 0:
             raise ValueError(f"refit_iters must be an integer >= 0, got {self.refit_iters!r}")
+        if not (np.isfinite(self.refit_damping) and self.refit_damping >= 0):
+            raise ValueError(f"refit_damping must be >= 0, got {self.refit_damping!r}")
         if self.refit_iters and (s.quant is not None or not prunes):
             raise ValueError("refit_iters needs a pruning schedule without quantization (a refit would leave the grid)")
 
@@ -461,7 +469,10 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_n
     obj_final = jnp.where(have_best, st.best_obj, st.obj)
     gnorm_final = jnp.where(have_best, st.best_gnorm, st.gnorm)
     if config.refit_iters:
-        refit = refit_support(w, c, theta, config.refit_iters, prec)
+        c_fit = c
+        if config.refit_damping:
+            c_fit = c + config.refit_damping * jnp.mean(jnp.diagonal(c)) * jnp.eye(c.shape[-1], dtype=dtype)
+        refit = refit_support(w, c_fit, theta, config.refit_iters, prec)
         _, obj_r, gn_r = evaluate(refit)
         take = jnp.isfinite(obj_r) & (obj_r < obj_final)
         theta = jnp.where(take, refit, theta)

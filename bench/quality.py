@@ -38,12 +38,16 @@ S = methods.CompressionSpec
 MOMENTUM = dict(momentum=True, step_rule="lambda_max", step_scale=1.0)
 
 
-PLUS = "awp+ (SparseGPT start, CG refit)"
+PLUS_UNDAMPED = "awp+ (SparseGPT start, CG refit)"
+PLUS = "awp+ (SparseGPT start, damped CG refit)"
 
 
-def plus(**kw):
+def plus(damping=0.1, **kw):
     """Beyond the paper: start from SparseGPT's result (layer-wise count for unstructured), 50 PGD
-    iterations at η = 1/λmax, then 50 conjugate-gradient iterations on the final mask."""
+    iterations at η = 1/λmax, then 50 conjugate-gradient iterations on the final mask with a ridge
+    term of ``damping``·mean(diag C) (0: the exact refit, which overfits the calibration sample)."""
+    if damping:
+        kw["refit_damping"] = damping
     return S(init="sparsegpt", max_iter=50, step_rule="lambda_max", step_scale=1.0, refit_iters=50, **kw)
 
 
@@ -71,6 +75,7 @@ def rows(quick: bool):
             out.append(("4 joint INT4 g128", f"{p:.0%}", label, m, S(sparsity=p, bits=4, group_size=128, **extra)))
 
     prune(0.5)
+    out.append(("1 pruning", "50%", PLUS_UNDAMPED, "awp", plus(damping=0.0, sparsity=0.5)))
     quant(4)
     if quick:
         return out

@@ -313,3 +313,22 @@ def test_awp_from_sparsegpt_is_never_worse_than_sparsegpt(layer_problem):
             assert np.sum(th != 0) <= aj.keep_count(0.7, w.shape[1]) * w.shape[0]
     with pytest.raises(ValueError, match="SparseGPT's mask is not per row"):
         methods.compress_layer("awp", w, c, methods.CompressionSpec(sparsity=0.5, init="sparsegpt", scope="row"))
+
+
+def test_damped_refit_minimises_the_damped_objective_on_the_mask(rng):
+    d_out, d = 4, 16
+    x = rng.standard_normal((d, 300)) * np.geomspace(1, 10, d)[:, None]
+    c = x @ x.T / 300
+    w = rng.standard_normal((d_out, d))
+    cfg = aj.awp_pruning(0.5, max_iter=1, init="magnitude", refit_iters=3 * d, refit_damping=0.1, tol=0.0)
+    with jax.enable_x64(True):
+        res = aj.solve_pgd(w, c, cfg)
+        plain = aj.solve_pgd(w, c, dataclasses.replace(cfg, refit_damping=0.0))
+    theta = np.asarray(res.theta)
+    cd = c + 0.1 * np.mean(np.diag(c)) * np.eye(d)
+    for i in range(d_out):
+        s = theta[i] != 0
+        np.testing.assert_allclose(theta[i, s], np.linalg.solve(cd[np.ix_(s, s)], (w[i] @ cd)[s]), rtol=1e-6)
+    assert float(plain.obj_final) <= float(res.obj_final)  # the undamped refit fits the sample best
+    with pytest.raises(ValueError, match="refit_damping must be >= 0"):
+        aj.awp_pruning(0.5, refit_damping=-1.0)

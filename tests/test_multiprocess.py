@@ -1,0 +1,85 @@
+"""Several processes (jax.distributed on localhost, CPU) compress one model together: the output
+equals a one-process run, only process 0 writes, a crashed process fails the run, a rerun resumes."""
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from awp_jax import assets, checkpoints
+from awp_jax.export import save_hf_dir
+from awp_jax.model import Llama, random_weights
+from tests.test_pipeline import SMALL
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mp")
+    cfg = dataclasses.replace(SMALL, num_layers=4)
+    tok = checkpoints.load_tokenizer(assets.fetch(assets.DEFAULT_MODEL))
+    save_hf_dir(Llama(cfg, random_weights(cfg, 21)), d / "model", tokenizer=tok)
+    words = "the of and a in to is was for on as with by he at from his an were are which this".split()
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    (d / "text.txt").write_text("\n\n".join(" ".join(rng.choice(words, 300)) for _ in range(20)))
+    return d
+
+
+def _cmd(d, out, iters, extra=()):
+    return [sys.executable, "-m", "awp_jax.cli", "compress", "--model", str(d / "model"), "--calib", str(d / "text.txt"),
+            "--nsamples", "4", "--seqlen", "64", "--eval-windows", "0", "--max-iter", str(iters), "--tol", "0",
+            "--out", str(out), *extra]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(d, out, iters, n=2, heartbeat=100):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return [subprocess.Popen(_cmd(d, out, iters, ["--num-processes", str(n), "--process-id", str(i),
+                                                  "--coordinator", f"localhost:{port}", "--heartbeat-timeout", str(heartbeat)]),
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+
+
+def test_two_processes_equal_one_and_only_process_0_writes(setup, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run(_cmd(setup, tmp_path / "one", 40), check=True, env=env, capture_output=True)
+    procs = _launch(setup, tmp_path / "two", 40)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert (tmp_path / "two" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no run dir left, nothing else written
+    assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]
+
+
+def test_a_crashed_process_fails_the_run_and_a_rerun_resumes(setup, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    iters = 3000
+    subprocess.run(_cmd(setup, tmp_path / "ref", iters), check=True, env=env, capture_output=True)
+    out = tmp_path / "out"
+    run_dir = tmp_path / ".out.run"
+    procs = _launch(setup, out, iters, heartbeat=10)
+    deadline = time.time() + 300
+    while not (run_dir / "block_0000.safetensors").exists():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    _, err = procs[0].communicate(timeout=180)
+    procs[1].wait()
+    assert procs[0].returncode != 0  # the survivor does not hang and does not write an output
+    assert not out.exists() and (run_dir / "block_0000.safetensors").exists()
+    procs = _launch(setup, out, iters)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    assert "resuming" in outs[0][1]
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
