@@ -120,9 +120,7 @@ def _open_run(run_dir: pathlib.Path, settings: dict, n_blocks: int, write: bool 
     if meta.exists():
         if meta.read_text() != text:
             raise RunMismatchError(f"{run_dir} holds a run with other settings; remove it or choose another output")
-    elif not write:
-        pass
-    else:
+    elif write:
         tmp = run_dir / ".run.json.tmp"
         tmp.write_text(text)
         os.replace(tmp, meta)

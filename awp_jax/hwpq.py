@@ -15,7 +15,7 @@ This module implements the following reading of it, stated so it can be checked:
   keeps the entries with ``ĉ > τ_r``; from its kept fraction ``f_r`` a corrected estimate
   ``t_r = τ_r · max(1 + g (f_r − q), 1/2)`` (``q = 1 − sparsity``, ``g = 4``) enters an exponentially
   weighted moving average ``τ_{r+1} = (1 − β) τ_r + β t_r`` (``β = 0.25``). ``τ_0`` is the first
-  row's own threshold, found by bisection on counts. One pass over the rows, no sort, no top-k:
+  row's own threshold (the largest score outside its top-k). One pass over the rows, no sort, no top-k:
   the kept count of a row is approximate (the achieved sparsity is reported); over a layer it
   settles on the target.
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from awp_jax.projections import nm_mask
+from awp_jax.projections import keep_count, nm_mask, row_topk_mask
 
 __all__ = ["contribution", "hwpq_prune"]
 
@@ -43,20 +43,17 @@ def ewma_mask(score: jax.Array, sparsity: float, beta: float = 0.25, gain: float
     norm = score / jnp.maximum(jnp.mean(score, axis=1, keepdims=True), tiny)
     q = 1.0 - sparsity
 
-    def bisect(_, lohi):  # τ_0: the first row's own threshold
-        lo, hi = lohi
-        mid = 0.5 * (lo + hi)
-        more = jnp.mean(norm[0] > mid) > q
-        return jnp.where(more, mid, lo), jnp.where(more, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(0, 40, bisect, (jnp.float32(0), jnp.max(norm[0]) + 1))
+    # τ_0: the first row's own threshold, the largest score outside its top-k
+    first = norm[0]
+    top = row_topk_mask(first, keep_count(sparsity, first.shape[0]))
+    tau0 = jnp.maximum(jnp.max(jnp.where(top, 0.0, first)), 0.0)
 
     def row(tau, nr):
         keep = nr > tau
         est = tau * jnp.maximum(1 + gain * (jnp.mean(keep) - q), 0.5)
         return (1 - beta) * tau + beta * est, keep
 
-    _, mask = jax.lax.scan(row, hi, norm)
+    _, mask = jax.lax.scan(row, tau0, norm)
     return mask
 
 

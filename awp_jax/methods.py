@@ -33,7 +33,7 @@ from awp_jax import awq as awq_lib
 from awp_jax import hwpq as hwpq_lib
 from awp_jax import obs
 from awp_jax import solver as solver_lib
-from awp_jax.projections import keep_count, project
+from awp_jax.projections import keep_count, nm_mask, row_topk_mask
 from awp_jax.quantizers import QuantSpec, rtn
 from awp_jax.saliency import wanda_score
 
@@ -192,10 +192,18 @@ def _k(spec, d_in):
     return keep_count(spec.sparsity, d_in) if spec.sparsity else None
 
 
+def _prune_mask(score, spec):
+    """The pruning mask of ``spec`` (row top-k or N:M) on a non-negative ``score``."""
+    if spec.nm is not None:
+        return nm_mask(score, *spec.nm)
+    k = _k(spec, score.shape[1])
+    return jnp.ones(score.shape, bool) if k is None else row_topk_mask(score, k)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "wanda"))
 def _mask_prune(w, c, spec, wanda):
-    score = wanda_score(w, c) if wanda else None
-    return project(w, k=_k(spec, w.shape[1]), nm=spec.nm, score=score)
+    score = wanda_score(w, c) if wanda else jnp.abs(w)
+    return jnp.where(_prune_mask(score, spec), w, jnp.zeros_like(w))
 
 
 @register("magnitude", {"prune", "nm"}, "largest |W| per row (or per group of m)")
@@ -281,7 +289,7 @@ def _wanda_awq(w, c, spec):
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _awq_then_mask(w, c, spec):
     theta, alpha, r, q = awq_lib.awq(w, c, spec.quant)
-    mask = project(theta, k=_k(spec, w.shape[1]), nm=spec.nm, score=wanda_score(theta, c)) != 0
+    mask = _prune_mask(wanda_score(theta, c), spec)
     return jnp.where(mask, theta, 0.0), alpha, r, jnp.where(mask, q, 0.0)
 
 

@@ -170,6 +170,10 @@ def encode(theta, *, bits: int | None = None, group_size: int | None = None, pru
     return enc
 
 
+def _unpack_mask(packed, d_out: int, d_in: int) -> np.ndarray:
+    return np.unpackbits(np.asarray(packed, np.uint8))[: d_out * d_in].astype(bool).reshape(d_out, d_in)
+
+
 def decode(enc: dict[str, Any]) -> np.ndarray:
     """The dense float32 matrix of an encoded layer."""
     meta = enc["meta"]
@@ -177,25 +181,22 @@ def decode(enc: dict[str, Any]) -> np.ndarray:
     kind = meta["kind"]
     if kind == "dense":
         return np.asarray(enc["values"], np.float32).reshape(d_out, d_in)
+    mask = _unpack_mask(enc["mask"], d_out, d_in) if "mask" in enc else None
     if kind == "sparse":
-        mask = np.unpackbits(np.asarray(enc["mask"], np.uint8))[: d_out * d_in].astype(bool).reshape(d_out, d_in)
         out = np.zeros((d_out, d_in), np.float32)
         out[mask] = np.asarray(enc["values"], np.float32)
         return out
     if kind != "quant":
         raise ValueError(f"unknown layer kind {kind!r} in a compressed checkpoint")
     bits, g = meta["bits"], meta["group_size"] or d_in
-    if "mask" in enc:
-        mask = np.unpackbits(np.asarray(enc["mask"], np.uint8))[: d_out * d_in].astype(bool).reshape(d_out, d_in)
-        scale_g = np.asarray(enc["scale"], np.float32)
-        zero_g = np.asarray(enc["zero"], np.uint8)
+    scale_g = np.asarray(enc["scale"], np.float32)
+    zero_g = np.asarray(enc["zero"], np.uint8)
+    if mask is not None:
         # pruned entries hold their group's zero point
         codes = np.repeat(zero_g, g, axis=1)[:, :d_in].copy()
         codes[mask] = unpack_bits(enc["codes"], bits, int(mask.sum()))
     else:
         codes = unpack_bits(enc["codes"], bits, d_out * d_in).reshape(d_out, d_in)
-        scale_g = np.asarray(enc["scale"], np.float32)
-        zero_g = np.asarray(enc["zero"], np.uint8)
     cg = _groups(codes.astype(np.float32), g)
     vals = ((cg - zero_g[..., None].astype(np.float32)) * scale_g[..., None]).astype(np.float32)
     out = vals.reshape(d_out, -1)[:, :d_in]

@@ -21,6 +21,7 @@ padding is removed from the results. Layers of different shapes are grouped by s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -80,15 +81,10 @@ def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh):
                                  out_specs=out_specs, check_vma=False))
 
 
-_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=64)
 def sharded_solver(config: solver_lib.PGDConfig, mesh: Mesh):
     """The jitted sharded solve for ``config`` on ``mesh`` (cached), taking padded, placed stacks."""
-    key = (config, mesh)
-    if key not in _CACHE:
-        _CACHE[key] = _sharded_fn(config, mesh)
-    return _CACHE[key]
+    return _sharded_fn(config, mesh)
 
 
 def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh) -> solver_lib.PGDResult:
