@@ -208,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--step-rule", choices=("frobenius", "lambda_max", "absolute"), default=None, help="awp step rule (default frobenius)")
     comp.add_argument("--step-scale", type=float, default=None, help="awp step constant c (default 2 pruning, 1.5 quantization)")
     comp.add_argument("--momentum", action="store_true", help="awp: accelerated PGD with restart (beyond the paper; default off)")
-    comp.add_argument("--init", choices=("wanda", "magnitude", "rtn", "dense", "zeros", "sparsegpt"), default=None,
+    comp.add_argument("--init", choices=("wanda", "magnitude", "rtn", "dense", "zeros", "sparsegpt", "awq"), default=None,
                       help="awp starting point (default: the paper's: wanda pruning, rtn quantization, dense joint); "
-                      "sparsegpt: SparseGPT's result, with --scope layer for unstructured pruning")
+                      "sparsegpt: SparseGPT's result, with --scope layer for unstructured pruning; awq: AWQ's result (quantization) or "
+                      "Wanda then AWQ (joint), solved in AWQ's scaled coordinates")
     comp.add_argument("--scope", choices=("row", "layer"), default=None,
                       help="awp unstructured pruning: each row keeps its k largest (row, the paper's) or the layer keeps its k*d_out largest")
     comp.add_argument("--refit-iters", type=int, default=None,

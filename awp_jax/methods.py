@@ -306,7 +306,7 @@ def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
     if spec.init is not None:
         # "sparsegpt": the method passes SparseGPT's result as theta0; SparseGPT's mask holds a
         # per-layer, not a per-row, count, so the projection's scope is the layer
-        over["init"] = "dense" if spec.init == "sparsegpt" else spec.init
+        over["init"] = "dense" if spec.init in ("sparsegpt", "awq") else spec.init
         if spec.init == "sparsegpt" and spec.kind == "prune":
             if spec.scope == "row":
                 raise ValueError("init='sparsegpt' needs scope='layer' for unstructured pruning: SparseGPT's mask is not per row")
@@ -331,6 +331,13 @@ def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
 
         sched = Schedule(phases=(Phase(iters=spec.max_iter or 100, quantize=True),), nm=spec.nm, quant=q)
         return solver_lib.PGDConfig(schedule=sched, step_scale=1.5, init="wanda", **{"tol": 0.0, **over})
+    if spec.init == "awq":
+        # from Wanda→AWQ's point, which is already pruned and on the grid: joint iterations only
+        from awp_jax.schedules import Phase, Schedule
+
+        over.pop("init")
+        sched = Schedule(phases=(Phase(iters=spec.max_iter or 50, sparsity=spec.sparsity, quantize=True),), quant=q)
+        return solver_lib.PGDConfig(schedule=sched, step_scale=1.5, init="dense", **{"tol": 0.0, **over})
     init = over.pop("init", "dense")
     return solver_lib.awp_joint(spec.sparsity, q.bits, q.group_size, symmetric=q.symmetric, partial_groups=q.partial_groups,
                                 init=init, **over)
@@ -349,7 +356,7 @@ def _awp_info(res, lane=None):
 
 
 def _awp_stack(ws, cs, spec):
-    if spec.init == "sparsegpt":
+    if spec.init in ("sparsegpt", "awq"):
         return [_awp(w, c, spec) for w, c in zip(ws, cs)]
     res = solver_lib.solve_pgd_stack(ws, cs, awp_config(spec))
     return [LayerResult(res.theta[i], _awp_info(res, i)) for i in range(ws.shape[0])]
@@ -368,5 +375,32 @@ def _awp(w, c, spec):
             info.update(best_iteration=0, note="kept the SparseGPT start")
             return LayerResult(theta0, info)
         return LayerResult(res.theta, info)
+    if spec.init == "awq":
+        return _awp_from_awq(w, c, spec)
     res = solver_lib.solve_pgd(w, c, awp_config(spec))
     return LayerResult(res.theta, _awp_info(res))
+
+
+def _awp_from_awq(w, c, spec):
+    """AWP started from AWQ's point (beyond the paper), solved in AWQ's scaled coordinates.
+
+    AWQ stores ``q`` = the grid point of ``W·diag(s)`` and computes with ``q·diag(1/s)``. With
+    ``W' = W·diag(s)`` and ``C' = diag(1/s) C diag(1/s)`` the layer objective is unchanged,
+    ``(W − Θ) C (W − Θ)ᵀ = (W' − Θ') C' (W' − Θ')ᵀ`` for ``Θ = Θ'·diag(1/s)``, so PGD on ``(W', C')``
+    from ``Θ' = q`` keeps AWQ's scales (and its deployable form) and lowers the objective further.
+    For joint compression the start is Wanda→AWQ (pruned, then quantized on the pruned weights)."""
+    if spec.kind == "quant":
+        _, alpha, r, q = _awq_jit(w, c, spec)
+    elif spec.kind == "joint" and spec.nm is None:
+        _, alpha, r, q = _awq_jit(_mask_prune(w, c, spec, True), c, spec)
+    else:
+        raise ValueError("init='awq' is for quantization and joint (unstructured) pruning + quantization")
+    ws, cs = w / r[None, :], c * r[:, None] * r[None, :]
+    res = solver_lib.solve_pgd(ws, cs, awp_config(spec), theta0=q)
+    info = {**_awp_info(res), "alpha": float(alpha)}
+    prescaled = res.theta
+    # AWQ's point is feasible: it competes, so the result is never worse than AWQ's
+    if not float(res.obj_final) < float(res.obj_init):
+        info.update(best_iteration=0, note="kept the AWQ start")
+        prescaled = q
+    return LayerResult(prescaled * r[None, :], info, {"col_scale_inv": r, "prescaled": prescaled})

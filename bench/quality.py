@@ -1,7 +1,7 @@
 """The quality benchmark: the AWP paper's tables rebuilt on the default model.
 
     python bench/quality.py            # every table (hours on 2 CPU cores; resumable)
-    python bench/quality.py --quick    # 50 % pruning and INT4 g128 rows only (~15-20 min on 2 cores)
+    python bench/quality.py --quick    # a subset: 50 % wanda/awp, INT4 g128 rtn/awq/awp (AWQ start)
     python bench/quality.py --report   # rebuild quality.md and the plots from the finished rows
 
 Every row: the default model (SmolLM2-135M-Instruct, weights dequantized from Q4_1), calibrated
@@ -40,6 +40,7 @@ MOMENTUM = dict(momentum=True, step_rule="lambda_max", step_scale=1.0)
 
 PLUS_UNDAMPED = "awp+ (SparseGPT start, CG refit)"
 PLUS = "awp+ (SparseGPT start, damped CG refit)"
+AWQ_START = "awp (AWQ start, scaled coordinates)"
 
 
 def plus(damping=0.1, **kw):
@@ -63,6 +64,7 @@ def rows(quick: bool):
     def quant(b):
         for m in ("rtn", "gptq", "awq", "awp"):
             out.append(("3 quantization", f"INT{b}", m, m, S(bits=b, group_size=128)))
+        out.append(("3 quantization", f"INT{b}", AWQ_START, "awp", S(bits=b, group_size=128, init="awq")))
 
     def nm(n, m_):
         for m in ("wanda", "sparsegpt", "hwpq", "awp"):
@@ -71,21 +73,25 @@ def rows(quick: bool):
 
     def joint(p):
         for label, m, extra in (("awq→wanda", "awq_wanda", {}), ("wanda→awq", "wanda_awq", {}),
-                                ("awp joint (paper: from dense)", "awp", {}), ("awp joint (from wanda)", "awp", {"init": "wanda"})):
+                                ("awp joint (paper: from dense)", "awp", {}), ("awp joint (from wanda)", "awp", {"init": "wanda"}),
+                                ("awp joint (from wanda→awq)", "awp", {"init": "awq"})):
             out.append(("4 joint INT4 g128", f"{p:.0%}", label, m, S(sparsity=p, bits=4, group_size=128, **extra)))
 
+    if quick:  # a subset for checking: the paper's AWP against Wanda at 50 %, and the INT4 rows that matter
+        out += [("1 pruning", "50%", m, m, S(sparsity=0.5)) for m in ("wanda", "awp")]
+        out += [("3 quantization", "INT4", m, m, S(bits=4, group_size=128)) for m in ("rtn", "awq")]
+        out.append(("3 quantization", "INT4", AWQ_START, "awp", S(bits=4, group_size=128, init="awq")))
+        return out
     prune(0.5)
     out.append(("1 pruning", "50%", PLUS_UNDAMPED, "awp", plus(damping=0.0, sparsity=0.5)))
     quant(4)
-    if quick:
-        return out
     quant(3)
     prune(0.7)
     nm(2, 4)
-    prune(0.6)
-    prune(0.8)
     joint(0.5)
     quant(2)
+    prune(0.6)
+    prune(0.8)
     prune(0.9)
     nm(4, 8)
     joint(0.25)
@@ -242,7 +248,7 @@ def write_report(all_rows, done, settings, dense_ppl, out_dir, command, fig1=Non
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="50%% pruning and INT4 rows only")
+    ap.add_argument("--quick", action="store_true", help="a subset for checking: 50%% wanda/awp, INT4 rtn/awq/awp (AWQ start)")
     ap.add_argument("--report", action="store_true", help="only rebuild quality.md from finished rows")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
