@@ -76,6 +76,7 @@ def bench_shape(name, d_out, d_in, n1, n2, reps):
     t_topk = timeit(jax.jit(lambda z: row_topk_mask_sort(jnp.abs(z), k)), w, reps=reps)
     t_it = iteration_time(w, c, lambda n: aj.awp_pruning(0.5, max_iter=n, tol=0.0), n1, n2, reps)
     t_itq = iteration_time(w, c, lambda n: aj.awp_quantization(4, 128, iters=n, partial_groups=True), n1, n2, reps)
+    compile_s, peak = compile_stats(w, c, aj.awp_pruning(0.5, max_iter=200))
     flops = 2.0 * d_out * d_in * d_in
     return {
         "layer": name,
@@ -89,7 +90,20 @@ def bench_shape(name, d_out, d_in, n1, n2, reps):
         "top_k / bisection": t_topk / t_proj,
         "int4 iter ms": 1e3 * t_itq,
         "int4: matmul fraction": t_mm / t_itq,
+        "compile s (prune)": compile_s,
+        "peak MiB (prune)": peak / 2**20,
+        "peak / (W + C)": peak / (4.0 * (d_out * d_in + d_in * d_in)),
     }
+
+
+def compile_stats(w, c, cfg):
+    """Seconds to trace, lower and compile one solve, and its peak device memory in bytes as XLA
+    plans it (arguments + outputs + temporaries, from ``memory_analysis``)."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(lambda w, c: aj.solve_pgd(w, c, cfg).theta).lower(w, c).compile()
+    secs = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    return secs, float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 def bench_stack(d_out, d_in, layers, iters, reps):
@@ -136,6 +150,9 @@ Per layer shape (fp32, precision highest): an unprojected step `Θ + ε (W − �
 (pruning 50 % and INT4 g128), and the projection alone. "matmul fraction" = matmul time /
 iteration time, i.e. the share of dense-matmul throughput an iteration reaches. Iteration time is
 (t(N2 iterations) − t(N1 iterations)) / (N2 − N1), medians of repeated runs, compile excluded.
+"compile s": tracing + lowering + compiling one 200-iteration pruning solve (one measurement).
+"peak MiB": arguments + outputs + temporaries of that compiled solve as XLA plans them
+(`memory_analysis`); "peak / (W + C)" divides by the float32 bytes of W and C.
 
 {fmt_table(rows)}
 
