@@ -49,28 +49,97 @@ def _order_bits(score: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(score, _INT_OF_WIDTH[score.dtype.itemsize])
 
 
-def row_topk_mask(score: jax.Array, k) -> jax.Array:
+def row_topk_mask(score: jax.Array, k, hint: jax.Array | None = None) -> jax.Array:
     """Boolean mask of the ``k`` largest entries of each row of a non-negative ``score [..., d]``.
 
     ``k`` is a Python int, a traced scalar, or an integer array broadcastable to ``score.shape[:-1]``.
     Exactly ``clip(k, 0, d)`` entries per row are kept; among equal scores the lower index wins.
+
+    ``hint`` (optional, boolean like ``score``): a guess of the mask, e.g. the previous iterate's
+    support in a PGD loop. It only narrows the search and never changes the result. Rows where the
+    hint is the exact top-k need no search; the others are gathered and bisected on their own (see
+    :func:`_threshold_from_hint`). In a PGD loop a few rows change support per iteration, so the
+    projection costs a few passes over the scores instead of 31.
     """
     bits = _order_bits(score)
     k = jnp.asarray(k, jnp.int32)[..., None] if jnp.ndim(k) else jnp.asarray(k, jnp.int32)
     nbits = 8 * bits.dtype.itemsize - 1
     one = jnp.ones((), bits.dtype)
 
-    # Largest t with count(bits >= t) >= k, built one bit at a time from the top.
-    def body(i, lo):
-        cand = lo | (one << (nbits - 1 - i).astype(bits.dtype))
-        enough = jnp.sum(bits >= cand, axis=-1, keepdims=True, dtype=jnp.int32) >= k
-        return jnp.where(enough, cand, lo)
+    if hint is None:
+        # Largest t with count(bits >= t) >= k, built one bit at a time from the top.
+        def body(i, lo):
+            cand = lo | (one << (nbits - 1 - i).astype(bits.dtype))
+            enough = jnp.sum(bits >= cand, axis=-1, keepdims=True, dtype=jnp.int32) >= k
+            return jnp.where(enough, cand, lo)
 
-    lo = jax.lax.fori_loop(0, nbits, body, jnp.zeros(bits.shape[:-1] + (1,), bits.dtype))
+        lo = jax.lax.fori_loop(0, nbits, body, jnp.zeros(bits.shape[:-1] + (1,), bits.dtype))
+    else:
+        lo = _threshold_from_hint(bits, k, hint)
     above = bits > lo
     ties = bits == lo
     need = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
     return above | (ties & (jnp.cumsum(ties, axis=-1, dtype=jnp.int32) <= need))
+
+
+def _threshold_from_hint(bits, k, hint):
+    """Largest t with count(bits >= t) >= k per row, searching only the rows ``hint`` gets wrong.
+
+    Per row, with h hinted entries, a the smallest hinted and b the largest unhinted bit pattern:
+    if h == k and a > b the hint is the row's top-k and t = a (no search); if h == k and a <= b,
+    t lies in [a, b] (every entry >= a counts k or more, at most k − 1 entries exceed b); otherwise
+    t is anywhere in [0, max). The rows that need a search are gathered in chunks and bisected
+    there, so the cost scales with the rows whose support changes, not with all rows.
+    """
+    lead, d = bits.shape[:-1], bits.shape[-1]
+    bits = bits.reshape(-1, d)
+    n = bits.shape[0]
+    k = jnp.broadcast_to(k, lead + (1,)).reshape(n, 1)
+    hint = hint.reshape(n, d)
+    top = jnp.iinfo(bits.dtype).max
+    zero = jnp.zeros((), bits.dtype)
+    h = jnp.sum(hint, axis=-1, keepdims=True, dtype=jnp.int32)
+    a = jnp.min(jnp.where(hint, bits, top), axis=-1, keepdims=True)
+    b = jnp.max(jnp.where(hint, -1, bits), axis=-1, keepdims=True).astype(bits.dtype)
+    fits = (h == k) & (k > 0)
+    lo = jnp.where(fits, jnp.minimum(a, b), zero)
+    hi = jnp.where(fits, jnp.where(a > b, a + 1, b + 1), top)
+    lo = jnp.where(fits & (a > b), a, lo)
+
+    search = (hi - lo > 1)[:, 0]
+    n_search = jnp.sum(search, dtype=jnp.int32)
+    chunk = min(n, max(16, n // 16))
+    n_chunks = -(-n // chunk)
+    # indices of the rows to search first, padded with row 0 (its search is a no-op if settled,
+    # and otherwise it is searched anyway: duplicates write back the same result)
+    rows = jnp.nonzero(search, size=n_chunks * chunk, fill_value=0)[0]
+
+    def count(bb, t, kk):
+        return jnp.sum(bb >= t, axis=-1, keepdims=True, dtype=jnp.int32) >= kk
+
+    def chunk_cond(st):
+        j, _, _ = st
+        return j * chunk < n_search
+
+    def chunk_body(st):
+        j, lo, hi = st
+        r = jax.lax.dynamic_slice_in_dim(rows, j * chunk, chunk)
+        bb, kk = bits[r], k[r]
+
+        def cond(lohi):
+            return jnp.any(lohi[1] - lohi[0] > 1)
+
+        def body(lohi):
+            l, u = lohi
+            mid = l + (u - l) // 2
+            enough = count(bb, mid, kk)
+            return jnp.where(enough, mid, l), jnp.where(enough, u, mid)
+
+        l, u = jax.lax.while_loop(cond, body, (lo[r], hi[r]))
+        return j + 1, lo.at[r].set(l), hi.at[r].set(u)
+
+    _, lo, _ = jax.lax.while_loop(chunk_cond, chunk_body, (jnp.zeros((), jnp.int32), lo, hi))
+    return lo.reshape(lead + (1,))
 
 
 def row_topk_mask_sort(score: jax.Array, k: int) -> jax.Array:
@@ -118,6 +187,7 @@ def project(
     quant: QuantSpec | None = None,
     quantize_now=True,
     score: jax.Array | None = None,
+    hint: jax.Array | None = None,
 ) -> jax.Array:
     """Prune-then-quantize-then-mask projection used by the PGD step.
 
@@ -130,6 +200,8 @@ def project(
         prune-only phase). Ignored when ``quant`` is ``None``.
       score: if given, the pruning mask keeps the highest ``score`` entries instead of the
         largest ``|z|`` (used for Wanda-style initial points).
+      hint: a guess of the row top-k mask (e.g. the previous iterate's support); it speeds up
+        the search and never changes the result (see :func:`row_topk_mask`).
     Returns:
       The projected ``[d_out, d_in]`` matrix; pruned entries are exactly zero.
     """
@@ -138,7 +210,7 @@ def project(
     mask = None
     score = jnp.abs(z) if score is None else score
     if k is not None:
-        mask = row_topk_mask(score, k)
+        mask = row_topk_mask(score, k, hint=hint)
     elif nm is not None:
         mask = nm_mask(score, *nm)
     if mask is not None:

@@ -377,13 +377,15 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_n
     if config.scope == "layer" and axis_name is not None:
         raise ValueError("scope='layer' needs the whole matrix on one device; use scope='row' with a sharded solve")
 
-    def proj(z, t):
+    def proj(z, t, prev=None):
         k = keep_tab[t] if s.prunes_rows else None
         if config.scope == "layer":
             return _layer_project(z, k * w.shape[-2])
         mode = s.quant_mode
         qnow = quant_tab[t] if mode == "some" else (mode == "always")
-        return project(z, k=k, nm=s.nm, quant=s.quant, quantize_now=qnow)
+        # the previous iterate's support narrows the top-k search (exact either way)
+        hint = None if (prev is None or k is None) else prev != 0
+        return project(z, k=k, nm=s.nm, quant=s.quant, quantize_now=qnow, hint=hint)
 
     if with_path:
         if config.momentum:
@@ -425,9 +427,9 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_n
             beta = ((st.k - 1) / (st.k + 2)).astype(dtype)
             y = st.theta + beta * (st.theta - st.prev_theta)
             g_y = (1 + beta) * st.grad - beta * st.prev_grad  # (W − Y) C, by linearity
-            theta_n = proj(y + eta * g_y, st.t)
+            theta_n = proj(y + eta * g_y, st.t, st.theta)
         else:
-            theta_n = proj(st.theta + eta * st.grad, st.t)
+            theta_n = proj(st.theta + eta * st.grad, st.t, st.theta)
         g_n, obj_n, gn_n = evaluate(theta_n)
         ok = jnp.isfinite(obj_n) & jnp.isfinite(gn_n)
         t_n = st.t + 1

@@ -124,3 +124,42 @@ def test_project_quantize_flag_can_be_traced():
     f = jax.jit(lambda z, on: project(z, k=16, quant=spec, quantize_now=on))
     np.testing.assert_array_equal(f(z, False), row_topk(z, 16))
     np.testing.assert_array_equal(f(z, True), project(z, k=16, quant=spec))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000))
+def test_a_hint_never_changes_the_row_topk_mask(seed):
+    """The hinted search (the previous support in PGD) returns the unhinted mask for any hint:
+    exact, near-exact (a few rows changed) and random hints, ties, zeros, k outside [0, d],
+    several chunks of searched rows, and leading axes."""
+    rng = np.random.default_rng(seed)
+    lead = tuple(rng.integers(1, 4, size=rng.integers(0, 2)))
+    n, d = int(rng.integers(1, 70)), int(rng.integers(1, 50))
+    s = np.abs(rng.standard_normal(lead + (n, d))).astype(np.float32)
+    if seed % 3 == 0:
+        s = np.round(s * 3) / 3  # many ties
+    if seed % 5 == 0:
+        s[..., : d // 3] = 0
+    k = int(rng.integers(-1, d + 2)) if seed % 4 else rng.integers(0, d + 1, size=lead + (n,))
+    ref = np.asarray(row_topk_mask(jnp.asarray(s), k))
+    near = np.asarray(row_topk_mask(jnp.asarray(s + 0.05 * rng.random(s.shape).astype(np.float32)), k))
+    for hint in (ref, near, rng.random(s.shape) < rng.random(), np.zeros(s.shape, bool)):
+        got = np.asarray(row_topk_mask(jnp.asarray(s), k, hint=jnp.asarray(hint)))
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_pgd_with_the_support_hint_equals_pgd_without(layer_problem):
+    """The solver passes the previous iterate's support as the hint: same iterates bit for bit."""
+    import awp_jax as aj
+    from awp_jax import solver
+
+    w, c = layer_problem
+    cfg = aj.awp_pruning(0.6, max_iter=25)
+    path, _ = solver.pgd_path(w, c, cfg)
+    path = np.asarray(path)
+    eta = float(solver.step_size(jnp.asarray(c), cfg))
+    k = aj.keep_count(0.6, w.shape[1])
+    for t in (1, 10, 24):
+        z = path[t] + eta * (w - path[t]) @ c
+        np.testing.assert_array_equal(np.asarray(row_topk_mask(jnp.abs(jnp.asarray(z)), k, hint=jnp.asarray(path[t] != 0))),
+                                      np.asarray(row_topk_mask(jnp.abs(jnp.asarray(z)), k)))
