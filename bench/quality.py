@@ -89,8 +89,11 @@ def rows(quick: bool):
     prune(0.7)
     nm(2, 4)
     joint(0.5)
-    quant(2)
+    # beyond the paper: momentum with η = 1/λmax reaches paper AWP's 200-iteration layer objective in
+    # ~50 iterations (bench/results/iterations.md); does it keep the perplexity at a quarter of the solve?
+    out.append(("1 pruning", "50%", "awp (momentum, η=1/λmax, 50 it)", "awp", S(sparsity=0.5, max_iter=50, **MOMENTUM)))
     prune(0.6)
+    quant(2)
     prune(0.8)
     prune(0.9)
     nm(4, 8)
