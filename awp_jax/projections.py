@@ -76,10 +76,22 @@ def row_topk_mask(score: jax.Array, k, hint: jax.Array | None = None) -> jax.Arr
         lo = jax.lax.fori_loop(0, nbits, body, jnp.zeros(bits.shape[:-1] + (1,), bits.dtype))
     else:
         lo = _threshold_from_hint(bits, k, hint)
-    above = bits > lo
-    ties = bits == lo
-    need = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
-    return above | (ties & (jnp.cumsum(ties, axis=-1, dtype=jnp.int32) <= need))
+    mask = bits >= lo
+    # Rows with more entries equal to the threshold than places left keep the first ones (the
+    # lax.top_k rule). That needs a cumulative sum, which costs more than the rest of the
+    # projection, so it runs only when some row has such ties (a loop of at most one trip: unlike
+    # lax.cond it is not turned into computing both branches under vmap).
+    excess = jnp.any(jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.int32) != k)
+
+    def break_ties(st):
+        _, m = st
+        above = bits > lo
+        ties = bits == lo
+        need = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+        return jnp.zeros((), bool), above | (ties & (jnp.cumsum(ties, axis=-1, dtype=jnp.int32) <= need))
+
+    _, mask = jax.lax.while_loop(lambda st: st[0], break_ties, (excess, mask))
+    return mask
 
 
 def _threshold_from_hint(bits, k, hint):
