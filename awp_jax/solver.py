@@ -304,10 +304,11 @@ def initial_point(w: jax.Array, c: jax.Array, config: PGDConfig) -> jax.Array:
     return project(w, k=k, nm=s.nm, quant=s.quant, quantize_now=final.quantize, score=score)
 
 
-def _layer_project(z, k_total, score=None):
+def _layer_project(z, k_total, score=None, hint=None):
     """Keep the ``k_total`` largest entries (by ``score``, default ``|z|``) of the whole matrix."""
     shape = z.shape
-    flat = project(z.reshape(1, -1), k=k_total, score=None if score is None else score.reshape(1, -1))
+    flat = project(z.reshape(1, -1), k=k_total, score=None if score is None else score.reshape(1, -1),
+                   hint=None if hint is None else hint.reshape(1, -1))
     return flat.reshape(shape)
 
 
@@ -379,12 +380,12 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_n
 
     def proj(z, t, prev=None):
         k = keep_tab[t] if s.prunes_rows else None
-        if config.scope == "layer":
-            return _layer_project(z, k * w.shape[-2])
-        mode = s.quant_mode
-        qnow = quant_tab[t] if mode == "some" else (mode == "always")
         # the previous iterate's support narrows the top-k search (exact either way)
         hint = None if (prev is None or k is None) else prev != 0
+        if config.scope == "layer":
+            return _layer_project(z, k * w.shape[-2], hint=hint)
+        mode = s.quant_mode
+        qnow = quant_tab[t] if mode == "some" else (mode == "always")
         return project(z, k=k, nm=s.nm, quant=s.quant, quantize_now=qnow, hint=hint)
 
     if with_path:
