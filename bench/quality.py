@@ -188,6 +188,8 @@ def write_report(all_rows, done, settings, dense_ppl, out_dir, command, fig1=Non
         tables.setdefault(r[0], []).append(r)
     for table, trs in sorted(tables.items()):
         cols = list(dict.fromkeys(r[1] for r in trs))
+        if all(c.endswith("%") for c in cols):
+            cols.sort(key=lambda c: float(c[:-1]))
         labels = list(dict.fromkeys(r[2] for r in trs))
         lines += [f"## Table {table}: perplexity (compression seconds)", "",
                   "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
