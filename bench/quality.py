@@ -209,9 +209,10 @@ def write_report(all_rows, done, settings, dense_ppl, out_dir, command, fig1=Non
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
         best = []
         for col in cols:
-            got = [(done[r[-1]]["perplexity"], r[2]) for r in trs if r[1] == col and r[-1] in done]
+            in_col = [r for r in trs if r[1] == col]
+            got = [(done[r[-1]]["perplexity"], r[2]) for r in in_col if r[-1] in done]
             if got:
-                best.append(f"{col}: {min(got)[1]}")
+                best.append(f"{col}: {min(got)[1]}" + ("" if len(got) == len(in_col) else f" ({len(got)} of {len(in_col)} rows run)"))
         lines += ["", "Lowest perplexity per column — " + "; ".join(best) + ".", ""]
     # per-layer-type objective table for AWP vs the strongest baseline, pruning
     lines += ["## Mean relative layer objective per layer type (pruning and N:M)", "",
