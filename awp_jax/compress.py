@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -130,6 +131,13 @@ def _open_run(run_dir: pathlib.Path, settings: dict, n_blocks: int, write: bool 
     return done
 
 
+@jax.jit
+def _relative_objective(w, theta, c):
+    """``tr((W−Θ)C(W−Θ)ᵀ) / tr(W C Wᵀ)`` in one compiled call (0 for a layer whose dense objective is 0)."""
+    dense = objective(w, jnp.zeros_like(w), c)
+    return jnp.where(dense > 0, objective(w, theta, c) / jnp.where(dense > 0, dense, 1.0), 0.0)
+
+
 def compress_model(
     model: Llama,
     windows: np.ndarray,
@@ -226,8 +234,7 @@ def compress_model(
                 raise RuntimeError(f"block {i} {name}: {method}'s result is not on its {spec.describe()} grid: {e}") from e
             theta = jnp.asarray(packed.decode(enc))
             secs += time.perf_counter() - t0
-            dense = float(objective(w, jnp.zeros_like(w), c))
-            rel = float(objective(w, theta, c)) / dense if dense > 0 else 0.0
+            rel = float(_relative_objective(w, theta, c))
             enc_block[name] = enc
             lin.weight[...] = theta.astype(lin.weight[...].dtype)
             row = {"block": i, "layer": name, "method": method, "shape": list(w.shape), "rel_objective": rel,

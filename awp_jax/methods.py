@@ -32,6 +32,7 @@ import numpy as np
 from awp_jax import awq as awq_lib
 from awp_jax import hwpq as hwpq_lib
 from awp_jax import obs
+from awp_jax import schedules
 from awp_jax import solver as solver_lib
 from awp_jax.projections import keep_count, nm_mask, row_topk_mask
 from awp_jax.quantizers import QuantSpec, rtn
@@ -58,6 +59,7 @@ class CompressionSpec:
     step_rule: str | None = None
     step_scale: float | None = None
     momentum: bool = False
+    matmul_dtype: str = "float32"
     init: str | None = None
     scope: str | None = None
     refit_iters: int | None = None
@@ -303,6 +305,7 @@ def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
     """The solver configuration for ``spec``: the paper's preset, with any overrides."""
     over = {k: v for k, v in (("step_rule", spec.step_rule), ("step_scale", spec.step_scale), ("tol", spec.tol)) if v is not None}
     over["momentum"] = spec.momentum
+    over["matmul_dtype"] = spec.matmul_dtype
     if spec.init is not None:
         # "sparsegpt": the method passes SparseGPT's result as theta0; SparseGPT's mask holds a
         # per-layer, not a per-row, count, so the projection's scope is the layer
@@ -327,16 +330,12 @@ def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
         return solver_lib.awp_quantization(q.bits, q.group_size, iters=spec.max_iter or 10, symmetric=q.symmetric,
                                            partial_groups=q.partial_groups, **over)
     if spec.nm is not None:
-        from awp_jax.schedules import Phase, Schedule
-
-        sched = Schedule(phases=(Phase(iters=spec.max_iter or 100, quantize=True),), nm=spec.nm, quant=q)
+        sched = schedules.nm_joint(*spec.nm, q, iters=spec.max_iter or 100)
         return solver_lib.PGDConfig(schedule=sched, step_scale=1.5, init="wanda", **{"tol": 0.0, **over})
     if spec.init == "awq":
         # from Wanda→AWQ's point, which is already pruned and on the grid: joint iterations only
-        from awp_jax.schedules import Phase, Schedule
-
         over.pop("init")
-        sched = Schedule(phases=(Phase(iters=spec.max_iter or 50, sparsity=spec.sparsity, quantize=True),), quant=q)
+        sched = schedules.joint(spec.sparsity, q, ramp=0, hold=0, joint_iters=spec.max_iter or 50)
         return solver_lib.PGDConfig(schedule=sched, step_scale=1.5, init="dense", **{"tol": 0.0, **over})
     init = over.pop("init", "dense")
     return solver_lib.awp_joint(spec.sparsity, q.bits, q.group_size, symmetric=q.symmetric, partial_groups=q.partial_groups,

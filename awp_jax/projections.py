@@ -114,9 +114,9 @@ def _threshold_from_hint(bits, k, hint):
     a = jnp.min(jnp.where(hint, bits, top), axis=-1, keepdims=True)
     b = jnp.max(jnp.where(hint, -1, bits), axis=-1, keepdims=True).astype(bits.dtype)
     fits = (h == k) & (k > 0)
-    lo = jnp.where(fits, jnp.minimum(a, b), zero)
-    hi = jnp.where(fits, jnp.where(a > b, a + 1, b + 1), top)
-    lo = jnp.where(fits & (a > b), a, lo)
+    # a fitting hint gives t in [a, a + 1) when a > b (settled) and in [a, b + 1) otherwise
+    lo = jnp.where(fits, a, zero)
+    hi = jnp.where(fits, jnp.maximum(a, b) + 1, top)
 
     search = (hi - lo > 1)[:, 0]
     n_search = jnp.sum(search, dtype=jnp.int32)

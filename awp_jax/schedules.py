@@ -21,7 +21,7 @@ import numpy as np
 
 from awp_jax.quantizers import QuantSpec
 
-__all__ = ["Phase", "Schedule", "ScheduleTables", "pruning", "nm_pruning", "quantization", "joint"]
+__all__ = ["Phase", "Schedule", "ScheduleTables", "pruning", "nm_pruning", "quantization", "joint", "nm_joint"]
 
 
 def _check_sparsity(name, p):
@@ -158,3 +158,8 @@ def joint(sparsity: float, spec: QuantSpec, *, ramp: int = 25, hold: int = 25, j
         phases.append(Phase(iters=hold, sparsity=sparsity))
     phases.append(Phase(iters=joint_iters, sparsity=sparsity, quantize=True))
     return Schedule(phases=tuple(phases), quant=spec)
+
+
+def nm_joint(n: int, m: int, spec: QuantSpec, *, iters: int = 100) -> Schedule:
+    """N:M pruning and quantization together: every iteration projects onto the N:M pattern, then the grid."""
+    return Schedule(phases=(Phase(iters=iters, quantize=True),), nm=(n, m), quant=spec)
