@@ -109,7 +109,7 @@ def _compress(args) -> int:
     spec = methods.CompressionSpec(
         sparsity=args.sparsity or 0.0, nm=args.nm, bits=args.bits, group_size=args.group_size,
         symmetric=args.symmetric, max_iter=args.max_iter, tol=args.tol, step_rule=args.step_rule,
-        step_scale=args.step_scale, momentum=args.momentum, init=args.init, scope=args.scope,
+        step_scale=args.step_scale, momentum=args.momentum, matmul_dtype=args.matmul_dtype, init=args.init, scope=args.scope,
         refit_iters=args.refit_iters, refit_damping=args.refit_damping, act_order=args.act_order,
     )
     method = methods.get_method(args.method)
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--step-rule", choices=("frobenius", "lambda_max", "absolute"), default=None, help="awp step rule (default frobenius)")
     comp.add_argument("--step-scale", type=float, default=None, help="awp step constant c (default 2 pruning, 1.5 quantization)")
     comp.add_argument("--momentum", action="store_true", help="awp: accelerated PGD with restart (beyond the paper; default off)")
+    comp.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="awp: operand type of the iteration's matmul (bfloat16: float32 accumulation; beyond the paper; default float32)")
     comp.add_argument("--init", choices=("wanda", "magnitude", "rtn", "dense", "zeros", "sparsegpt", "awq"), default=None,
                       help="awp starting point (default: the paper's: wanda pruning, rtn quantization, dense joint); "
                       "sparsegpt: SparseGPT's result, with --scope layer for unstructured pruning; awq: AWQ's result (quantization) or "

@@ -216,6 +216,7 @@ def test_bad_inputs_rejected_before_compiling(layer_problem, make, match):
         (lambda: aj.awp_pruning(0.5, step_rule="newton"), "step_rule"),
         (lambda: aj.awp_pruning(0.5, init="rtn"), "init='rtn' needs"),
         (lambda: aj.awp_quantization(4, 128, init="wanda"), "needs a schedule that prunes"),
+        (lambda: aj.awp_pruning(0.5, matmul_dtype="float16"), "matmul_dtype must be 'float32' or 'bfloat16'"),
     ],
 )
 def test_bad_configs_rejected(build, match):
@@ -260,6 +261,24 @@ def test_momentum_reaches_lower_objective_in_fewer_iterations(layer_problem):
     np.testing.assert_array_equal(stacked.theta[1], aj.solve_pgd(2 * w, c, cfg).theta)
     with pytest.raises(ValueError, match="momentum=True is not supported"):
         aj.pgd_path(w, c, cfg)
+
+
+def test_bf16_matmuls_reach_nearly_the_float32_objective_and_report_it_exactly(layer_problem):
+    w, c = layer_problem
+    for cfg in (aj.awp_pruning(0.5, max_iter=100, momentum=True, step_rule="lambda_max", step_scale=1.0),
+                aj.awp_quantization(4, 128, iters=30)):
+        full = aj.solve_pgd(w, c, cfg)
+        half = aj.solve_pgd(w, c, dataclasses.replace(cfg, matmul_dtype="bfloat16"))
+        # the reported figures are float32 ones, of the returned point and of the start
+        np.testing.assert_allclose(half.obj_final, aj.objective(w, half.theta, c), rtol=1e-4)
+        np.testing.assert_allclose(half.obj_init, full.obj_init, rtol=1e-5)
+        # bf16 operands (8-bit mantissa) cost at most a few percent of the objective, and still improve on the start
+        assert float(half.obj_final) < float(half.obj_init)
+        assert float(half.obj_final) < 1.03 * float(full.obj_final)
+        assert not np.array_equal(np.asarray(half.theta), np.asarray(full.theta))  # the option is really used
+    assert _levels_per_group(half.theta, 128) <= 16  # the last config is INT4: still on its grid
+    pruned = aj.solve_pgd(w, c, aj.awp_pruning(0.5, max_iter=20, matmul_dtype="bfloat16"))
+    assert np.all(np.asarray(pruned.theta != 0).sum(axis=1) <= 128)
 
 
 def test_refit_support_reaches_the_least_squares_optimum_on_the_mask(rng):
