@@ -2,8 +2,7 @@
 
     python bench/quality.py            # every table (hours on 2 CPU cores; resumable)
     python bench/quality.py --quick    # a subset: 50 % wanda/awp (momentum, 50 it), INT4 g128 rtn/awq/awp (AWQ start)
-                                       # ~18 min on 2 cores, estimated: these rows' compression times in the
-                                       # full run (621 s) + 6 evaluations of ~1 min + Figure 1; not timed alone
+                                       # 14 min 59 s wall on 2 cores, alone, from an empty --out (5.2 GB peak RSS)
     python bench/quality.py --report   # rebuild quality.md and the plots from the finished rows
 
 Every row: the default model (SmolLM2-135M-Instruct, weights dequantized from Q4_1), calibrated
@@ -123,11 +122,13 @@ def run_row(cfg, dense, calib, ev, method, spec, mode):
     t0, c0 = time.perf_counter(), time.process_time()
     report = compress.compress_model(model, calib, method, spec, mode=mode, progress=True)
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    t1 = time.perf_counter()
     ppl = perplexity.perplexity(model, ev, batch_size=8).perplexity
+    eval_secs = time.perf_counter() - t1
     by_type = {n: [r for r in report if r["layer"] == n] for n in LAYERS}
     # CPU seconds of this process (all threads) barely change when other work shares the machine,
     # unlike wall seconds: time ratios between methods use them
-    out = {"perplexity": ppl, "compress_seconds": round(secs, 1), "compress_cpu_seconds": round(cpu, 1),
+    out = {"perplexity": ppl, "compress_seconds": round(secs, 1), "compress_cpu_seconds": round(cpu, 1), "eval_seconds": round(eval_secs, 1),
            "rel_objective": {n: float(np.mean([r["rel_objective"] for r in rs])) for n, rs in by_type.items()}}
     if method == "awp":
         out["iterations"] = {n: float(np.mean([r["iterations"] for r in rs])) for n, rs in by_type.items()}
@@ -187,6 +188,16 @@ def write_report(all_rows, done, settings, dense_ppl, out_dir, command, fig1=Non
              f"{settings['eval_seqlen']}-token windows of the full Wikipedia articles, the same for every row. "
              "Times: 2 CPU cores, compression only (calibration + solve), one run after another on this machine.",
              "", f"Command: `{command}`", "", f"Dense perplexity: **{dense_ppl:.2f}**", ""]
+    ran = [done[r[-1]] for r in all_rows if r[-1] in done]
+    if ran:
+        comp = sum(x["compress_seconds"] for x in ran)
+        evs = [x["eval_seconds"] for x in ran if "eval_seconds" in x]
+        ev = float(np.mean(evs)) if evs else None
+        lines += [f"Duration: the {len(ran)} row(s) run took {comp / 60:.0f} min of compression (sum of the rows' wall seconds)"
+                  + (f" plus about {ev:.0f} s of evaluation each (mean of the {len(evs)} row(s) that recorded it), "
+                     f"about {(comp + ev * len(ran)) / 3600:.1f} h in all" if ev else "; evaluation times were not recorded")
+                  + f"; {len(all_rows) - len(ran)} row(s) not run. Rows ran in several sessions, some beside other work, "
+                  "so this is a sum of row times, not one wall-clock measurement.", ""]
     tables = {}
     for r in all_rows:
         tables.setdefault(r[0], []).append(r)
