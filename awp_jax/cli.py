@@ -95,29 +95,127 @@ def _eval(args) -> int:
     return 0
 
 
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """This machine's float32 matmul rate (GFLOP/s, best of ``repeats`` n×n products): printed next
+    to every absolute time, since times mean little without it."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def _option_fields() -> dict:
+    """Every method option: field name → (dataclass field, the methods that take it)."""
+    import dataclasses
+
+    from awp_jax.methods import METHODS
+
+    out: dict = {}
+    for name, m in METHODS.items():
+        for f in dataclasses.fields(m.options):
+            out.setdefault(f.name, (f, []))[1].append(name)
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_option_flags(parser) -> None:
+    """One flag per field of the methods' options dataclasses (``awp_jax.methods``), so the CLI
+    never repeats a default: an unset flag is absent from the parsed namespace."""
+    groups: dict = {}
+    for name, (f, owners) in _option_fields().items():
+        key = ", ".join(owners)
+        if key not in groups:
+            groups[key] = parser.add_argument_group(f"options of {key}")
+        md = f.metadata
+        default = "the paper's" if f.default is None else f.default
+        kw = {"dest": name, "default": argparse.SUPPRESS, "help": f"{md['help']} (default: {default})"}
+        if f.default is False:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = md.get("type", str)
+            if "choices" in md:
+                kw["choices"] = md["choices"]
+        groups[key].add_argument(_flag(name), **kw)
+
+
+def _check_writable(out: pathlib.Path, overwrite: bool) -> None:
+    """Refuse an output that exists (unless --overwrite) or whose folder cannot be written, before any work."""
+    import tempfile
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"--out {out} already exists and is not empty; choose another or pass --overwrite")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"--out {out}: cannot write in {parent} ({e.strerror or e}); choose a writable location") from None
+
+
+def _resolve_run(args):
+    """``(recipe, method, constraint, options)`` from the recipe and the flags; every mismatch is an error."""
+    import dataclasses
+
+    from awp_jax import methods, recipes
+
+    recipe = recipes.get_recipe(args.recipe) if args.recipe is not None else None
+    method = args.method or (recipe.method if recipe is not None else "awp")
+    methods.get_method(method)
+    if recipe is None:
+        recipe = recipes.RECIPES[recipes.DEFAULT] if method == "awp" else recipes.Recipe(name="defaults", doc=f"{method}'s defaults", method=method)
+    elif recipe.method != method:
+        raise ValueError(f"--recipe {args.recipe} is a recipe for method {recipe.method}, not {method}; drop --method or choose "
+                         f"another recipe (built-in recipes are for awp: {', '.join(recipes.RECIPES)})")
+    given = {k: getattr(args, k) for k in ("sparsity", "nm", "bits", "group_size", "symmetric") if hasattr(args, k)}
+    fields = {**recipe.constraint, **given}
+    if not any(fields.get(k) for k in ("sparsity", "nm", "bits")):
+        fields["sparsity"] = 0.5
+    constraint = methods.Constraint(**fields)
+    fields_of = _option_fields()
+    set_options = {k: getattr(args, k) for k in fields_of if hasattr(args, k)}
+    takes = set(methods.option_names(method))
+    foreign = [k for k in set_options if k not in takes]
+    if foreign:
+        k = foreign[0]
+        flags = ", ".join(_flag(n) for n in sorted(takes)) or "no options"
+        raise ValueError(f"{_flag(k)} is an option of {', '.join(fields_of[k][1])}; --method {method} takes: {flags}")
+    options = recipe.options_for(constraint, **set_options)
+    methods.resolve(method, constraint, options)
+    if method == "awp":
+        methods.awp_config(constraint, options)  # option combinations the solver refuses, before any work
+    return recipe, method, constraint, options
+
+
+def _dir_bytes(path: pathlib.Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _compress(args) -> int:
-    import json
+    import dataclasses
     import platform
 
     import jax
 
     import awp_jax
-    from awp_jax import checkpoints, compress, data, export, methods, perplexity
+    from awp_jax import assets, checkpoints, compress, data, export, perplexity
 
-    if args.sparsity is None and args.nm is None and args.bits is None:
-        args.sparsity = 0.5
-    spec = methods.CompressionSpec(
-        sparsity=args.sparsity or 0.0, nm=args.nm, bits=args.bits, group_size=args.group_size,
-        symmetric=args.symmetric, max_iter=args.max_iter, tol=args.tol, step_rule=args.step_rule,
-        step_scale=args.step_scale, momentum=args.momentum, matmul_dtype=args.matmul_dtype, init=args.init, scope=args.scope,
-        refit_iters=args.refit_iters, refit_damping=args.refit_damping, act_order=args.act_order,
-    )
-    method = methods.get_method(args.method)
-    if spec.kind not in method.kinds:
-        raise ValueError(f"--method {args.method} does not do {spec.kind} compression; it supports: {', '.join(sorted(method.kinds))}")
+    recipe, method, constraint, options = _resolve_run(args)
     out = pathlib.Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ValueError(f"--out {out} already exists and is not empty; choose another or pass --overwrite")
+    _check_writable(out, args.overwrite)
 
     rank = 0
     if args.num_processes > 1:
@@ -131,7 +229,7 @@ def _compress(args) -> int:
                                    process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout)
         rank = jax.process_index()
     t_start = time.perf_counter()
-    model, tok = checkpoints.load_model(args.model)
+    model, tok = checkpoints.load_model(args.model, storage_dtype=None if args.dtype == "auto" else args.dtype)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer files; calibration needs one")
     calib = data.calibration_windows(data.tokenize(tok, data.load_text(args.calib)), args.nsamples, args.seqlen, args.seed)
@@ -141,28 +239,33 @@ def _compress(args) -> int:
         eval_windows = data.eval_windows(data.tokenize(tok, data.load_text(args.eval_text)), args.eval_seqlen, args.eval_windows)
         ppl["dense"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
         print(f"dense perplexity {ppl['dense']:.4f}", file=sys.stderr)
-    print(f"compressing with {args.method} ({spec.describe()}), {args.mode} calibration on "
-          f"{args.nsamples} x {args.seqlen} tokens", file=sys.stderr)
+    opts = {k: v for k, v in dataclasses.asdict(options).items()}
+    print(f"compressing with {method} ({constraint.describe()}; recipe {recipe.name}: {opts or 'no options'}), "
+          f"{args.mode} calibration on {args.nsamples} x {args.seqlen} tokens, weights in {model.cfg.storage_dtype}", file=sys.stderr)
     # finished blocks are kept here until the output is written, so a killed run resumes
     run_dir = out.parent / f".{out.name}.run"
     weights_settings = {"model": str(args.model or "default"), "awp_jax_version": awp_jax.__version__}
     encoded: dict = {}
-    layers = compress.compress_model(model, calib, args.method, spec, mode=args.mode, batch_size=args.batch_size,
+    layers = compress.compress_model(model, calib, method, constraint, options, mode=args.mode, batch_size=args.batch_size,
                                      progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings,
                                      encoded=encoded)
     if rank != 0:  # process 0 evaluates and writes
         return 0
     if eval_windows is not None:
         ppl["compressed"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
+    source = assets.fetch(assets.DEFAULT_MODEL, quiet=True) if args.model in (None, "default") else pathlib.Path(args.model)
+    gflops = matmul_gflops()
     report = {
         "awp_jax_version": awp_jax.__version__, "jax_version": jax.__version__, "python": platform.python_version(),
-        "devices": [str(d) for d in jax.devices()], "command": sys.argv, "model": str(args.model or "default"),
-        "method": args.method, "spec": {k: v for k, v in vars(spec).items()},
+        "devices": [str(d) for d in jax.devices()], "matmul_gflops_float32": round(gflops, 1), "command": sys.argv,
+        "model": str(args.model or "default"), "dtype": model.cfg.storage_dtype,
+        "recipe": recipe.to_dict(), "method": method, "constraint": dataclasses.asdict(constraint), "options": opts,
         "calibration": {"text": str(args.calib), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "mode": args.mode},
         "evaluation": {"text": str(args.eval_text), "seqlen": args.eval_seqlen, "windows": args.eval_windows},
         "perplexity": ppl, "seconds": round(time.perf_counter() - t_start, 1), "layers": layers,
     }
-    export.save_hf_dir(model, out, tokenizer=tok, report=report, overwrite=args.overwrite, encoded=encoded)
+    export.save_hf_dir(model, out, tokenizer=tok, report=report, overwrite=args.overwrite, encoded=encoded,
+                       input_bytes=_dir_bytes(source))
     shutil.rmtree(run_dir, ignore_errors=True)
     mean = {}
     for row in layers:
@@ -171,12 +274,15 @@ def _compress(args) -> int:
     if ppl:
         print("perplexity: " + ", ".join(f"{k} {v:.4f}" for k, v in ppl.items())
               + f"  ({len(eval_windows)} windows x {args.eval_seqlen} tokens of {args.eval_text} text)")
-    print(f"wrote {out} in {report['seconds']:.0f} s")
+    sizes = export.sizes(out)
+    print("sizes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()) + f" (weights in {model.cfg.storage_dtype})")
+    print(f"wrote {out} in {report['seconds']:.0f} s (this machine: float32 matmul {gflops:.0f} GFLOP/s)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     from awp_jax.methods import METHODS
+    from awp_jax.recipes import DEFAULT, RECIPES
 
     parser = argparse.ArgumentParser(
         prog="awp-jax",
@@ -187,39 +293,29 @@ def main(argv: list[str] | None = None) -> int:
     comp = sub.add_parser(
         "compress", help="compress a model and write a Hugging Face directory",
         description="Calibrate, compress every linear layer, write the model. With no options: the default model "
-        "(SmolLM2-135M), AWP at 50% sparsity, 32 x 512 calibration tokens of Wikipedia leads, perplexity on "
-        "32 x 512 tokens of Wikipedia articles before and after (minutes on 2 CPU cores).",
+        "(SmolLM2-135M), AWP with the 'fast' recipe at 50% sparsity, 32 x 512 calibration tokens of Wikipedia leads, "
+        "perplexity on 32 x 512 tokens of Wikipedia articles before and after; the report (awp_report.json) gives "
+        "the time next to this machine's measured matmul rate.",
     )
     comp.add_argument("--model", default=None, help="Hugging Face directory, .gguf file, or orbax directory (default: SmolLM2-135M-Instruct)")
-    comp.add_argument("--method", default="awp", help="one of: " + ", ".join(sorted(METHODS)) + " (default awp)")
-    comp.add_argument("--sparsity", type=float, default=None, help="fraction of each row pruned, in [0, 1) (default 0.5 when nothing else is asked)")
-    comp.add_argument("--nm", type=_nm, default=None, help="N:M pattern along the input dimension, e.g. 2:4")
-    comp.add_argument("--bits", type=int, default=None, help="quantize to this many bits (2..8)")
-    comp.add_argument("--group-size", type=_group, default=128, help="quantization group size, or 'row' (default 128; a shorter last group where it does not divide)")
-    comp.add_argument("--symmetric", action="store_true", help="symmetric grid (default: asymmetric with zero point)")
-    comp.add_argument("--act-order", action="store_true", help="gptq: columns in order of decreasing activation energy")
+    comp.add_argument("--recipe", default=None,
+                      help="settings by name: " + ", ".join(f"{k} ({r.doc})" for k, r in RECIPES.items())
+                      + f"; or a .json/.yaml recipe file (default: {DEFAULT} for awp, the method's defaults otherwise)")
+    comp.add_argument("--method", default=None, help="one of: " + ", ".join(sorted(METHODS)) + " (default: the recipe's, awp)")
+    comp.add_argument("--sparsity", type=float, default=argparse.SUPPRESS, help="fraction of each row pruned, in [0, 1) (default 0.5 when nothing else is asked)")
+    comp.add_argument("--nm", type=_nm, default=argparse.SUPPRESS, help="N:M pattern along the input dimension, e.g. 2:4")
+    comp.add_argument("--bits", type=int, default=argparse.SUPPRESS, help="quantize to this many bits (2..8)")
+    comp.add_argument("--group-size", type=_group, default=argparse.SUPPRESS, help="quantization group size, or 'row' (default 128; a shorter last group where it does not divide)")
+    comp.add_argument("--symmetric", action="store_true", default=argparse.SUPPRESS, help="symmetric grid (default: asymmetric with zero point)")
+    comp.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                      help="dtype of the weights and every output: auto = the checkpoint's own (a bf16 model stays bf16; "
+                      "GGUF block-quantized tensors: float32, their exact dequantized values); otherwise the model is "
+                      "rounded to it on loading (default auto)")
     comp.add_argument("--calib", default="calibration", help="calibration text: 'calibration' (Wikipedia leads) or a .txt/.jsonl file")
     comp.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     comp.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
     comp.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     comp.add_argument("--mode", choices=("sequential", "parallel"), default="sequential", help="calibration mode (default sequential)")
-    comp.add_argument("--max-iter", type=int, default=None, help="awp iterations (default: paper: 200 pruning, 10 quantization, 100 joint)")
-    comp.add_argument("--tol", type=float, default=None, help="awp stopping tolerance on ||(W-Θ)C||/||W|| (default 1e-4 pruning)")
-    comp.add_argument("--step-rule", choices=("frobenius", "lambda_max", "absolute"), default=None, help="awp step rule (default frobenius)")
-    comp.add_argument("--step-scale", type=float, default=None, help="awp step constant c (default 2 pruning, 1.5 quantization)")
-    comp.add_argument("--momentum", action="store_true", help="awp: accelerated PGD with restart (beyond the paper; default off)")
-    comp.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
-                      help="awp: operand type of the iteration's matmul (bfloat16: float32 accumulation; beyond the paper; default float32)")
-    comp.add_argument("--init", choices=("wanda", "magnitude", "rtn", "dense", "zeros", "sparsegpt", "awq"), default=None,
-                      help="awp starting point (default: the paper's: wanda pruning, rtn quantization, dense joint); "
-                      "sparsegpt: SparseGPT's result, with --scope layer for unstructured pruning; awq: AWQ's result (quantization) or "
-                      "Wanda then AWQ (joint), solved in AWQ's scaled coordinates")
-    comp.add_argument("--scope", choices=("row", "layer"), default=None,
-                      help="awp unstructured pruning: each row keeps its k largest (row, the paper's) or the layer keeps its k*d_out largest")
-    comp.add_argument("--refit-iters", type=int, default=None,
-                      help="awp pruning: conjugate-gradient iterations on the final mask (beyond the paper; default 0)")
-    comp.add_argument("--refit-damping", type=float, default=None,
-                      help="awp: ridge term of the refit, as a fraction of mean(diag C) (default 0; 0.1 generalises better on small calibration sets)")
     comp.add_argument("--eval-text", default="evaluation", help="evaluation text: 'evaluation' (Wikipedia articles) or a file")
     comp.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
     comp.add_argument("--eval-windows", type=int, default=32, help="evaluation windows; 0 skips evaluation (default 32)")
@@ -231,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     comp.add_argument("-v", "--verbose", action="store_true", help="one line per layer")
+    _add_option_flags(comp)
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text (WikiText protocol)")
     ev.add_argument("--model", default=None, help="Hugging Face directory, .gguf file, or orbax directory such as OUT/compressed (default: SmolLM2-135M-Instruct)")

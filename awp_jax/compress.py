@@ -142,7 +142,8 @@ def compress_model(
     model: Llama,
     windows: np.ndarray,
     method: str,
-    spec: methods.CompressionSpec,
+    constraint: methods.Constraint,
+    options=None,
     *,
     mode: Literal["sequential", "parallel"] = "sequential",
     batch_size: int = 8,
@@ -165,14 +166,13 @@ def compress_model(
 
     rank, n_proc = jax.process_index(), jax.process_count()
     progress = progress and rank == 0
-    m = methods.get_method(method)
-    if spec.kind not in m.kinds:
-        raise ValueError(f"method {method!r} does not do {spec.kind} compression; it supports: {', '.join(sorted(m.kinds))}")
+    _, options = methods.resolve(method, constraint, options)
+    dtype = model.cfg.storage_dtype
     report: list[dict] = []
     start = 0
     if run_dir is not None:
         run_dir = pathlib.Path(run_dir)
-        full = {"method": method, "spec": repr(spec), "mode": mode, "batch_size": batch_size,
+        full = {"method": method, "constraint": repr(constraint), "options": repr(options), "dtype": dtype, "mode": mode, "batch_size": batch_size,
                 "windows_sha": hashlib.sha256(np.ascontiguousarray(windows, np.int32).tobytes()).hexdigest(),
                 **(settings or {})}
         start = _open_run(run_dir, full, len(model.layers), write=rank == 0)
@@ -212,7 +212,8 @@ def compress_model(
             out = None
             if owner == rank:
                 t0 = time.perf_counter()
-                out = methods.compress_layers(method, ws, cs, spec) if len(names) > 1 else [methods.compress_layer(method, ws[0], cs[0], spec)]
+                out = (methods.compress_layers(method, ws, cs, constraint, options) if len(names) > 1
+                       else [methods.compress_layer(method, ws[0], cs[0], constraint, options)])
                 jnp.stack([r.theta for r in out]).block_until_ready()
                 secs = (time.perf_counter() - t0) / len(names)
                 out = [methods.LayerResult(np.asarray(r.theta), r.info, None if r.aux is None else {k: np.asarray(v) for k, v in r.aux.items()})
@@ -229,16 +230,21 @@ def compress_model(
             if not np.all(np.isfinite(theta)):
                 raise FloatingPointError(f"block {i} {name}: {method} produced non-finite weights ({res.info})")
             try:
-                enc = packed.encode(theta, bits=spec.bits, group_size=spec.group_size, pruned=spec.prunes, aux=res.aux)
+                enc = packed.encode(theta, bits=constraint.bits, group_size=constraint.group_size, pruned=constraint.prunes,
+                                    aux=res.aux, dtype=dtype)
             except packed.NotLosslessError as e:
-                raise RuntimeError(f"block {i} {name}: {method}'s result is not on its {spec.describe()} grid: {e}") from e
-            theta = jnp.asarray(packed.decode(enc))
+                raise RuntimeError(f"block {i} {name}: {method}'s result is not on its {constraint.describe()} grid: {e}") from e
+            exact = theta
+            theta = jnp.asarray(packed.decode(enc))  # in ``dtype``'s values: what is exported and evaluated
             secs += time.perf_counter() - t0
             rel = float(_relative_objective(w, theta, c))
+            rounding = {}
+            if dtype != "float32":  # what rounding the result to the checkpoint's dtype did to the layer objective
+                rounding = {"rel_objective_float32": float(_relative_objective(w, jnp.asarray(exact), c))}
             enc_block[name] = enc
             lin.weight[...] = theta.astype(lin.weight[...].dtype)
             row = {"block": i, "layer": name, "method": method, "shape": list(w.shape), "rel_objective": rel,
-                   "seconds": round(secs, 4), "stacked": lanes, **res.info}
+                   "seconds": round(secs, 4), "stacked": lanes, **rounding, **res.info}
             rows.append(row)
             if res.info.get("stop") == "nonfinite":
                 print(f"warning: block {i} {name}: an AWP update became non-finite; the last finite feasible iterate "

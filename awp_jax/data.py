@@ -116,24 +116,59 @@ def evaluation_text() -> str:
     return _cached_text("wiki_articles", build)
 
 
+_TEXT_FORMATS = 'a UTF-8 text file: plain .txt, or .jsonl with one {"text": ...} object per line'
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__)
+
+
+def _decode_utf8(p: pathlib.Path) -> str:
+    data = p.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a leading byte-order mark is dropped
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise DataError(
+            f"{p} is not UTF-8 text: byte 0x{data[at]:02x} at byte offset {at} (line {line}) "
+            f"cannot be decoded ({e.reason}). Give {_TEXT_FORMATS} — re-encode it first, e.g. "
+            f"`iconv -f latin1 -t utf-8`."
+        ) from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading gives
+
+
 def read_text(path: os.PathLike) -> str:
-    """A user's text: plain ``.txt``, or ``.jsonl`` with a ``"text"`` field per line."""
+    """A user's text: plain ``.txt``, or ``.jsonl`` with a ``"text"`` field per line, UTF-8.
+
+    Bytes that are not UTF-8, a ``.jsonl`` line that is not a JSON object with a string ``"text"``,
+    or a file with no text raise :class:`DataError` naming the file and where."""
     p = pathlib.Path(path)
     if not p.is_file():
         raise DataError(f"text file not found: {p}")
+    text = _decode_utf8(p)
     if p.suffix == ".jsonl":
         texts = []
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{p}:{i}: expected a JSON object with a 'text' field ({e})") from e
+        for i, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            where = f"{p}:{i}: expected a JSON object with a 'text' field on line {i}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}, but the line is not JSON ({e})") from e
+            if not isinstance(record, dict):
+                raise DataError(f"{where}, got a JSON {_json_kind(record)}")
+            if "text" not in record:
+                raise DataError(f"{where}, got an object with keys {sorted(record)[:5]}")
+            if not isinstance(record["text"], str):
+                raise DataError(f"{where}, got a 'text' that is a JSON {_json_kind(record['text'])}, not a string")
+            texts.append(record["text"])
         text = "\n\n".join(texts)
-    else:
-        text = p.read_text(encoding="utf-8")
     if not text.strip():
         raise DataError(f"{p} holds no text")
     return text

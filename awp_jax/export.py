@@ -1,7 +1,9 @@
 """Writing compressed models as Hugging Face directories.
 
 The directory holds ``config.json``, ``model.safetensors`` (the dense weights after compression —
-exactly the weights that were evaluated), the tokenizer files and ``awp_report.json``. It loads
+exactly the weights that were evaluated — in the checkpoint's own dtype, ``model.cfg.storage_dtype``:
+a bf16 model is written as bf16), the tokenizer files and ``awp_report.json`` (with the size of every
+output next to the input's). It loads
 with transformers' ``AutoModelForCausalLM.from_pretrained`` and with :func:`awp_jax.checkpoints.load_model`.
 With ``encoded`` (the lossless compressed layers) it also holds ``compressed/``, an orbax
 directory of the Flax parameters with codes, scales, zero points and bit-packed masks
@@ -24,15 +26,28 @@ import numpy as np
 
 from awp_jax.model import Llama, weights_of
 
-__all__ = ["save_hf_dir", "OutputExistsError"]
+from awp_jax import dtypes
+
+__all__ = ["save_hf_dir", "sizes", "OutputExistsError"]
 
 
 class OutputExistsError(FileExistsError):
     pass
 
 
+def sizes(out: os.PathLike) -> dict[str, int]:
+    """Bytes of ``model.safetensors`` and ``compressed/`` in an output directory."""
+    out = pathlib.Path(out)
+    res = {"model.safetensors": (out / "model.safetensors").stat().st_size}
+    if (out / "compressed").is_dir():
+        res["compressed/"] = sum(f.stat().st_size for f in (out / "compressed").rglob("*") if f.is_file())
+    return res
+
+
 def save_hf_dir(model: Llama, out: os.PathLike, *, tokenizer=None, report: dict | None = None, overwrite: bool = False,
-                encoded: dict | None = None) -> pathlib.Path:
+                encoded: dict | None = None, input_bytes: int | None = None) -> pathlib.Path:
+    """Write ``model`` as a Hugging Face directory (see the module docstring); ``input_bytes``: the
+    input checkpoint's size, reported beside the outputs'."""
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out)
@@ -43,16 +58,24 @@ def save_hf_dir(model: Llama, out: os.PathLike, *, tokenizer=None, report: dict 
     try:
         cfg = model.cfg.to_hf_dict()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        weights = {k: np.ascontiguousarray(v, np.float32) for k, v in weights_of(model).items()}
+        dt = model.cfg.storage_dtype
+        weights = {}
+        for k, v in weights_of(model).items():
+            v = np.asarray(v, np.float32)
+            if not np.array_equal(dtypes.round_to(v, dt), v, equal_nan=True):
+                raise ValueError(f"{k} holds values that {dt} cannot store exactly; the model's weights must carry "
+                                 f"its storage dtype's values (load it with storage_dtype={dt!r})")
+            weights[k] = np.ascontiguousarray(v.astype(dtypes.np_dtype(dt)))
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if report is not None:
-            (tmp / "awp_report.json").write_text(json.dumps(report, indent=2))
         if encoded is not None:
             from awp_jax.checkpoints import save_orbax_model
 
             save_orbax_model(model, tmp / "compressed", tokenizer=tokenizer, encoded=encoded)
+        if report is not None:
+            report = {**report, "sizes": {"input": input_bytes, **sizes(tmp)}}
+            (tmp / "awp_report.json").write_text(json.dumps(report, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

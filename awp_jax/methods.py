@@ -1,22 +1,30 @@
 """One registry of layer compression methods behind one signature.
 
-``method(W [d_out, d_in], C [d_in, d_in], spec) -> LayerResult`` — the pipeline, the CLI and the
-benchmarks call every method the same way and never special-case one. What a method can do is
-declared (``kinds``: "prune", "nm", "quant", "joint"); asking for anything else is an error that
-names the method and what it supports.
+``method(W [d_out, d_in], C [d_in, d_in], constraint, options) -> LayerResult``. What to compress
+*to* is a :class:`Constraint` (a sparsity or an N:M pattern, and/or a quantization grid); *how* is
+the method's own frozen options dataclass (:class:`AWPOptions`, :class:`SparseGPTOptions`,
+:class:`GPTQOptions`, or :class:`NoOptions` for methods without settings). The pipeline, the CLI
+and the benchmarks call every method the same way and never special-case one. What a method can do
+is declared (``kinds``: "prune", "nm", "quant", "joint"); asking for anything else, or passing
+another method's options, is an error that names the method and what it takes.
 
-| name | kinds | what |
-|---|---|---|
-| ``awp`` | prune, nm, quant, joint | projected gradient descent (:mod:`awp_jax.solver`), paper defaults |
-| ``magnitude`` | prune, nm | keep the largest ``|W|`` per row / per group of m |
-| ``wanda`` | prune, nm | keep the largest ``|W| · sqrt(C_jj)`` per row / per group of m |
-| ``sparsegpt`` | prune, nm | OBS sweep, blocksize 128, damping 0.01 (:mod:`awp_jax.obs`) |
-| ``rtn`` | quant | round to nearest on the group grid |
-| ``gptq`` | quant | OBS sweep on the group grid, blocksize 128, damping 0.01, optional act-order |
-| ``awq`` | quant | per-channel scale search (grid 20) + clip search, at layer level (:mod:`awp_jax.awq`) |
-| ``wanda_awq`` | joint | Wanda mask, then AWQ on the pruned weights (the zeros stay on the grid) |
-| ``awq_wanda`` | joint | AWQ, then the Wanda mask of the quantized weights |
-| ``hwpq`` | prune, nm | contribution ``W_ij²·C_jj``; EWMA threshold instead of sorting (:mod:`awp_jax.hwpq`) |
+| name | kinds | options | what |
+|---|---|---|---|
+| ``awp`` | prune, nm, quant, joint | :class:`AWPOptions` | projected gradient descent (:mod:`awp_jax.solver`), paper defaults |
+| ``magnitude`` | prune, nm | — | keep the largest ``|W|`` per row / per group of m |
+| ``wanda`` | prune, nm | — | keep the largest ``|W| · sqrt(C_jj)`` per row / per group of m |
+| ``sparsegpt`` | prune, nm | :class:`SparseGPTOptions` | OBS sweep, blocksize 128, damping 0.01 (:mod:`awp_jax.obs`) |
+| ``rtn`` | quant | — | round to nearest on the group grid |
+| ``gptq`` | quant | :class:`GPTQOptions` | OBS sweep on the group grid, blocksize 128, damping 0.01, optional act-order |
+| ``awq`` | quant | — | per-channel scale search (grid 20) + clip search, at layer level (:mod:`awp_jax.awq`) |
+| ``wanda_awq`` | joint | — | Wanda mask, then AWQ on the pruned weights (the zeros stay on the grid) |
+| ``awq_wanda`` | joint | — | AWQ, then the Wanda mask of the quantized weights |
+| ``hwpq`` | prune, nm | — | contribution ``W_ij²·C_jj``; EWMA threshold instead of sorting (:mod:`awp_jax.hwpq`) |
+
+Every default lives in exactly one place: the options dataclasses here (method settings) and the
+solver's presets (:func:`awp_jax.solver.awp_pruning` etc.: the paper's iteration counts, steps and
+starting points, used where an :class:`AWPOptions` field is ``None``). The CLI derives its flags
+from the options dataclasses' fields (their ``metadata["help"]``).
 """
 
 from __future__ import annotations
@@ -38,15 +46,18 @@ from awp_jax.projections import keep_count, nm_mask, row_topk_mask
 from awp_jax.quantizers import QuantSpec, rtn
 from awp_jax.saliency import wanda_score
 
-__all__ = ["CompressionSpec", "LayerResult", "METHODS", "get_method", "compress_layer"]
+__all__ = ["Constraint", "AWPOptions", "SparseGPTOptions", "GPTQOptions", "NoOptions", "LayerResult", "METHODS",
+           "get_method", "make_options", "settings", "compress_layer", "compress_layers", "awp_config"]
+
+KINDS = ("prune", "nm", "quant", "joint")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CompressionSpec:
-    """What to do to every layer. Pruning: ``sparsity`` (per row) or ``nm``; quantization:
-    ``bits`` (+ ``group_size``, ``symmetric``); both for joint. ``partial_groups`` defaults to
-    True here so group 128 applies to 576-wide layers (GPTQ's convention: a shorter last group).
-    AWP options left ``None`` take the paper's defaults for the kind of compression."""
+class Constraint:
+    """What every layer is compressed to. Pruning: ``sparsity`` (fraction of each row) or ``nm``;
+    quantization: ``bits`` (+ ``group_size``, ``symmetric``); both for joint compression.
+    ``partial_groups`` defaults to True so group 128 applies to 576-wide layers (GPTQ's
+    convention: a shorter last group)."""
 
     sparsity: float = 0.0
     nm: tuple[int, int] | None = None
@@ -54,25 +65,14 @@ class CompressionSpec:
     group_size: int | None = 128
     symmetric: bool = False
     partial_groups: bool = True
-    max_iter: int | None = None
-    tol: float | None = None
-    step_rule: str | None = None
-    step_scale: float | None = None
-    momentum: bool = False
-    matmul_dtype: str = "float32"
-    init: str | None = None
-    scope: str | None = None
-    refit_iters: int | None = None
-    refit_damping: float | None = None
-    act_order: bool = False
-    percdamp: float = 0.01
-    blocksize: int = 128
 
     def __post_init__(self):
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
         if self.nm is not None:
-            n, m = self.nm
+            if not isinstance(self.nm, tuple):
+                object.__setattr__(self, "nm", tuple(self.nm))
+            n, m = self.nm if len(self.nm) == 2 else (None, None)
             if not (isinstance(n, int) and isinstance(m, int)) or not 1 <= n <= m:
                 raise ValueError(f"N:M needs integers 1 <= N <= M, got {self.nm!r}")
             if self.sparsity:
@@ -113,6 +113,88 @@ class CompressionSpec:
         return " + ".join(parts)
 
 
+# --------------------------------------------------------------------------- method options
+
+def option(default, help: str, **argparse_kw):
+    """A field of an options dataclass; ``help`` (and e.g. ``choices``) become its CLI flag's."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kw})
+
+
+def _check(cond: bool, what: str, value) -> None:
+    if not cond:
+        raise ValueError(f"{what}, got {value!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoOptions:
+    """The options of a method that has none (magnitude, wanda, rtn, awq, hwpq, ...)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AWPOptions:
+    """AWP's settings. A field left ``None`` takes the paper's value for the kind of compression
+    (the solver presets: Wanda start, η = 2/‖C‖_F, tol 1e-4, 200 iterations for pruning and N:M;
+    RTN start, η = 1.5/‖C‖_F, 10 iterations for quantization; from dense, 100 iterations joint)."""
+
+    max_iter: int | None = option(None, "iterations (default: the paper's: 200 pruning and N:M, 10 quantization, 100 joint; "
+                                        "50 joint iterations from the AWQ start)", type=int)
+    tol: float | None = option(None, "stopping tolerance on ||(W-Θ)C||/||W|| (default: 1e-4 pruning, 0 quantization and joint)", type=float)
+    step_rule: str | None = option(None, "step rule: η = c/||C||_F (frobenius, the paper's), c/λmax(C), or c (absolute)",
+                                   choices=("frobenius", "lambda_max", "absolute"))
+    step_scale: float | None = option(None, "step constant c (default: 2 pruning, 1.5 quantization and joint)", type=float)
+    momentum: bool = option(False, "accelerated PGD with function restart (beyond the paper)")
+    matmul_dtype: str = option("float32", "operand type of the iteration's matmul (bfloat16: float32 accumulation; beyond the paper)",
+                               choices=("float32", "bfloat16"))
+    init: str | None = option(None, "starting point (default: the paper's: wanda pruning, rtn quantization, dense joint); "
+                                    "sparsegpt: SparseGPT's result (layer scope for unstructured pruning); awq: AWQ's result "
+                                    "(quantization) or Wanda then AWQ (joint), solved in AWQ's scaled coordinates",
+                              choices=("wanda", "magnitude", "rtn", "dense", "zeros", "sparsegpt", "awq"))
+    scope: str | None = option(None, "unstructured pruning: every row keeps its k largest (row, the paper's) or the layer its "
+                                     "k*d_out largest (layer)", choices=("row", "layer"))
+    refit_iters: int = option(0, "pruning: conjugate-gradient iterations on the final mask (beyond the paper)", type=int)
+    refit_damping: float = option(0.0, "ridge term of the refit, as a fraction of mean(diag C) (0.1 generalises better on "
+                                       "small calibration sets)", type=float)
+
+    def __post_init__(self):
+        _check(self.max_iter is None or (_is_int(self.max_iter) and self.max_iter >= 1), "max_iter must be an integer >= 1", self.max_iter)
+        _check(self.tol is None or (_is_num(self.tol) and self.tol >= 0), "tol must be a number >= 0", self.tol)
+        _check(self.step_scale is None or (_is_num(self.step_scale) and self.step_scale > 0), "step_scale must be a positive number", self.step_scale)
+        _check(_is_int(self.refit_iters) and self.refit_iters >= 0, "refit_iters must be an integer >= 0", self.refit_iters)
+        _check(_is_num(self.refit_damping) and self.refit_damping >= 0, "refit_damping must be a number >= 0", self.refit_damping)
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                v = getattr(self, f.name)
+                _check(v is None or v in f.metadata["choices"], f"{f.name} must be one of {', '.join(f.metadata['choices'])}", v)
+        _check(isinstance(self.momentum, bool), "momentum must be True or False", self.momentum)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseGPTOptions:
+    """SparseGPT's settings (the reference implementation's defaults)."""
+
+    blocksize: int = option(128, "OBS sweep: columns per lazy-update block", type=int)
+    percdamp: float = option(0.01, "OBS sweep: damping added to C's diagonal, as a fraction of its mean", type=float)
+
+    def __post_init__(self):
+        _check(_is_int(self.blocksize) and self.blocksize >= 1, "blocksize must be an integer >= 1", self.blocksize)
+        _check(_is_num(self.percdamp) and self.percdamp > 0, "percdamp must be a positive number", self.percdamp)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQOptions(SparseGPTOptions):
+    """GPTQ's settings (the reference implementation's defaults)."""
+
+    act_order: bool = option(False, "quantize columns in order of decreasing activation energy")
+
+
 class LayerResult(NamedTuple):
     theta: jax.Array
     info: dict[str, Any]  # method-specific scalars (iterations, stop reason, damping, ...)
@@ -122,19 +204,20 @@ class LayerResult(NamedTuple):
 
 
 class Method(NamedTuple):
-    fn: Callable[[jax.Array, jax.Array, CompressionSpec], LayerResult]
+    fn: Callable[[jax.Array, jax.Array, Constraint, Any], LayerResult]
     kinds: frozenset
     doc: str
+    options: type = NoOptions
     # optional: compress a stack of equal-shape layers at once (vmapped); same results as ``fn`` per lane
-    stack: Callable[[jax.Array, jax.Array, CompressionSpec], list[LayerResult]] | None = None
+    stack: Callable[[jax.Array, jax.Array, Constraint, Any], list[LayerResult]] | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, kinds, doc: str, stack=None):
+def register(name: str, kinds, doc: str, options: type = NoOptions, stack=None):
     def deco(fn):
-        METHODS[name] = Method(fn, frozenset(kinds), doc, stack)
+        METHODS[name] = Method(fn, frozenset(kinds), doc, options, stack)
         return fn
 
     return deco
@@ -146,17 +229,55 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def compress_layers(name: str, ws, cs, spec: CompressionSpec) -> list[LayerResult]:
+def option_names(name: str) -> tuple[str, ...]:
+    """The option fields method ``name`` takes."""
+    return tuple(f.name for f in dataclasses.fields(get_method(name).options))
+
+
+def make_options(name: str, **values):
+    """Method ``name``'s options with ``values`` set; a value it does not take is an error naming it."""
+    m = get_method(name)
+    unknown = sorted(set(values) - set(option_names(name)))
+    if unknown:
+        takes = ", ".join(option_names(name)) or "no options"
+        raise ValueError(f"method {name!r} does not take {', '.join(unknown)}; it takes: {takes}")
+    return m.options(**values)
+
+
+def settings(name: str, **fields):
+    """``(Constraint, options)`` of method ``name`` from flat fields (as benchmark tables and recipe
+    files hold them): the :class:`Constraint`'s fields, the rest ``name``'s options."""
+    keys = {f.name for f in dataclasses.fields(Constraint)}
+    constraint = Constraint(**{k: v for k, v in fields.items() if k in keys})
+    return constraint, make_options(name, **{k: v for k, v in fields.items() if k not in keys})
+
+
+def resolve(name: str, constraint: Constraint, options=None):
+    """Check that method ``name`` does ``constraint``'s kind and takes ``options`` (``None``: its
+    defaults); returns ``(method, options)``."""
+    m = get_method(name)
+    if not isinstance(constraint, Constraint):
+        raise TypeError(f"constraint must be a methods.Constraint, got {type(constraint).__name__}")
+    if constraint.kind not in m.kinds:
+        raise ValueError(f"method {name!r} does not do {constraint.kind} compression ({constraint.describe()}); "
+                         f"it supports: {', '.join(sorted(m.kinds))}")
+    if options is None:
+        options = m.options()
+    elif type(options) is not m.options:
+        raise ValueError(f"method {name!r} takes {m.options.__name__}, got {type(options).__name__}")
+    return m, options
+
+
+def compress_layers(name: str, ws, cs, constraint: Constraint, options=None) -> list[LayerResult]:
     """Compress several layers with method ``name``. Layers of equal shape are solved as one stack
     (vmapped) when the method offers it; each result equals :func:`compress_layer` on its own."""
-    m = get_method(name)
+    m, options = resolve(name, constraint, options)
     if m.stack is None or len(ws) < 2 or len({tuple(w.shape) for w in ws} | {tuple(c.shape) for c in cs}) > 2:
-        return [compress_layer(name, w, c, spec) for w, c in zip(ws, cs)]
-    if spec.kind not in m.kinds:
-        raise ValueError(f"method {name!r} does not do {spec.kind} compression ({spec.describe()}); it supports: {', '.join(sorted(m.kinds))}")
+        return [compress_layer(name, w, c, constraint, options) for w, c in zip(ws, cs)]
     for w, c in zip(ws, cs):
         check_layer(w, c)
-    return m.stack(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]), spec)
+    return m.stack(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]),
+                   constraint, options)
 
 
 def check_layer(w, c) -> None:
@@ -180,56 +301,54 @@ def check_layer(w, c) -> None:
         raise ValueError(f"C is not symmetric (max |C - Cᵀ| = {float(np.max(np.abs(c - c.T))):.3g})")
 
 
-def compress_layer(name: str, w, c, spec: CompressionSpec) -> LayerResult:
-    """Compress one layer with method ``name``; checks the method supports ``spec`` and the inputs
-    (:func:`check_layer`)."""
-    m = get_method(name)
-    if spec.kind not in m.kinds:
-        raise ValueError(f"method {name!r} does not do {spec.kind} compression ({spec.describe()}); it supports: {', '.join(sorted(m.kinds))}")
+def compress_layer(name: str, w, c, constraint: Constraint, options=None) -> LayerResult:
+    """Compress one layer with method ``name``; checks the method supports ``constraint``, takes
+    ``options`` (``None``: its defaults) and the inputs (:func:`check_layer`)."""
+    m, options = resolve(name, constraint, options)
     check_layer(w, c)
-    return m.fn(jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32), spec)
+    return m.fn(jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32), constraint, options)
 
 
-def _k(spec, d_in):
-    return keep_count(spec.sparsity, d_in) if spec.sparsity else None
+def _k(con, d_in):
+    return keep_count(con.sparsity, d_in) if con.sparsity else None
 
 
-def _prune_mask(score, spec):
-    """The pruning mask of ``spec`` (row top-k or N:M) on a non-negative ``score``."""
-    if spec.nm is not None:
-        return nm_mask(score, *spec.nm)
-    k = _k(spec, score.shape[1])
+def _prune_mask(score, con):
+    """The pruning mask of ``con`` (row top-k or N:M) on a non-negative ``score``."""
+    if con.nm is not None:
+        return nm_mask(score, *con.nm)
+    k = _k(con, score.shape[1])
     return jnp.ones(score.shape, bool) if k is None else row_topk_mask(score, k)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "wanda"))
-def _mask_prune(w, c, spec, wanda):
+@functools.partial(jax.jit, static_argnames=("con", "wanda"))
+def _mask_prune(w, c, con, wanda):
     score = wanda_score(w, c) if wanda else jnp.abs(w)
-    return jnp.where(_prune_mask(score, spec), w, jnp.zeros_like(w))
+    return jnp.where(_prune_mask(score, con), w, jnp.zeros_like(w))
 
 
 @register("magnitude", {"prune", "nm"}, "largest |W| per row (or per group of m)")
-def _magnitude(w, c, spec):
-    return LayerResult(_mask_prune(w, c, spec, False), {})
+def _magnitude(w, c, con, opt):
+    return LayerResult(_mask_prune(w, c, con, False), {})
 
 
 @register("wanda", {"prune", "nm"}, "largest |W|·sqrt(C_jj) per row (or per group of m)")
-def _wanda(w, c, spec):
-    return LayerResult(_mask_prune(w, c, spec, True), {})
+def _wanda(w, c, con, opt):
+    return LayerResult(_mask_prune(w, c, con, True), {})
 
 
 _rtn_jit = jax.jit(rtn, static_argnames="spec")
 
 
 @register("rtn", {"quant"}, "round to nearest, asymmetric min-max per group")
-def _rtn(w, c, spec):
-    return LayerResult(_rtn_jit(w, spec=spec.quant), {})
+def _rtn(w, c, con, opt):
+    return LayerResult(_rtn_jit(w, spec=con.quant), {})
 
 
-def _damping_info(c, spec, damp, ok):
+def _damping_info(c, percdamp, damp, ok):
     """Damping used and how many 10× retries the Cholesky factorisation needed; failure is an error."""
     diag = np.diagonal(np.asarray(c))
-    base = spec.percdamp * float(np.mean(np.where(diag == 0, 1.0, diag)))
+    base = percdamp * float(np.mean(np.where(diag == 0, 1.0, diag)))
     retries = int(round(np.log10(float(damp) / base))) if base > 0 and float(damp) > 0 else 0
     if not bool(ok):
         raise FloatingPointError(f"Cholesky factorisation failed even with damping {float(damp):.3g} "
@@ -237,109 +356,107 @@ def _damping_info(c, spec, damp, ok):
     return {"damping": float(damp), "damping_retries": retries}
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _sparsegpt_jit(w, c, spec):
-    return obs.sparsegpt(w, c, sparsity=spec.sparsity, nm=spec.nm, blocksize=spec.blocksize, percdamp=spec.percdamp)
+@functools.partial(jax.jit, static_argnames=("con", "opt"))
+def _sparsegpt_jit(w, c, con, opt):
+    return obs.sparsegpt(w, c, sparsity=con.sparsity, nm=con.nm, blocksize=opt.blocksize, percdamp=opt.percdamp)
 
 
-@register("sparsegpt", {"prune", "nm"}, "SparseGPT OBS sweep (blocksize 128, damping 0.01)")
-def _sparsegpt(w, c, spec):
-    theta, damp, ok = _sparsegpt_jit(w, c, spec)
-    return LayerResult(theta, _damping_info(c, spec, damp, ok))
+@register("sparsegpt", {"prune", "nm"}, "SparseGPT OBS sweep (blocksize 128, damping 0.01)", SparseGPTOptions)
+def _sparsegpt(w, c, con, opt):
+    theta, damp, ok = _sparsegpt_jit(w, c, con, opt)
+    return LayerResult(theta, _damping_info(c, opt.percdamp, damp, ok))
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _gptq_jit(w, c, spec):
-    return obs.gptq(w, c, spec.quant, blocksize=spec.blocksize, percdamp=spec.percdamp, act_order=spec.act_order)
+@functools.partial(jax.jit, static_argnames=("con", "opt"))
+def _gptq_jit(w, c, con, opt):
+    return obs.gptq(w, c, con.quant, blocksize=opt.blocksize, percdamp=opt.percdamp, act_order=opt.act_order)
 
 
-@register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)")
-def _gptq(w, c, spec):
-    theta, damp, ok, perm = _gptq_jit(w, c, spec)
-    return LayerResult(theta, _damping_info(c, spec, damp, ok), {"perm": perm} if spec.act_order else None)
+@register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)", GPTQOptions)
+def _gptq(w, c, con, opt):
+    theta, damp, ok, perm = _gptq_jit(w, c, con, opt)
+    return LayerResult(theta, _damping_info(c, opt.percdamp, damp, ok), {"perm": perm} if opt.act_order else None)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _awq_jit(w, c, spec):
-    return awq_lib.awq(w, c, spec.quant)
+@functools.partial(jax.jit, static_argnames=("con",))
+def _awq_jit(w, c, con):
+    return awq_lib.awq(w, c, con.quant)
 
 
 @register("awq", {"quant"}, "AWQ scale search (grid 20) and clip search, layer-level loss")
-def _awq(w, c, spec):
-    theta, alpha, s, q = _awq_jit(w, c, spec)
+def _awq(w, c, con, opt):
+    theta, alpha, s, q = _awq_jit(w, c, con)
     return LayerResult(theta, {"alpha": float(alpha)}, {"col_scale_inv": s, "prescaled": q})
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _hwpq_jit(w, c, spec):
-    return hwpq_lib.hwpq_prune(w, c, sparsity=spec.sparsity, nm=spec.nm)
+@functools.partial(jax.jit, static_argnames=("con",))
+def _hwpq_jit(w, c, con):
+    return hwpq_lib.hwpq_prune(w, c, sparsity=con.sparsity, nm=con.nm)
 
 
 @register("hwpq", {"prune", "nm"}, "Hessian-free contribution W²·C_jj; EWMA threshold instead of sorting (approximate per-row counts)")
-def _hwpq(w, c, spec):
-    theta = _hwpq_jit(w, c, spec)
+def _hwpq(w, c, con, opt):
+    theta = _hwpq_jit(w, c, con)
     return LayerResult(theta, {"sparsity": float(jnp.mean(theta == 0))})
 
 
 @register("wanda_awq", {"joint"}, "Wanda pruning, then AWQ quantization of the pruned weights")
-def _wanda_awq(w, c, spec):
-    pruned = _mask_prune(w, c, spec, True)
-    theta, alpha, r, q = _awq_jit(pruned, c, spec)
+def _wanda_awq(w, c, con, opt):
+    pruned = _mask_prune(w, c, con, True)
+    theta, alpha, r, q = _awq_jit(pruned, c, con)
     return LayerResult(theta, {"alpha": float(alpha)}, {"col_scale_inv": r, "prescaled": q})
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _awq_then_mask(w, c, spec):
-    theta, alpha, r, q = awq_lib.awq(w, c, spec.quant)
-    mask = _prune_mask(wanda_score(theta, c), spec)
+@functools.partial(jax.jit, static_argnames=("con",))
+def _awq_then_mask(w, c, con):
+    theta, alpha, r, q = awq_lib.awq(w, c, con.quant)
+    mask = _prune_mask(wanda_score(theta, c), con)
     return jnp.where(mask, theta, 0.0), alpha, r, jnp.where(mask, q, 0.0)
 
 
 @register("awq_wanda", {"joint"}, "AWQ quantization, then the Wanda mask of the quantized weights")
-def _awq_wanda(w, c, spec):
-    theta, alpha, r, q = _awq_then_mask(w, c, spec)
+def _awq_wanda(w, c, con, opt):
+    theta, alpha, r, q = _awq_then_mask(w, c, con)
     return LayerResult(theta, {"alpha": float(alpha)}, {"col_scale_inv": r, "prescaled": q})
 
 
-def awp_config(spec: CompressionSpec) -> solver_lib.PGDConfig:
-    """The solver configuration for ``spec``: the paper's preset, with any overrides."""
-    over = {k: v for k, v in (("step_rule", spec.step_rule), ("step_scale", spec.step_scale), ("tol", spec.tol)) if v is not None}
-    over["momentum"] = spec.momentum
-    over["matmul_dtype"] = spec.matmul_dtype
-    if spec.init is not None:
-        # "sparsegpt": the method passes SparseGPT's result as theta0; SparseGPT's mask holds a
-        # per-layer, not a per-row, count, so the projection's scope is the layer
-        over["init"] = "dense" if spec.init in ("sparsegpt", "awq") else spec.init
-        if spec.init == "sparsegpt" and spec.kind == "prune":
-            if spec.scope == "row":
+def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> solver_lib.PGDConfig:
+    """The solver configuration for ``constraint``: the paper's preset, with ``options`` over it."""
+    con, opt = constraint, options or AWPOptions()
+    kind = con.kind
+    if opt.init in ("sparsegpt",) and kind not in ("prune", "nm"):
+        raise ValueError("init='sparsegpt' is for pruning (unstructured or N:M)")
+    if opt.init == "awq" and not (kind == "quant" or (kind == "joint" and con.nm is None)):
+        raise ValueError("init='awq' is for quantization and joint (unstructured) pruning + quantization")
+    if opt.refit_iters and kind not in ("prune", "nm"):
+        raise ValueError(f"refit_iters is for pruning only (a refit would leave the {con.describe()} grid)")
+    if opt.scope is not None and kind != "prune":
+        raise ValueError(f"scope is for unstructured pruning only, not {kind} ({con.describe()})")
+    over = {k: v for k, v in (("step_rule", opt.step_rule), ("step_scale", opt.step_scale), ("tol", opt.tol)) if v is not None}
+    over.update(momentum=opt.momentum, matmul_dtype=opt.matmul_dtype, refit_iters=opt.refit_iters, refit_damping=opt.refit_damping)
+    if opt.init is not None:
+        # "sparsegpt"/"awq": the method passes that method's result as theta0; SparseGPT's mask holds
+        # a per-layer, not a per-row, count, so the projection's scope is the layer
+        over["init"] = "dense" if opt.init in ("sparsegpt", "awq") else opt.init
+        if opt.init == "sparsegpt" and kind == "prune":
+            if opt.scope == "row":
                 raise ValueError("init='sparsegpt' needs scope='layer' for unstructured pruning: SparseGPT's mask is not per row")
             over["scope"] = "layer"
-    if spec.scope is not None and "scope" not in over:
-        over["scope"] = spec.scope
-    if spec.refit_iters is not None:
-        over["refit_iters"] = spec.refit_iters
-    if spec.refit_damping is not None:
-        over["refit_damping"] = spec.refit_damping
-    kind = spec.kind
+    if opt.scope is not None and "scope" not in over:
+        over["scope"] = opt.scope
+    it = {} if opt.max_iter is None else {"max_iter": opt.max_iter}
     if kind == "prune":
-        return solver_lib.awp_pruning(spec.sparsity, max_iter=spec.max_iter or 200, **over)
+        return solver_lib.awp_pruning(con.sparsity, **it, **over)
     if kind == "nm":
-        return solver_lib.awp_nm(*spec.nm, max_iter=spec.max_iter or 200, **over)
-    q = spec.quant
+        return solver_lib.awp_nm(*con.nm, **it, **over)
+    q = con.quant
     if kind == "quant":
-        return solver_lib.awp_quantization(q.bits, q.group_size, iters=spec.max_iter or 10, symmetric=q.symmetric,
-                                           partial_groups=q.partial_groups, **over)
-    if spec.nm is not None:
-        sched = schedules.nm_joint(*spec.nm, q, iters=spec.max_iter or 100)
-        return solver_lib.PGDConfig(schedule=sched, step_scale=1.5, init="wanda", **{"tol": 0.0, **over})
-    if spec.init == "awq":
-        # from Wanda→AWQ's point, which is already pruned and on the grid: joint iterations only
-        over.pop("init")
-        sched = schedules.joint(spec.sparsity, q, ramp=0, hold=0, joint_iters=spec.max_iter or 50)
-        return solver_lib.PGDConfig(schedule=sched, step_scale=1.5, init="dense", **{"tol": 0.0, **over})
-    init = over.pop("init", "dense")
-    return solver_lib.awp_joint(spec.sparsity, q.bits, q.group_size, symmetric=q.symmetric, partial_groups=q.partial_groups,
-                                init=init, **over)
+        return solver_lib.awp_quantization(q.bits, q.group_size, symmetric=q.symmetric, partial_groups=q.partial_groups,
+                                           **({} if opt.max_iter is None else {"iters": opt.max_iter}), **over)
+    if con.nm is not None:
+        return solver_lib.awp_nm_joint(*con.nm, q, **it, **over)
+    return solver_lib.awp_joint(con.sparsity, q.bits, q.group_size, symmetric=q.symmetric, partial_groups=q.partial_groups,
+                                from_awq=opt.init == "awq", **it, **over)
 
 
 def _awp_info(res, lane=None):
@@ -354,33 +471,33 @@ def _awp_info(res, lane=None):
     }
 
 
-def _awp_stack(ws, cs, spec):
-    if spec.init in ("sparsegpt", "awq"):
-        return [_awp(w, c, spec) for w, c in zip(ws, cs)]
-    res = solver_lib.solve_pgd_stack(ws, cs, awp_config(spec))
+def _awp_stack(ws, cs, con, opt):
+    if opt.init in ("sparsegpt", "awq"):
+        return [_awp(w, c, con, opt) for w, c in zip(ws, cs)]
+    res = solver_lib.solve_pgd_stack(ws, cs, awp_config(con, opt))
     return [LayerResult(res.theta[i], _awp_info(res, i)) for i in range(ws.shape[0])]
 
 
-@register("awp", {"prune", "nm", "quant", "joint"}, "activation-aware projected gradient descent (paper defaults)", stack=_awp_stack)
-def _awp(w, c, spec):
-    if spec.init == "sparsegpt":
-        if spec.kind not in ("prune", "nm"):
-            raise ValueError("init='sparsegpt' is for pruning (unstructured or N:M)")
-        theta0, _, _ = _sparsegpt_jit(w, c, spec)
-        res = solver_lib.solve_pgd(w, c, awp_config(spec), theta0=theta0)
+@register("awp", {"prune", "nm", "quant", "joint"}, "activation-aware projected gradient descent (paper defaults)", AWPOptions,
+          stack=_awp_stack)
+def _awp(w, c, con, opt):
+    cfg = awp_config(con, opt)
+    if opt.init == "sparsegpt":
+        theta0, _, _ = _sparsegpt_jit(w, c, con, SparseGPTOptions())
+        res = solver_lib.solve_pgd(w, c, cfg, theta0=theta0)
         info = _awp_info(res)
         # SparseGPT's point is feasible: it competes, so the result is never worse than SparseGPT's
         if not float(res.obj_final) < float(res.obj_init):
             info.update(best_iteration=0, note="kept the SparseGPT start")
             return LayerResult(theta0, info)
         return LayerResult(res.theta, info)
-    if spec.init == "awq":
-        return _awp_from_awq(w, c, spec)
-    res = solver_lib.solve_pgd(w, c, awp_config(spec))
+    if opt.init == "awq":
+        return _awp_from_awq(w, c, con, cfg)
+    res = solver_lib.solve_pgd(w, c, cfg)
     return LayerResult(res.theta, _awp_info(res))
 
 
-def _awp_from_awq(w, c, spec):
+def _awp_from_awq(w, c, con, cfg):
     """AWP started from AWQ's point (beyond the paper), solved in AWQ's scaled coordinates.
 
     AWQ stores ``q`` = the grid point of ``W·diag(s)`` and computes with ``q·diag(1/s)``. With
@@ -388,14 +505,12 @@ def _awp_from_awq(w, c, spec):
     ``(W − Θ) C (W − Θ)ᵀ = (W' − Θ') C' (W' − Θ')ᵀ`` for ``Θ = Θ'·diag(1/s)``, so PGD on ``(W', C')``
     from ``Θ' = q`` keeps AWQ's scales (and its deployable form) and lowers the objective further.
     For joint compression the start is Wanda→AWQ (pruned, then quantized on the pruned weights)."""
-    if spec.kind == "quant":
-        _, alpha, r, q = _awq_jit(w, c, spec)
-    elif spec.kind == "joint" and spec.nm is None:
-        _, alpha, r, q = _awq_jit(_mask_prune(w, c, spec, True), c, spec)
+    if con.kind == "quant":
+        _, alpha, r, q = _awq_jit(w, c, con)
     else:
-        raise ValueError("init='awq' is for quantization and joint (unstructured) pruning + quantization")
+        _, alpha, r, q = _awq_jit(_mask_prune(w, c, con, True), c, con)
     ws, cs = w / r[None, :], c * r[:, None] * r[None, :]
-    res = solver_lib.solve_pgd(ws, cs, awp_config(spec), theta0=q)
+    res = solver_lib.solve_pgd(ws, cs, cfg, theta0=q)
     info = {**_awp_info(res), "alpha": float(alpha)}
     prescaled = res.theta
     # AWQ's point is feasible: it competes, so the result is never worse than AWQ's

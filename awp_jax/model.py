@@ -55,7 +55,8 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     max_position_embeddings: int = 2048
-    dtype: str = "float32"
+    dtype: str = "float32"  # parameters and activations in the forward pass
+    storage_dtype: str = "float32"  # the checkpoint's own dtype: weights hold its values, outputs are written in it
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -64,6 +65,8 @@ class LlamaConfig:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.storage_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"storage_dtype must be 'float32', 'bfloat16' or 'float16', got {self.storage_dtype!r}")
 
     @classmethod
     def from_hf(cls, hf: Any, dtype: str = "float32") -> "LlamaConfig":
@@ -113,7 +116,7 @@ class LlamaConfig:
             "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope,
             "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias, "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": "silu", "torch_dtype": self.dtype,
+            "hidden_act": "silu", "dtype": self.storage_dtype,
         }
 
     @property

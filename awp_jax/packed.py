@@ -4,7 +4,7 @@ A compressed layer is stored as what it is, not as a dense matrix:
 
 | layer | stored arrays |
 |---|---|
-| pruned (unstructured or N:M) | ``mask`` (bit-packed, 1 bit per weight) + ``values`` (float32, kept entries, row-major) |
+| pruned (unstructured or N:M) | ``mask`` (bit-packed, 1 bit per weight) + ``values`` (kept entries, row-major, in the checkpoint's storage dtype: bf16 for a bf16 model) |
 | quantized | ``codes`` (bit-packed, ``bits`` bits per weight) + ``scale`` (float32) and ``zero`` (uint8) per (row, group) |
 | pruned and quantized | as quantized; when ``1 + bits·density < bits`` the ``mask`` is stored and ``codes`` only for kept entries |
 | AWQ | as quantized, for the scaled weights ``W·diag(s)``, + ``col_scale_inv`` ``1/s`` (float32 per input channel) |
@@ -13,8 +13,9 @@ A compressed layer is stored as what it is, not as a dense matrix:
 :func:`encode` finds the grid from the weights themselves: every quantized group is
 ``(code − zero)·scale`` for one float32 ``scale``, and the search checks, bit for bit, that the
 stored form reproduces every weight (an encoding that does not is an error, never a silent
-approximation). :func:`decode` gives the dense float32 matrix back; the pipeline writes exactly
-``decode(encode(theta))`` into the model, so the dense export and the compressed form are the same
+approximation). :func:`decode` gives the dense matrix back (a float32 array holding values of the
+checkpoint's storage dtype: a quantized layer's exact float32 grid values are rounded to it, as
+any dense export in that dtype must); the pipeline writes exactly ``decode(encode(theta))`` into the model, so the dense export and the compressed form are the same
 weights.
 
 A model's checkpoint (:func:`save_orbax`) is a directory with ``awp_jax.json`` (config, per-layer
@@ -34,6 +35,8 @@ import tempfile
 from typing import Any
 
 import numpy as np
+
+from awp_jax import dtypes
 
 __all__ = ["encode", "decode", "NotLosslessError", "save_orbax", "load_orbax", "is_orbax_dir", "stored_bits"]
 
@@ -115,13 +118,16 @@ def stored_bits(enc: dict[str, Any]) -> int:
 
 
 def encode(theta, *, bits: int | None = None, group_size: int | None = None, pruned: bool = False,
-           aux: dict | None = None) -> dict[str, Any]:
+           aux: dict | None = None, dtype: str = "float32") -> dict[str, Any]:
     """The lossless stored form of one compressed layer ``theta [d_out, d_in]`` (see module doc).
 
     ``bits``/``group_size``: the quantization grid (``None``: not quantized, ``group_size=None``:
     one group per row); ``pruned``: store a sparsity mask; ``aux``: a method's extras
-    (``col_scale_inv`` + ``prescaled`` for AWQ, ``perm`` for GPTQ act-order). Raises
-    :class:`NotLosslessError` when the stored form would not reproduce ``theta`` exactly."""
+    (``col_scale_inv`` + ``prescaled`` for AWQ, ``perm`` for GPTQ act-order); ``dtype``: the
+    checkpoint's storage dtype — what is encoded is ``theta`` rounded to it (:func:`awp_jax.dtypes.round_to`):
+    kept values are stored in ``dtype``; a quantized layer keeps its exact float32 grid (codes, scales)
+    and :func:`decode` rounds the dequantized values to ``dtype``. Raises :class:`NotLosslessError`
+    when the stored form would not reproduce ``round_to(theta, dtype)`` exactly."""
     theta = np.asarray(theta, np.float32)
     if theta.ndim != 2:
         raise ValueError(f"encode expects a 2-D weight matrix, got shape {theta.shape}")
@@ -129,16 +135,17 @@ def encode(theta, *, bits: int | None = None, group_size: int | None = None, pru
         raise ValueError("encode: weights contain NaN or Inf")
     d_out, d_in = theta.shape
     aux = {k: np.asarray(v) for k, v in (aux or {}).items()}
-    meta = {"shape": [d_out, d_in], "bits": bits, "group_size": group_size}
+    meta = {"shape": [d_out, d_in], "bits": bits, "group_size": group_size, "dtype": dtypes.check(dtype)}
     enc: dict[str, Any] = {}
+    target = dtypes.round_to(theta, dtype)
     if bits is None:
         if not pruned:
-            enc["values"] = theta.copy()
+            enc["values"] = target.astype(dtypes.np_dtype(dtype))
             meta["kind"] = "dense"
         else:
-            mask = theta != 0
+            mask = target != 0
             enc["mask"] = np.packbits(mask.reshape(-1))
-            enc["values"] = theta[mask]
+            enc["values"] = target[mask].astype(dtypes.np_dtype(dtype))
             meta["kind"] = "sparse"
     else:
         meta["kind"] = "quant"
@@ -163,10 +170,10 @@ def encode(theta, *, bits: int | None = None, group_size: int | None = None, pru
         enc["codes"] = pack_bits(codes, bits)
     enc["meta"] = meta
     back = decode(enc)
-    if not np.array_equal(back, theta):
-        bad = np.argmax(back != theta)
+    if not np.array_equal(back, target):
+        bad = np.argmax(back != target)
         raise NotLosslessError(f"stored form does not reproduce the weights (first difference at flat index {bad}: "
-                               f"{theta.reshape(-1)[bad]!r} vs {back.reshape(-1)[bad]!r})")
+                               f"{target.reshape(-1)[bad]!r} vs {back.reshape(-1)[bad]!r})")
     return enc
 
 
@@ -175,7 +182,11 @@ def _unpack_mask(packed, d_out: int, d_in: int) -> np.ndarray:
 
 
 def decode(enc: dict[str, Any]) -> np.ndarray:
-    """The dense float32 matrix of an encoded layer."""
+    """The dense matrix of an encoded layer, as float32 holding values of its storage dtype."""
+    return dtypes.round_to(_decode_exact(enc), enc["meta"].get("dtype", "float32"))
+
+
+def _decode_exact(enc: dict[str, Any]) -> np.ndarray:
     meta = enc["meta"]
     d_out, d_in = meta["shape"]
     kind = meta["kind"]

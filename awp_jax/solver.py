@@ -57,6 +57,7 @@ __all__ = [
     "awp_nm",
     "awp_quantization",
     "awp_joint",
+    "awp_nm_joint",
 ]
 
 
@@ -197,6 +198,8 @@ def awp_joint(
     symmetric: bool = False,
     partial_groups: bool = False,
     init: Init = "dense",
+    from_awq: bool = False,
+    max_iter: int | None = None,
     **kw,
 ):
     """Joint pruning + quantization, η = 1.5/||C||_F.
@@ -205,15 +208,33 @@ def awp_joint(
     hold p for 25, then 50 iterations of quantize(prune(Z)). With a small step, IHT rarely
     changes a mask once chosen, so the ramp from W ends near a magnitude mask; on activations with
     outlier channels that is far worse than Wanda's. ``init="wanda"`` starts from Wanda's mask
-    instead (no ramp): 50 prune-only iterations at p, then 50 joint ones.
+    instead (no ramp): 50 prune-only iterations at p, then 50 joint ones. ``from_awq``: the caller
+    passes a point already pruned and on the grid (Wanda then AWQ): 50 joint iterations only.
+    ``max_iter`` scales these phases to that total (the same proportions).
     """
     kw = {"step_scale": 1.5, "tol": 0.0, **kw}
     spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, partial_groups=partial_groups)
-    if init == "dense":
-        schedule = sched_lib.joint(sparsity, spec)
+    if from_awq:
+        n = 50 if max_iter is None else max_iter
+        schedule = sched_lib.joint(sparsity, spec, ramp=0, hold=0, joint_iters=n)
+    elif init == "dense":
+        n = 100 if max_iter is None else max_iter
+        if n < 3:
+            raise ValueError(f"the joint schedule from dense needs max_iter >= 3 (ramp, hold, joint), got {n}")
+        schedule = sched_lib.joint(sparsity, spec, ramp=n // 4, hold=n // 4, joint_iters=n - 2 * (n // 4))
     else:
-        schedule = sched_lib.joint(sparsity, spec, ramp=0, hold=50, joint_iters=50)
+        n = 100 if max_iter is None else max_iter
+        if n < 2:
+            raise ValueError(f"the joint schedule needs max_iter >= 2 (hold, joint), got {n}")
+        schedule = sched_lib.joint(sparsity, spec, ramp=0, hold=n // 2, joint_iters=n - n // 2)
     return PGDConfig(schedule=schedule, init=init, **kw)
+
+
+def awp_nm_joint(n: int, m: int, spec: QuantSpec, *, max_iter: int = 100, **kw) -> PGDConfig:
+    """N:M pruning + quantization (beyond the paper): from Wanda's N:M mask, ``max_iter`` iterations
+    of quantize(N:M(Z)) at η = 1.5/||C||_F."""
+    kw = {"step_scale": 1.5, "init": "wanda", "tol": 0.0, **kw}
+    return PGDConfig(schedule=sched_lib.nm_joint(n, m, spec, iters=max_iter), **kw)
 
 
 # --- results -----------------------------------------------------------------------------------

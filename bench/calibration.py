@@ -31,7 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import quality  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-S = methods.CompressionSpec
+S = dict  # flat settings: methods.settings(method, **s) splits them into constraint and options
 
 
 def configs(p):

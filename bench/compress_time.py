@@ -36,7 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from awp_jax import checkpoints, compress, data, methods  # noqa: E402
 from awp_jax.model import Llama, weights_of  # noqa: E402
 
-S = methods.CompressionSpec
+S = dict  # flat settings: methods.settings(method, **s) splits them into constraint and options
 MOMENTUM50 = "awp (momentum, η=1/λmax, 50 it)"
 
 
@@ -75,7 +75,7 @@ def main(argv=None):
     # warm-up: compile the forward pass used by calibration on a one-block model, not charged to anyone
     one = dataclasses.replace(cfg, num_layers=1)
     first = {k: v for k, v in dense.items() if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
-    compress.compress_model(Llama(one, first), calib, "wanda", S(sparsity=args.sparsity), progress=False)
+    compress.compress_model(Llama(one, first), calib, "wanda", *methods.settings("wanda", sparsity=args.sparsity), progress=False)
 
     runs = {lab: [] for lab in labels}
     for r in range(args.repeats):
@@ -84,7 +84,7 @@ def main(argv=None):
             print(f"== repeat {r + 1}/{args.repeats}: {lab}", file=sys.stderr, flush=True)
             mdl = Llama(cfg, dense)
             t0, c0 = time.perf_counter(), time.process_time()
-            report = compress.compress_model(mdl, calib, m, spec, progress=True)
+            report = compress.compress_model(mdl, calib, m, *methods.settings(m, **spec), progress=True)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             solve = float(sum(row["seconds"] for row in report))
             runs[lab].append({"wall": wall, "cpu": cpu, "solve": solve,

@@ -39,7 +39,7 @@ def torch_model(cfg, weights):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = cfg.to_hf_dict()
-    hf = LlamaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "torch_dtype", "model_type")})
+    hf = LlamaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "torch_dtype", "dtype", "model_type")})
     m = LlamaForCausalLM(hf).eval()
     m.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}, strict=False)
     m.tie_weights()

@@ -35,7 +35,12 @@ from awp_jax.model import Llama, weights_of  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-S = methods.CompressionSpec
+S = dict  # a row's settings, flat: the constraint's fields and the method's options (methods.settings splits them)
+# the defaults of the flat settings as rows were first keyed (stored rows keep their keys)
+_KEY_DEFAULTS = {"sparsity": 0.0, "nm": None, "bits": None, "group_size": 128, "symmetric": False, "partial_groups": True,
+                 "max_iter": None, "tol": None, "step_rule": None, "step_scale": None, "momentum": False, "matmul_dtype": "float32",
+                 "init": None, "scope": None, "refit_iters": None, "refit_damping": None, "act_order": False, "percdamp": 0.01,
+                 "blocksize": 128}
 MOMENTUM = dict(momentum=True, step_rule="lambda_max", step_scale=1.0)
 
 
@@ -108,9 +113,8 @@ def rows(quick: bool):
 
 
 def spec_fields(spec):
-    """The fields of ``spec`` that differ from the defaults (stable keys when fields are added)."""
-    default = S(sparsity=0.5)
-    return {k: v for k, v in dataclasses.asdict(spec).items() if k == "sparsity" or v != getattr(default, k)}
+    """The settings of ``spec`` that differ from the defaults (stable keys when fields are added)."""
+    return {"sparsity": spec.get("sparsity", 0.0), **{k: v for k, v in spec.items() if v != _KEY_DEFAULTS[k]}}
 
 
 def key(table, col, label, settings):
@@ -120,7 +124,7 @@ def key(table, col, label, settings):
 def run_row(cfg, dense, calib, ev, method, spec, mode):
     model = Llama(cfg, dense)
     t0, c0 = time.perf_counter(), time.process_time()
-    report = compress.compress_model(model, calib, method, spec, mode=mode, progress=True)
+    report = compress.compress_model(model, calib, method, *methods.settings(method, **spec), mode=mode, progress=True)
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     t1 = time.perf_counter()
     ppl = perplexity.perplexity(model, ev, batch_size=8).perplexity

@@ -39,6 +39,6 @@ for b in (5, 20):
         dense = float(aj.objective(w, jnp.zeros_like(w), c))
         cells = []
         for _, method, kw in VARIANTS:
-            res = methods.compress_layer(method, w, c, methods.CompressionSpec(sparsity=0.5, **kw))
+            res = methods.compress_layer(method, w, c, *methods.settings(method, sparsity=0.5, **kw))
             cells.append(f"{float(aj.objective(w, res.theta, c)) / dense:.4f}")
         print(f"| block {b} {name} | {ev[-1] / max(ev[0], 1e-12):.1e} | {np.linalg.norm(np.asarray(c)) / ev[-1]:.2f} | " + " | ".join(cells) + " |", flush=True)

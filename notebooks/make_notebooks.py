@@ -38,12 +38,12 @@ Runs on a CPU runtime in a few minutes with the defaults below. `SCALE = 1` is a
     new_code_cell('''SCALE = 1                      # 1: minutes on a free CPU runtime; 4: the CLI defaults
 NSAMPLES, SEQLEN = 8 * SCALE, 128 * SCALE   # calibration windows x tokens (Wikipedia leads)
 EVAL_WINDOWS, EVAL_SEQLEN = 8 * SCALE, 256   # evaluation windows x tokens (full Wikipedia articles)
-AWP_ITERS = 40 if SCALE == 1 else 200        # the paper uses 200
+RECIPE = "fast"                              # the CLI's default recipe; "paper" for the paper's settings (slower)
 SPARSITY = 0.5'''),
     new_code_cell('''import time, tempfile, pathlib
 import numpy as np
 import jax.numpy as jnp
-from awp_jax import checkpoints, compress, data, methods, perplexity
+from awp_jax import checkpoints, compress, data, methods, perplexity, recipes
 from awp_jax.export import save_hf_dir
 from awp_jax.model import Llama, forward, weights_of
 
@@ -57,10 +57,11 @@ print(f"calibration {calib.shape}, evaluation {ev.shape}, loaded in {time.time()
 results["dense"] = perplexity.perplexity(dense_model, ev, progress=False).perplexity
 for method in ("wanda", "awp"):
     model = Llama(dense_model.cfg, dense_weights)       # a fresh copy of the dense model
-    spec = methods.CompressionSpec(sparsity=SPARSITY, max_iter=AWP_ITERS)
+    spec = methods.Constraint(sparsity=SPARSITY)
+    options = recipes.get_recipe(RECIPE).options_for(spec) if method == "awp" else None
     enc = {}
     t0 = time.time()
-    report = compress.compress_model(model, calib, method, spec, progress=False, encoded=enc)
+    report = compress.compress_model(model, calib, method, spec, options, progress=False, encoded=enc)
     secs = time.time() - t0
     results[method] = perplexity.perplexity(model, ev, progress=False).perplexity
     models[method], encoded[method] = model, enc

@@ -12,7 +12,7 @@ from awp_jax.solver import objective
 
 def test_two_four_masks_equal_wandas():
     w, c = synthetic_layer(0, 128, 256, 2048)
-    spec = methods.CompressionSpec(nm=(2, 4))
+    spec = methods.Constraint(nm=(2, 4))
     h = np.asarray(methods.compress_layer("hwpq", w, c, spec).theta)
     wa = np.asarray(methods.compress_layer("wanda", w, c, spec).theta)
     assert np.array_equal(h, wa)
@@ -21,7 +21,7 @@ def test_two_four_masks_equal_wandas():
 @pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.9])
 def test_ewma_threshold_reaches_the_target_sparsity_without_sorting(sparsity):
     w, c = synthetic_layer(1, 384, 576, 4096)
-    theta = np.asarray(methods.compress_layer("hwpq", w, c, methods.CompressionSpec(sparsity=sparsity)).theta)
+    theta = np.asarray(methods.compress_layer("hwpq", w, c, methods.Constraint(sparsity=sparsity)).theta)
     per_row = np.mean(theta == 0, axis=1)
     assert abs(per_row.mean() - sparsity) < 0.01
     assert per_row.std() > 0  # approximate per row: it is a threshold, not a top-k
@@ -30,7 +30,7 @@ def test_ewma_threshold_reaches_the_target_sparsity_without_sorting(sparsity):
     norm = score / score.mean(1, keepdims=True)
     assert np.mean(norm[theta != 0]) > 3 * np.mean(norm[theta == 0])
     # it is activation-aware: better than magnitude on the layer objective
-    mag = methods.compress_layer("magnitude", w, c, methods.CompressionSpec(sparsity=sparsity)).theta
+    mag = methods.compress_layer("magnitude", w, c, methods.Constraint(sparsity=sparsity)).theta
     assert float(objective(w, theta, c)) < float(objective(w, mag, c))
 
 

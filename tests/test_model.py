@@ -26,7 +26,7 @@ def torch_model(cfg: LlamaConfig, weights):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     d = cfg.to_hf_dict()
-    hf_cfg = AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k not in ("architectures", "torch_dtype")})
+    hf_cfg = AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k not in ("architectures", "torch_dtype", "dtype")})
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(hf_cfg).eval()
     sd = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}

@@ -27,24 +27,24 @@ def test_bit_packing_round_trips_and_uses_bits_per_value(bits, n, seed):
 
 
 LAYER_SPECS = {
-    "rtn int4": ("rtn", methods.CompressionSpec(bits=4)),
-    "rtn int8 per row": ("rtn", methods.CompressionSpec(bits=8, group_size=None)),
-    "gptq int3": ("gptq", methods.CompressionSpec(bits=3)),
-    "gptq int4 act-order": ("gptq", methods.CompressionSpec(bits=4, act_order=True)),
-    "awq int4": ("awq", methods.CompressionSpec(bits=4)),
-    "awp int2 sym": ("awp", methods.CompressionSpec(bits=2, symmetric=True)),
-    "awp 60%": ("awp", methods.CompressionSpec(sparsity=0.6, max_iter=20)),
-    "awp 75% int4": ("awp", methods.CompressionSpec(sparsity=0.75, bits=4, max_iter=30)),
-    "awp 2:4 int3": ("awp", methods.CompressionSpec(nm=(2, 4), bits=3, max_iter=20)),
-    "sparsegpt 2:4": ("sparsegpt", methods.CompressionSpec(nm=(2, 4))),
+    "rtn int4": ("rtn", methods.Constraint(bits=4), None),
+    "rtn int8 per row": ("rtn", methods.Constraint(bits=8, group_size=None), None),
+    "gptq int3": ("gptq", methods.Constraint(bits=3), None),
+    "gptq int4 act-order": ("gptq", methods.Constraint(bits=4), methods.GPTQOptions(act_order=True)),
+    "awq int4": ("awq", methods.Constraint(bits=4), None),
+    "awp int2 sym": ("awp", methods.Constraint(bits=2, symmetric=True), None),
+    "awp 60%": ("awp", methods.Constraint(sparsity=0.6), methods.AWPOptions(max_iter=20)),
+    "awp 75% int4": ("awp", methods.Constraint(sparsity=0.75, bits=4), methods.AWPOptions(max_iter=30)),
+    "awp 2:4 int3": ("awp", methods.Constraint(nm=(2, 4), bits=3), methods.AWPOptions(max_iter=20)),
+    "sparsegpt 2:4": ("sparsegpt", methods.Constraint(nm=(2, 4)), None),
 }
 
 
 @pytest.mark.parametrize("case", sorted(LAYER_SPECS))
 def test_every_method_result_is_stored_losslessly_and_smaller(case):
-    name, spec = LAYER_SPECS[case]
+    name, spec, opts = LAYER_SPECS[case]
     w, c = synthetic_layer(1, 96, 320, 2048)  # 320 = 2 full groups of 128 + a partial one
-    res = methods.compress_layer(name, w, c, spec)
+    res = methods.compress_layer(name, w, c, spec, opts)
     enc = packed.encode(res.theta, bits=spec.bits, group_size=spec.group_size, pruned=spec.prunes, aux=res.aux)
     theta = np.asarray(res.theta)
     assert np.array_equal(packed.decode(enc), theta)
@@ -68,15 +68,15 @@ def test_weights_off_the_grid_are_refused():
         packed.encode(w)
 
 
-@pytest.mark.parametrize("method, spec", [
-    ("awp", methods.CompressionSpec(sparsity=0.5, bits=4, group_size=64, max_iter=20)),
-    ("awq", methods.CompressionSpec(bits=3, group_size=64)),
-    ("sparsegpt", methods.CompressionSpec(nm=(2, 4))),
+@pytest.mark.parametrize("method, spec, opts", [
+    ("awp", methods.Constraint(sparsity=0.5, bits=4, group_size=64), methods.AWPOptions(max_iter=20)),
+    ("awq", methods.Constraint(bits=3, group_size=64), None),
+    ("sparsegpt", methods.Constraint(nm=(2, 4)), None),
 ])
-def test_export_holds_an_orbax_checkpoint_that_decodes_to_the_dense_export(tmp_path, method, spec):
+def test_export_holds_an_orbax_checkpoint_that_decodes_to_the_dense_export(tmp_path, method, spec, opts):
     model = Llama(SMALL, random_weights(SMALL, 5))
     enc = {}
-    compress.compress_model(model, _windows(), method, spec, progress=False, encoded=enc)
+    compress.compress_model(model, _windows(), method, spec, opts, progress=False, encoded=enc)
     assert len(enc) == 14
     out = save_hf_dir(model, tmp_path / "out", encoded=enc)
     meta = json.loads((out / "compressed" / "awp_jax.json").read_text())
@@ -137,7 +137,7 @@ print("ok")
 def test_orbax_checkpoint_restores_onto_another_device_layout(tmp_path):
     model = Llama(SMALL, random_weights(SMALL, 9))
     enc = {}
-    compress.compress_model(model, _windows(), "rtn", methods.CompressionSpec(bits=4, group_size=64), progress=False, encoded=enc)
+    compress.compress_model(model, _windows(), "rtn", methods.Constraint(bits=4, group_size=64), progress=False, encoded=enc)
     d = checkpoints.save_orbax_model(model, tmp_path / "m", encoded=enc)
     np.savez(tmp_path / "ref.npz", **weights_of(model))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

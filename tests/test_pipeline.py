@@ -22,11 +22,12 @@ def _windows(n=8, L=64, seed=0):
 
 
 SPECS = {
-    "prune": methods.CompressionSpec(sparsity=0.5, max_iter=30),
-    "nm": methods.CompressionSpec(nm=(2, 4), max_iter=30),
-    "quant": methods.CompressionSpec(bits=3, group_size=64),
-    "joint": methods.CompressionSpec(sparsity=0.5, bits=4, group_size=64),
+    "prune": methods.Constraint(sparsity=0.5),
+    "nm": methods.Constraint(nm=(2, 4)),
+    "quant": methods.Constraint(bits=3, group_size=64),
+    "joint": methods.Constraint(sparsity=0.5, bits=4, group_size=64),
 }
+FEW = methods.AWPOptions(max_iter=30)  # AWP pruning in tests: fewer iterations than the paper's 200
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
@@ -38,7 +39,8 @@ def test_every_method_runs_and_respects_its_constraint(name, kind):
             compress.compress_model(Llama(SMALL, random_weights(SMALL, 1)), _windows(), name, spec, progress=False)
         return
     model = Llama(SMALL, random_weights(SMALL, 1))
-    report = compress.compress_model(model, _windows(), name, spec, progress=False)
+    opts = FEW if name == "awp" and kind in ("prune", "nm") else None
+    report = compress.compress_model(model, _windows(), name, spec, opts, progress=False)
     assert len(report) == 2 * 7
     for row in report:
         w = weights_of(model)[f"model.layers.{row['block']}.{'self_attn' if row['layer'][0] in 'qkvo' else 'mlp'}.{row['layer']}.weight"]
@@ -57,23 +59,24 @@ def test_every_method_runs_and_respects_its_constraint(name, kind):
 
 
 def test_awp_beats_wanda_and_gptq_awq_beat_rtn_per_layer_on_average():
-    def mean_obj(name, spec):
+    def mean_obj(name, spec, opts=None):
         model = Llama(SMALL, random_weights(SMALL, 2))
-        return np.mean([r["rel_objective"] for r in compress.compress_model(model, _windows(), name, spec, progress=False)])
+        return np.mean([r["rel_objective"] for r in compress.compress_model(model, _windows(), name, spec, opts, progress=False)])
 
-    prune = methods.CompressionSpec(sparsity=0.5, max_iter=50)
-    assert mean_obj("awp", prune) < mean_obj("wanda", prune) < mean_obj("magnitude", prune)
-    quant = methods.CompressionSpec(bits=3, group_size=64)
+    prune = methods.Constraint(sparsity=0.5)
+    assert mean_obj("awp", prune, methods.AWPOptions(max_iter=50)) < mean_obj("wanda", prune) < mean_obj("magnitude", prune)
+    quant = methods.Constraint(bits=3, group_size=64)
     rtn = mean_obj("rtn", quant)
     assert mean_obj("gptq", quant) < rtn and mean_obj("awq", quant) < rtn
 
 
-@pytest.mark.parametrize("spec", [methods.CompressionSpec(sparsity=0.5, max_iter=25), methods.CompressionSpec(bits=3, group_size=64)])
-def test_vmapped_equal_shape_layers_give_the_same_model(spec):
+@pytest.mark.parametrize("spec, opts", [(methods.Constraint(sparsity=0.5), methods.AWPOptions(max_iter=25)),
+                                        (methods.Constraint(bits=3, group_size=64), None)])
+def test_vmapped_equal_shape_layers_give_the_same_model(spec, opts):
     a = Llama(SMALL, random_weights(SMALL, 11))
     b = Llama(SMALL, random_weights(SMALL, 11))
-    ra = compress.compress_model(a, _windows(), "awp", spec, progress=False, vmap_groups=True)
-    rb = compress.compress_model(b, _windows(), "awp", spec, progress=False, vmap_groups=False)
+    ra = compress.compress_model(a, _windows(), "awp", spec, opts, progress=False, vmap_groups=True)
+    rb = compress.compress_model(b, _windows(), "awp", spec, opts, progress=False, vmap_groups=False)
     assert {r["layer"]: r["stacked"] for r in ra if r["block"] == 0} == {
         "q_proj": 1, "k_proj": 2, "v_proj": 2, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 1}
     wa, wb = weights_of(a), weights_of(b)
@@ -83,7 +86,7 @@ def test_vmapped_equal_shape_layers_give_the_same_model(spec):
 
 def test_export_round_trips_and_transformers_loads_it(tmp_path):
     model = Llama(SMALL, random_weights(SMALL, 3))
-    compress.compress_model(model, _windows(), "wanda", methods.CompressionSpec(sparsity=0.5), progress=False)
+    compress.compress_model(model, _windows(), "wanda", methods.Constraint(sparsity=0.5), progress=False)
     out = save_hf_dir(model, tmp_path / "out", report={"x": 1})
     again, _ = checkpoints.load_model(out)
     a, b = weights_of(model), weights_of(again)
@@ -97,7 +100,8 @@ def test_export_round_trips_and_transformers_loads_it(tmp_path):
     assert np.max(np.abs(np.asarray(forward(model)(tokens)) - ref)) < 1e-3
     with pytest.raises(OutputExistsError, match="already exists"):
         save_hf_dir(model, out)
-    assert json.loads((out / "awp_report.json").read_text()) == {"x": 1}
+    assert json.loads((out / "awp_report.json").read_text()) == {
+        "x": 1, "sizes": {"input": None, "model.safetensors": (out / "model.safetensors").stat().st_size}}
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
@@ -123,7 +127,8 @@ def test_cli_compress_and_eval(small_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "perplexity: dense" in printed and "compressed" in printed
     report = json.loads((out / "awp_report.json").read_text())
-    assert len(report["layers"]) == 14 and report["spec"]["sparsity"] == 0.5
+    assert len(report["layers"]) == 14 and report["constraint"]["sparsity"] == 0.5
+    assert report["recipe"]["name"] == "fast" and report["options"]["max_iter"] == 20 and report["options"]["momentum"]
     assert set(report["perplexity"]) == {"dense", "compressed"}
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
     assert main(["eval", "--model", str(out), "--text", str(small_dir / "text.jsonl"), "--seqlen", "64", "--max-windows", "2"]) == 0
@@ -133,7 +138,16 @@ def test_cli_compress_and_eval(small_dir, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--bits", "9"], "bits must be an integer in 2..8"),
     (["--method", "nope"], "unknown method 'nope'"),
-    (["--method", "rtn", "--sparsity", "0.5"], "--method rtn does not do prune"),
+    (["--method", "rtn", "--sparsity", "0.5"], "method 'rtn' does not do prune"),
+    (["--method", "gptq", "--bits", "4", "--momentum"], "--momentum is an option of awp; --method gptq takes: --act-order, --blocksize, --percdamp"),
+    (["--method", "wanda", "--max-iter", "5"], "--max-iter is an option of awp; --method wanda takes: no options"),
+    (["--method", "gptq", "--recipe", "best", "--bits", "4"], "--recipe best is a recipe for method awp, not gptq"),
+    (["--recipe", "nope"], "unknown recipe 'nope': choose one of paper, fast, best"),
+    (["--recipe", "/no/such/recipe.yaml"], "recipe file not found"),
+    (["--bits", "4", "--refit-iters", "5"], "refit_iters is for pruning only"),
+    (["--init", "awq"], "init='awq' is for quantization"),
+    (["--max-iter", "0"], "max_iter must be an integer >= 1"),
+    (["--calib", "/no/such/text.txt"], "no/such/text.txt"),
     (["--sparsity", "1.0"], r"sparsity must be a number in \[0, 1\)"),
     (["--nm", "4:2"], "1 <= N <= M"),
     (["--model", "/no/such/model"], "model not found"),
@@ -155,6 +169,57 @@ def test_cli_refuses_existing_output(small_dir, tmp_path, capsys):
     assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
 
 
+def test_cli_checks_the_output_location_before_any_work(small_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--model", str(small_dir / "model"), "--calib", str(small_dir / "text.jsonl"),
+              "--out", str(blocker / "sub" / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot write in" in err and "dense perplexity" not in err
+    assert blocker.read_text() == "not a directory"
+
+
+def test_cli_names_a_calibration_file_that_is_not_utf8(small_dir, tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 50)
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--model", str(small_dir / "model"), "--calib", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(bad) in err and "UTF-8" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_cli_recipe_file_sets_method_constraint_and_options(small_dir, tmp_path, suffix):
+    recipe = {"name": "mine", "method": "awp", "sparsity": 0.6,
+              "options": {"prune": {"max_iter": 7, "step_rule": "lambda_max", "step_scale": 1.0}, "quant": {"init": "awq"}}}
+    path = tmp_path / f"r{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(recipe))
+    else:
+        import yaml
+
+        path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "o"
+    assert main(["compress", "--model", str(small_dir / "model"), "--recipe", str(path), "--tol", "0",
+                 "--calib", str(small_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64", "--eval-windows", "0",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "awp_report.json").read_text())
+    assert report["recipe"] == {"name": "mine", "doc": "", "method": "awp", "constraint": {"sparsity": 0.6},
+                                "options": recipe["options"]}
+    assert report["constraint"]["sparsity"] == 0.6
+    assert report["options"] == {**dataclasses.asdict(methods.AWPOptions()), "max_iter": 7, "step_rule": "lambda_max",
+                                 "step_scale": 1.0, "tol": 0.0}
+    assert all(r["iterations"] <= 7 for r in report["layers"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"method": "awp", "options": {"prune": {"momentun": True}}}))
+    with pytest.raises(ValueError, match="does not take momentun"):
+        from awp_jax import recipes
+
+        recipes.load_recipe(bad)
+
+
 def test_cli_bad_nm_syntax(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--nm", "2-4", "--out", "x"])
@@ -163,10 +228,11 @@ def test_cli_bad_nm_syntax(capsys):
 
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch, mode):
-    spec = methods.CompressionSpec(sparsity=0.5, max_iter=15)
+    spec = methods.Constraint(sparsity=0.5)
+    opts = methods.AWPOptions(max_iter=15)
     cfg = dataclasses.replace(SMALL, num_layers=3)
     ref = Llama(cfg, random_weights(cfg, 6))
-    ref_report = compress.compress_model(ref, _windows(), "awp", spec, mode=mode, progress=False)
+    ref_report = compress.compress_model(ref, _windows(), "awp", spec, opts, mode=mode, progress=False)
 
     real = methods.compress_layer, methods.compress_layers
     calls = {"n": 0, "fail_at": None}
@@ -181,22 +247,22 @@ def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch, mode):
 
     monkeypatch.setattr(methods, "compress_layer", counting(real[0]))
     monkeypatch.setattr(methods, "compress_layers", counting(real[1]))
-    compress.compress_model(Llama(cfg, random_weights(cfg, 6)), _windows(), "awp", spec, mode=mode, progress=False)
+    compress.compress_model(Llama(cfg, random_weights(cfg, 6)), _windows(), "awp", spec, opts, mode=mode, progress=False)
     per_block = calls["n"] // cfg.num_layers
     calls.update(n=0, fail_at=per_block + 2)  # in the middle of block 1
     model = Llama(cfg, random_weights(cfg, 6))
     with pytest.raises(KeyboardInterrupt):
-        compress.compress_model(model, _windows(), "awp", spec, mode=mode, progress=False, run_dir=tmp_path / "run")
+        compress.compress_model(model, _windows(), "awp", spec, opts, mode=mode, progress=False, run_dir=tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").glob("block_*")) == ["block_0000.safetensors"]
     monkeypatch.setattr(methods, "compress_layer", real[0])
     monkeypatch.setattr(methods, "compress_layers", real[1])
     model = Llama(cfg, random_weights(cfg, 6))  # a fresh process would start from the dense weights
-    report = compress.compress_model(model, _windows(), "awp", spec, mode=mode, progress=False, run_dir=tmp_path / "run")
+    report = compress.compress_model(model, _windows(), "awp", spec, opts, mode=mode, progress=False, run_dir=tmp_path / "run")
     a, b = weights_of(ref), weights_of(model)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert [r["rel_objective"] for r in report] == [r["rel_objective"] for r in ref_report]
     with pytest.raises(compress.RunMismatchError, match="other settings"):
-        compress.compress_model(model, _windows(), "awp", methods.CompressionSpec(sparsity=0.6), mode=mode,
+        compress.compress_model(model, _windows(), "awp", methods.Constraint(sparsity=0.6), mode=mode,
                                 progress=False, run_dir=tmp_path / "run")
 
 

@@ -52,7 +52,7 @@ def test_indefinite_c_in_sparsegpt_retries_damping_and_says_so(capsys):
     lam[:3] = -0.05 * lam.mean()  # three negative eigenvalues below the base damping; the diagonal stays positive
     bad = ((q * lam) @ q.T).astype(np.float32)
     bad = (bad + bad.T) / 2
-    res = methods.compress_layer("sparsegpt", w, bad, methods.CompressionSpec(sparsity=0.5))
+    res = methods.compress_layer("sparsegpt", w, bad, methods.Constraint(sparsity=0.5))
     assert res.info["damping_retries"] >= 1 and np.all(np.isfinite(np.asarray(res.theta)))
 
 
@@ -82,7 +82,7 @@ def test_full_disk_keeps_finished_blocks_and_names_the_problem(tmp_path, monkeyp
     monkeypatch.setattr(safetensors.numpy, "save_file", flaky)
     model = Llama(SMALL, random_weights(SMALL, 12))
     with pytest.raises(OSError, match="cannot save block 1 .*No space left on device.*run the same command again to resume"):
-        compress.compress_model(model, _windows(), "wanda", methods.CompressionSpec(sparsity=0.5), progress=False, run_dir=tmp_path)
+        compress.compress_model(model, _windows(), "wanda", methods.Constraint(sparsity=0.5), progress=False, run_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block_0000.safetensors", "run.json"]  # no partial file
 
 
@@ -90,7 +90,8 @@ def test_same_inputs_give_bit_identical_models_and_reports():
     outs = []
     for _ in range(2):
         model = Llama(SMALL, random_weights(SMALL, 13))
-        rep = compress.compress_model(model, _windows(), "awp", methods.CompressionSpec(sparsity=0.5, max_iter=20), progress=False)
+        rep = compress.compress_model(model, _windows(), "awp", methods.Constraint(sparsity=0.5), methods.AWPOptions(max_iter=20),
+                                         progress=False)
         outs.append((weights_of(model), [{k: v for k, v in r.items() if k != "seconds"} for r in rep]))
     (a, ra), (b, rb) = outs
     assert all(np.array_equal(a[k], b[k]) for k in a) and ra == rb

@@ -321,17 +321,16 @@ def test_awp_from_sparsegpt_is_never_worse_than_sparsegpt(layer_problem):
     from awp_jax import methods
 
     w, c = layer_problem
-    for spec in (methods.CompressionSpec(sparsity=0.7), methods.CompressionSpec(nm=(2, 4))):
+    for spec in (methods.Constraint(sparsity=0.7), methods.Constraint(nm=(2, 4))):
         sg = methods.compress_layer("sparsegpt", w, c, spec).theta
-        awp_spec = dataclasses.replace(spec, init="sparsegpt", refit_iters=40, max_iter=20)
-        th = np.asarray(methods.compress_layer("awp", w, c, awp_spec).theta)
+        th = np.asarray(methods.compress_layer("awp", w, c, spec, methods.AWPOptions(init="sparsegpt", refit_iters=40, max_iter=20)).theta)
         assert float(aj.objective(w, th, c)) < 0.98 * float(aj.objective(w, sg, c))
         if spec.nm:
             assert np.all((th != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2)
         else:
             assert np.sum(th != 0) <= aj.keep_count(0.7, w.shape[1]) * w.shape[0]
     with pytest.raises(ValueError, match="SparseGPT's mask is not per row"):
-        methods.compress_layer("awp", w, c, methods.CompressionSpec(sparsity=0.5, init="sparsegpt", scope="row"))
+        methods.compress_layer("awp", w, c, methods.Constraint(sparsity=0.5), methods.AWPOptions(init="sparsegpt", scope="row"))
 
 
 def test_damped_refit_minimises_the_damped_objective_on_the_mask(rng):
@@ -357,10 +356,10 @@ def test_awp_from_awq_keeps_awqs_scales_and_lowers_its_objective(layer_problem):
     from awp_jax import methods, packed
 
     w, c = layer_problem
-    for base, spec in (("awq", methods.CompressionSpec(bits=3, group_size=64)),
-                       ("wanda_awq", methods.CompressionSpec(sparsity=0.5, bits=4, group_size=64))):
+    for base, spec in (("awq", methods.Constraint(bits=3, group_size=64)),
+                       ("wanda_awq", methods.Constraint(sparsity=0.5, bits=4, group_size=64))):
         ref = methods.compress_layer(base, w, c, spec)
-        res = methods.compress_layer("awp", w, c, dataclasses.replace(spec, init="awq"))
+        res = methods.compress_layer("awp", w, c, spec, methods.AWPOptions(init="awq"))
         # the same per-channel scales as AWQ's result, and a lower layer objective
         np.testing.assert_array_equal(np.asarray(res.aux["col_scale_inv"]), np.asarray(ref.aux["col_scale_inv"]))
         assert float(aj.objective(w, res.theta, c)) < 0.99 * float(aj.objective(w, ref.theta, c))
@@ -374,4 +373,4 @@ def test_awp_from_awq_keeps_awqs_scales_and_lowers_its_objective(layer_problem):
         if spec.prunes:
             assert np.all(np.sum(theta != 0, axis=1) <= aj.keep_count(0.5, w.shape[1]))
     with pytest.raises(ValueError, match="init='awq' is for quantization"):
-        methods.compress_layer("awp", w, c, methods.CompressionSpec(sparsity=0.5, init="awq"))
+        methods.compress_layer("awp", w, c, methods.Constraint(sparsity=0.5), methods.AWPOptions(init="awq"))

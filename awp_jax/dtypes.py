@@ -1,0 +1,54 @@
+"""Storage dtypes: the floating-point types a checkpoint keeps its weights in.
+
+The model computes in float32 (or bfloat16, :attr:`awp_jax.model.LlamaConfig.dtype`); what it
+*stores* — and what every output is written in — is the checkpoint's own dtype
+(:attr:`awp_jax.model.LlamaConfig.storage_dtype`): a bfloat16 checkpoint stays bfloat16. Weights
+held in float32 arrays carry exactly the values of their storage dtype (:func:`round_to`).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+__all__ = ["STORAGE_DTYPES", "np_dtype", "name_of", "round_to", "itemsize"]
+
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+_NP = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+
+
+def check(name: str) -> str:
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {name!r}")
+    return name
+
+
+def np_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a storage dtype name (bfloat16 from ml_dtypes)."""
+    return _NP[check(name)]
+
+
+def name_of(dtype) -> str | None:
+    """The storage dtype name of a numpy/jax dtype, or ``None`` if it is not one of them."""
+    dt = np.dtype(dtype)
+    for k, v in _NP.items():
+        if dt == v:
+            return k
+    return None
+
+
+def itemsize(name: str) -> int:
+    return np_dtype(name).itemsize
+
+
+def round_to(x, name: str) -> np.ndarray:
+    """``x`` rounded to storage dtype ``name`` (round to nearest even), as a float32 array; values
+    that do not fit (e.g. |x| > 65504 in float16) are an error, not an Inf."""
+    x = np.asarray(x, np.float32)
+    if name == "float32":
+        return x
+    with np.errstate(over="ignore"):
+        y = x.astype(np_dtype(name)).astype(np.float32)
+    if not np.all(np.isfinite(y) | ~np.isfinite(x)):
+        raise ValueError(f"values up to {float(np.max(np.abs(x))):.6g} do not fit in {name}")
+    return y

@@ -1,0 +1,163 @@
+"""Recipes: named, complete settings for a compression run, as data.
+
+A :class:`Recipe` names a method and, per kind of constraint (``prune``, ``nm``, ``quant``,
+``joint``, ``nm_joint``), that method's options; it may also fix the constraint itself (a recipe
+file that says ``sparsity: 0.6``). Three are built in, all for AWP:
+
+| recipe | pruning and N:M | quantization and joint |
+|---|---|---|
+| ``paper`` | the paper's: Wanda start, η = 2/‖C‖_F, tol 1e-4, 200 iterations | the paper's: RTN start, η = 1.5/‖C‖_F, 10 iterations; joint from dense, 100 |
+| ``fast`` (default) | Wanda start, momentum, η = 1/λmax, 50 iterations | AWQ start, in AWQ's scaled coordinates (10 iterations; joint: Wanda→AWQ start, 50) |
+| ``best`` | SparseGPT start (layer-wise count), η = 1/λmax, 50 iterations, 50 damped CG refit iterations (δ = 0.1) | as ``fast`` |
+
+Why these (``bench/results/quality.md``, ``bench/results/recipes.md``): ``fast`` at 50 % has a
+lower perplexity than ``paper`` in less than half its time, so it is the default; ``best`` is the
+variant that had the lowest perplexity in most columns of the pruning and N:M tables (60–90 %, 2:4,
+4:8); for quantization and joint compression the AWQ start had the lowest perplexity of every
+AWP variant in every column, and it is also the cheaper of AWP's good choices there.
+
+A recipe file (JSON, or YAML) holds the same fields::
+
+    name: my-recipe           # optional (default: the file name)
+    method: awp               # optional (default awp)
+    sparsity: 0.6             # optional constraint fields: sparsity, nm ("2:4"), bits, group_size, symmetric
+    options:                  # one mapping for every kind, or one per kind (prune / nm / quant / joint / nm_joint)
+      prune: {init: sparsegpt, max_iter: 50, step_rule: lambda_max, step_scale: 1.0, refit_iters: 50, refit_damping: 0.1}
+      quant: {init: awq}
+
+Unknown keys, options the method does not take and values out of range are errors naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Mapping
+
+from awp_jax import methods
+
+__all__ = ["Recipe", "RECIPES", "DEFAULT", "get_recipe", "load_recipe", "parse_nm"]
+
+RECIPE_KINDS = ("prune", "nm", "quant", "joint", "nm_joint")
+CONSTRAINT_KEYS = ("sparsity", "nm", "bits", "group_size", "symmetric")
+
+
+def parse_nm(text) -> tuple[int, int]:
+    """``"2:4"`` (or ``[2, 4]``) → ``(2, 4)``."""
+    if isinstance(text, (list, tuple)) and len(text) == 2:
+        return int(text[0]), int(text[1])
+    try:
+        n, m = (int(x) for x in str(text).split(":"))
+    except ValueError:
+        raise ValueError(f"expected N:M such as 2:4, got {text!r}") from None
+    return n, m
+
+
+def kind_key(constraint: methods.Constraint) -> str:
+    """The recipe key of ``constraint``: its kind, with N:M + quantization as ``nm_joint``."""
+    return "nm_joint" if constraint.kind == "joint" and constraint.nm is not None else constraint.kind
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A method and its options per kind of constraint (kinds not listed: the method's defaults),
+    and optionally the constraint's fields."""
+
+    name: str
+    doc: str = ""
+    method: str = "awp"
+    options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    constraint: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        methods.get_method(self.method)
+        bad = sorted(set(self.options) - set(RECIPE_KINDS))
+        if bad:
+            raise ValueError(f"recipe {self.name!r}: unknown kind(s) {', '.join(bad)} in options; kinds are {', '.join(RECIPE_KINDS)}")
+        for kind, opts in self.options.items():
+            try:
+                methods.make_options(self.method, **opts)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"recipe {self.name!r}, options for {kind}: {e}") from None
+        bad = sorted(set(self.constraint) - set(CONSTRAINT_KEYS))
+        if bad:
+            raise ValueError(f"recipe {self.name!r}: unknown constraint field(s) {', '.join(bad)}; fields are {', '.join(CONSTRAINT_KEYS)}")
+
+    def options_for(self, constraint: methods.Constraint, **overrides):
+        """The method's options for ``constraint`` (its kind's entry, then ``overrides`` on top)."""
+        values = {**self.options.get(kind_key(constraint), {}), **overrides}
+        return methods.make_options(self.method, **values)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "doc": self.doc, "method": self.method, "constraint": dict(self.constraint),
+                "options": {k: dict(v) for k, v in self.options.items()}}
+
+
+_FAST_PRUNE = {"momentum": True, "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50}
+_BEST_PRUNE = {"init": "sparsegpt", "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50,
+               "refit_iters": 50, "refit_damping": 0.1}
+_AWQ_START = {"init": "awq"}
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(name="paper", doc="the AWP paper's settings (for reproduction; the slowest)"),
+    "fast": Recipe(name="fast", doc="Wanda start + momentum, η = 1/λmax, 50 iterations (pruning, N:M); AWQ start (quantization, joint)",
+                   options={"prune": _FAST_PRUNE, "nm": _FAST_PRUNE, "quant": _AWQ_START, "joint": _AWQ_START}),
+    "best": Recipe(name="best", doc="SparseGPT start + 50 iterations + damped CG refit (pruning, N:M); AWQ start (quantization, joint)",
+                   options={"prune": _BEST_PRUNE, "nm": _BEST_PRUNE, "quant": _AWQ_START, "joint": _AWQ_START}),
+}
+DEFAULT = "fast"
+
+
+def load_recipe(path: os.PathLike) -> Recipe:
+    """A recipe from a JSON or YAML file (see the module docstring for its fields)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipe file {path} is not UTF-8 text: {e}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise ValueError(f"cannot parse recipe file {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe file {path} must hold a mapping (name, method, options, ...), got {type(raw).__name__}")
+    allowed = {"name", "doc", "method", "options", *CONSTRAINT_KEYS}
+    bad = sorted(set(raw) - allowed)
+    if bad:
+        raise ValueError(f"recipe file {path}: unknown key(s) {', '.join(bad)}; allowed: {', '.join(sorted(allowed))}")
+    method = raw.get("method", "awp")
+    opts = raw.get("options") or {}
+    if not isinstance(opts, dict):
+        raise ValueError(f"recipe file {path}: options must be a mapping")
+    if opts and not set(opts) & set(RECIPE_KINDS):  # one mapping for every kind
+        opts = {k: opts for k in RECIPE_KINDS}
+    elif set(opts) - set(RECIPE_KINDS):
+        raise ValueError(f"recipe file {path}: options mixes kinds ({', '.join(RECIPE_KINDS)}) and option names; "
+                         "give either one mapping for every kind or one per kind")
+    constraint = {k: raw[k] for k in CONSTRAINT_KEYS if k in raw}
+    if "nm" in constraint and constraint["nm"] is not None:
+        constraint["nm"] = parse_nm(constraint["nm"])
+    try:
+        return Recipe(name=str(raw.get("name", path.stem)), doc=str(raw.get("doc", "")), method=method, options=opts,
+                      constraint=constraint)
+    except ValueError as e:
+        raise ValueError(f"recipe file {path}: {e}") from None
+
+
+def get_recipe(name_or_path: str | os.PathLike) -> Recipe:
+    """A built-in recipe by name, or a recipe file."""
+    if str(name_or_path) in RECIPES:
+        return RECIPES[str(name_or_path)]
+    p = pathlib.Path(name_or_path)
+    if p.suffix.lower() in (".json", ".yaml", ".yml") or p.exists():
+        return load_recipe(p)
+    raise ValueError(f"unknown recipe {str(name_or_path)!r}: choose one of {', '.join(RECIPES)} or give a .json/.yaml recipe file")
