@@ -63,8 +63,12 @@ def _gguf_name(name: str) -> str | None:
     return None
 
 
-def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True):
-    """Config, float32 weights (HF names and layout) and tokenizer from a GGUF file."""
+def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dtype: str = "float32"):
+    """Config, weights (HF names and layout, float32 arrays) and tokenizer from a GGUF file.
+
+    Block matrices stored as F32/F16/BF16 keep that storage dtype. Block-quantized ones (Q4_1,
+    Q4_K, ...) have none: their dequantized values are exact in float32 only; ``dequantized_dtype``
+    is the storage dtype they take then (another than float32 rounds every tensor to it)."""
     import gguf
 
     path = pathlib.Path(path)
@@ -107,7 +111,14 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True):
     # the block matrices' type: F16/BF16/F32 as stored; block-quantized types dequantize to float32
     # values that no 16-bit type holds exactly, so their storage dtype is float32
     block_types = {t.tensor_type.name for t in reader.tensors if ".attn_q." in t.name or ".ffn_down." in t.name}
-    storage = {"F16": "float16", "BF16": "bfloat16"}.get(next(iter(block_types)), "float32") if len(block_types) == 1 else "float32"
+    plain = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    if len(block_types) == 1 and next(iter(block_types)) in plain:
+        storage = plain[next(iter(block_types))]
+    else:
+        from awp_jax import dtypes
+
+        storage = dtypes.check(dequantized_dtype)
+        weights = {k: dtypes.round_to(v, storage) for k, v in weights.items()}
     cfg = LlamaConfig(
         storage_dtype=storage,
         vocab_size=vocab,
@@ -295,16 +306,16 @@ def save_orbax_model(model: Llama, path: os.PathLike, *, tokenizer=None, encoded
     return path
 
 
-def load_checkpoint(spec: os.PathLike | str | None = None, *, with_tokenizer: bool = True):
+def load_checkpoint(spec: os.PathLike | str | None = None, *, with_tokenizer: bool = True, gguf_dequantized_dtype: str = "float32"):
     """``(config, weights, tokenizer)`` from a GGUF file, a HF directory, an orbax directory, or
     ``None`` = the default model."""
     from awp_jax import packed
 
     if spec is None or str(spec) == "default":
-        return load_gguf(assets.fetch(assets.DEFAULT_MODEL), with_tokenizer=with_tokenizer)
+        return load_gguf(assets.fetch(assets.DEFAULT_MODEL), with_tokenizer=with_tokenizer, dequantized_dtype=gguf_dequantized_dtype)
     p = pathlib.Path(spec)
     if p.is_file() and p.suffix == ".gguf":
-        return load_gguf(p, with_tokenizer=with_tokenizer)
+        return load_gguf(p, with_tokenizer=with_tokenizer, dequantized_dtype=gguf_dequantized_dtype)
     if p.is_dir() and packed.is_orbax_dir(p):
         return load_orbax_dir(p, with_tokenizer=with_tokenizer)
     if p.is_dir():
@@ -319,11 +330,16 @@ def load_model(spec=None, *, dtype: str = "float32", storage_dtype: str | None =
     """``(Llama, tokenizer)`` for a checkpoint (see :func:`load_checkpoint`).
 
     ``dtype``: the forward pass's parameter and activation dtype. ``storage_dtype``: the dtype the
-    weights keep their values in and every output is written in; ``None`` = the checkpoint's own
-    (``model.cfg.storage_dtype``); another value rounds every weight to it on loading."""
+    weights keep their values in and every output is written in (``model.cfg.storage_dtype``):
+    ``None`` = the checkpoint's values exactly (float32 for a GGUF's block-quantized tensors);
+    ``"auto"`` = the checkpoint's own dtype, and bfloat16 for a GGUF's block-quantized tensors (the
+    dtype their Hugging Face originals are released in); another value rounds every weight to it."""
     from awp_jax import dtypes
 
-    cfg, weights, tok = load_checkpoint(spec, with_tokenizer=with_tokenizer)
+    cfg, weights, tok = load_checkpoint(spec, with_tokenizer=with_tokenizer,
+                                        gguf_dequantized_dtype="bfloat16" if storage_dtype == "auto" else "float32")
+    if storage_dtype == "auto":
+        storage_dtype = None
     cfg = dataclasses.replace(cfg, dtype=dtype)
     if storage_dtype is not None and storage_dtype != cfg.storage_dtype:
         dtypes.check(storage_dtype)

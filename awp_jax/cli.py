@@ -229,7 +229,7 @@ def _compress(args) -> int:
                                    process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout)
         rank = jax.process_index()
     t_start = time.perf_counter()
-    model, tok = checkpoints.load_model(args.model, storage_dtype=None if args.dtype == "auto" else args.dtype)
+    model, tok = checkpoints.load_model(args.model, storage_dtype=args.dtype)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer files; calibration needs one")
     calib = data.calibration_windows(data.tokenize(tok, data.load_text(args.calib)), args.nsamples, args.seqlen, args.seed)
@@ -309,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--symmetric", action="store_true", default=argparse.SUPPRESS, help="symmetric grid (default: asymmetric with zero point)")
     comp.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                       help="dtype of the weights and every output: auto = the checkpoint's own (a bf16 model stays bf16; "
-                      "GGUF block-quantized tensors: float32, their exact dequantized values); otherwise the model is "
-                      "rounded to it on loading (default auto)")
+                      "a GGUF's block-quantized tensors, which have none, become bfloat16); another value rounds the "
+                      "model to it on loading (float32 keeps a GGUF's dequantized values exactly) (default auto)")
     comp.add_argument("--calib", default="calibration", help="calibration text: 'calibration' (Wikipedia leads) or a .txt/.jsonl file")
     comp.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     comp.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
