@@ -133,13 +133,15 @@ def _add_option_flags(parser) -> None:
     """One flag per field of the methods' options dataclasses (``awp_jax.methods``), so the CLI
     never repeats a default: an unset flag is absent from the parsed namespace."""
     groups: dict = {}
-    for name, (f, owners) in _option_fields().items():
+    fields = _option_fields()
+    for name, (f, owners) in sorted(fields.items(), key=lambda kv: "awp" not in kv[1][1]):  # awp's first
         key = ", ".join(owners)
         if key not in groups:
-            groups[key] = parser.add_argument_group(f"options of {key}")
+            note = " (a recipe sets some of them; a flag overrides the recipe)" if "awp" in owners else ""
+            groups[key] = parser.add_argument_group(f"options of {key}{note}")
         md = f.metadata
-        default = "the paper's" if f.default is None else f.default
-        kw = {"dest": name, "default": argparse.SUPPRESS, "help": f"{md['help']} (default: {default})"}
+        default = "" if "default" in md["help"] else f" (default: {"the paper's" if f.default is None else f.default})"
+        kw = {"dest": name, "default": argparse.SUPPRESS, "help": md["help"] + default}
         if f.default is False:
             kw["action"] = "store_true"
         else:
@@ -281,6 +283,10 @@ def _compress(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # transformers' advice that it found no torch: this package never needs torch models
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from awp_jax.methods import METHODS
     from awp_jax.recipes import DEFAULT, RECIPES
 

@@ -1,0 +1,97 @@
+"""Recipes and method options as data: every default in one place, foreign options refused."""
+
+import dataclasses
+import json
+
+import pytest
+
+from awp_jax import methods, recipes, solver
+
+
+def test_builtin_recipes_give_the_documented_solver_settings():
+    prune, nm, quant = methods.Constraint(sparsity=0.5), methods.Constraint(nm=(2, 4)), methods.Constraint(bits=4)
+    joint, nm_joint = methods.Constraint(sparsity=0.5, bits=4), methods.Constraint(nm=(2, 4), bits=4)
+    assert recipes.DEFAULT == "fast"
+    # paper: the solver presets, untouched
+    for con in (prune, nm, quant, joint, nm_joint):
+        assert recipes.RECIPES["paper"].options_for(con) == methods.AWPOptions()
+    cfg = methods.awp_config(prune, recipes.RECIPES["paper"].options_for(prune))
+    assert (cfg.max_iter, cfg.step_rule, cfg.step_scale, cfg.tol, cfg.init, cfg.momentum) == (200, "frobenius", 2.0, 1e-4, "wanda", False)
+    cfg = methods.awp_config(quant, methods.AWPOptions())
+    assert (cfg.max_iter, cfg.step_scale, cfg.init) == (10, 1.5, "rtn")
+    cfg = methods.awp_config(joint, methods.AWPOptions())
+    assert [p.iters for p in cfg.schedule.phases] == [25, 25, 50] and cfg.init == "dense"
+    # fast: momentum at 1/λmax for 50 iterations from Wanda; AWQ's start for quantization and joint
+    cfg = methods.awp_config(prune, recipes.RECIPES["fast"].options_for(prune))
+    assert (cfg.max_iter, cfg.step_rule, cfg.step_scale, cfg.momentum, cfg.init) == (50, "lambda_max", 1.0, True, "wanda")
+    assert recipes.RECIPES["fast"].options_for(quant).init == "awq"
+    cfg = methods.awp_config(joint, recipes.RECIPES["fast"].options_for(joint))
+    assert [p.iters for p in cfg.schedule.phases] == [50]  # joint iterations only, from Wanda→AWQ
+    # N:M + quantization has no AWQ start: the recipes leave it at the paper's settings
+    assert recipes.RECIPES["fast"].options_for(nm_joint) == methods.AWPOptions()
+    methods.awp_config(nm_joint, recipes.RECIPES["best"].options_for(nm_joint))
+    # best: SparseGPT start with the layer-wise count, a damped refit
+    cfg = methods.awp_config(prune, recipes.RECIPES["best"].options_for(prune))
+    assert (cfg.scope, cfg.refit_iters, cfg.refit_damping, cfg.max_iter) == ("layer", 50, 0.1, 50)
+    assert recipes.RECIPES["best"].options_for(nm).init == "sparsegpt"
+    # overrides go on top of the recipe
+    assert recipes.RECIPES["best"].options_for(prune, max_iter=7).max_iter == 7
+    json.dumps([r.to_dict() for r in recipes.RECIPES.values()])  # printable in the report
+
+
+def test_options_a_method_does_not_take_are_errors():
+    with pytest.raises(ValueError, match="method 'wanda' does not take max_iter; it takes: no options"):
+        methods.make_options("wanda", max_iter=5)
+    with pytest.raises(ValueError, match="method 'gptq' does not take momentum; it takes: blocksize, percdamp, act_order"):
+        methods.make_options("gptq", momentum=True)
+    with pytest.raises(ValueError, match="method 'gptq' takes GPTQOptions, got AWPOptions"):
+        methods.resolve("gptq", methods.Constraint(bits=4), methods.AWPOptions())
+    with pytest.raises(ValueError, match="step_rule must be one of"):
+        methods.AWPOptions(step_rule="bogus")
+    with pytest.raises(ValueError, match="percdamp must be a positive number"):
+        methods.SparseGPTOptions(percdamp=0.0)
+    with pytest.raises(ValueError, match="refit_iters is for pruning only"):
+        methods.awp_config(methods.Constraint(bits=4), methods.AWPOptions(refit_iters=3))
+    with pytest.raises(ValueError, match="scope is for unstructured pruning only"):
+        methods.awp_config(methods.Constraint(nm=(2, 4)), methods.AWPOptions(scope="layer"))
+
+
+def test_joint_max_iter_scales_the_schedule_instead_of_being_ignored():
+    q = methods.Constraint(sparsity=0.5, bits=4)
+    assert [p.iters for p in methods.awp_config(q, methods.AWPOptions(max_iter=40)).schedule.phases] == [10, 10, 20]
+    assert [p.iters for p in methods.awp_config(q, methods.AWPOptions(max_iter=40, init="wanda")).schedule.phases] == [20, 20]
+    assert methods.awp_config(methods.Constraint(nm=(2, 4), bits=4), methods.AWPOptions(max_iter=9)).max_iter == 9
+    assert isinstance(solver.awp_nm_joint(2, 4, q.quant), solver.PGDConfig)
+
+
+def test_settings_split_flat_fields_into_constraint_and_options():
+    con, opt = methods.settings("awp", sparsity=0.6, max_iter=9, momentum=True)
+    assert con == methods.Constraint(sparsity=0.6) and opt == methods.AWPOptions(max_iter=9, momentum=True)
+    with pytest.raises(ValueError, match="does not take act_order"):
+        methods.settings("sparsegpt", sparsity=0.5, act_order=True)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "must hold a mapping"),
+    ('{"method": "awp", "bogus": 1}', "unknown key"),
+    ('{"method": "nope"}', "unknown method 'nope'"),
+    ('{"options": {"prune": {"max_iter": 0}}}', "max_iter must be an integer >= 1"),
+    ('{"options": {"prune": {}, "max_iter": 3}}', "mixes kinds"),
+    ('{"options": {"quantise": {}}}', None),  # a flat mapping with a misspelt option: named below
+    ("{not json", "cannot parse recipe file"),
+])
+def test_bad_recipe_files_are_named(tmp_path, content, message):
+    p = tmp_path / "r.json"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=message or "does not take quantise"):
+        recipes.load_recipe(p)
+
+
+def test_a_flat_recipe_applies_to_every_kind(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: flat\noptions: {max_iter: 12, momentum: true}\n")
+    r = recipes.get_recipe(p)
+    for con in (methods.Constraint(sparsity=0.5), methods.Constraint(bits=3)):
+        assert dataclasses.asdict(r.options_for(con))["max_iter"] == 12
+    with pytest.raises(ValueError, match="unknown recipe 'fastest'"):
+        recipes.get_recipe("fastest")
