@@ -140,7 +140,8 @@ def _add_option_flags(parser) -> None:
             note = " (a recipe sets some of them; a flag overrides the recipe)" if "awp" in owners else ""
             groups[key] = parser.add_argument_group(f"options of {key}{note}")
         md = f.metadata
-        default = "" if "default" in md["help"] else f" (default: {"the paper's" if f.default is None else f.default})"
+        shown = "the paper's" if f.default is None else f.default
+        default = "" if "default" in md["help"] else f" (default: {shown})"
         kw = {"dest": name, "default": argparse.SUPPRESS, "help": md["help"] + default}
         if f.default is False:
             kw["action"] = "store_true"
