@@ -297,9 +297,7 @@ def save_orbax_model(model: Llama, path: os.PathLike, *, tokenizer=None, encoded
             raise ValueError(f"{name}: the model's weights differ from its compressed form; refusing to write")
     for name, v in weights.items():
         if name not in (encoded or {}):
-            if not np.array_equal(dtypes.round_to(v, dt), v):
-                raise ValueError(f"{name} holds values that {dt} cannot store exactly; refusing to write")
-            weights[name] = v.astype(dtypes.np_dtype(dt))
+            weights[name] = dtypes.cast_exact(v, dt, name)
     packed.save_orbax(path, model.cfg.to_hf_dict(), weights, encoded, extra=extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
@@ -332,22 +330,26 @@ def load_model(spec=None, *, dtype: str = "float32", storage_dtype: str | None =
     ``dtype``: the forward pass's parameter and activation dtype. ``storage_dtype``: the dtype the
     weights keep their values in and every output is written in (``model.cfg.storage_dtype``):
     ``None`` = the checkpoint's values exactly (float32 for a GGUF's block-quantized tensors);
-    ``"auto"`` = the checkpoint's own dtype, and bfloat16 for a GGUF's block-quantized tensors (the
-    dtype their Hugging Face originals are released in); another value rounds every weight to it."""
+    ``"auto"`` = the checkpoint's own dtype (its linear layers'; other tensors stored wider are
+    rounded to it), and bfloat16 for a GGUF's block-quantized tensors (the dtype their Hugging Face
+    originals are released in); another value rounds every weight to it. With ``None``, a
+    checkpoint whose other tensors are wider than its linear layers keeps float32."""
     from awp_jax import dtypes
 
     cfg, weights, tok = load_checkpoint(spec, with_tokenizer=with_tokenizer,
                                         gguf_dequantized_dtype="bfloat16" if storage_dtype == "auto" else "float32")
-    if storage_dtype == "auto":
-        storage_dtype = None
     cfg = dataclasses.replace(cfg, dtype=dtype)
-    if storage_dtype is not None and storage_dtype != cfg.storage_dtype:
-        dtypes.check(storage_dtype)
+    own = cfg.storage_dtype
+    if storage_dtype is None:
+        if own != "float32" and not all(np.array_equal(dtypes.round_to(v, own), np.asarray(v, np.float32)) for v in weights.values()):
+            cfg = dataclasses.replace(cfg, storage_dtype="float32")
+    else:
+        target = own if storage_dtype == "auto" else dtypes.check(storage_dtype)
         try:
-            weights = {k: dtypes.round_to(v, storage_dtype) for k, v in weights.items()}
+            weights = {k: dtypes.round_to(v, target) for k, v in weights.items()}
         except ValueError as e:
-            raise CheckpointError(f"cannot store {spec or 'the default model'} as {storage_dtype}: {e}") from e
-        cfg = dataclasses.replace(cfg, storage_dtype=storage_dtype)
+            raise CheckpointError(f"cannot store {spec or 'the default model'} as {target}: {e}") from e
+        cfg = dataclasses.replace(cfg, storage_dtype=target)
     return Llama(cfg, weights), tok
 
 

@@ -67,11 +67,12 @@ def _demo(args) -> int:
 
 
 def _nm(text: str) -> tuple[int, int]:
+    from awp_jax.recipes import parse_nm
+
     try:
-        n, m = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N:M such as 2:4, got {text!r}") from None
-    return n, m
+        return parse_nm(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _group(text: str) -> int | None:
@@ -140,11 +141,11 @@ def _add_option_flags(parser) -> None:
             note = " (a recipe sets some of them; a flag overrides the recipe)" if "awp" in owners else ""
             groups[key] = parser.add_argument_group(f"options of {key}{note}")
         md = f.metadata
-        shown = "the paper's" if f.default is None else f.default
+        shown = ("the recipe's, else the paper's" if "awp" in owners else "the paper's") if f.default is None else f.default
         default = "" if "default" in md["help"] else f" (default: {shown})"
         kw = {"dest": name, "default": argparse.SUPPRESS, "help": md["help"] + default}
         if f.default is False:
-            kw["action"] = "store_true"
+            kw["action"] = argparse.BooleanOptionalAction  # --momentum / --no-momentum: a flag can undo a recipe's
         else:
             kw["type"] = md.get("type", str)
             if "choices" in md:
@@ -182,9 +183,15 @@ def _resolve_run(args):
         raise ValueError(f"--recipe {args.recipe} is a recipe for method {recipe.method}, not {method}; drop --method or choose "
                          f"another recipe (built-in recipes are for awp: {', '.join(recipes.RECIPES)})")
     given = {k: getattr(args, k) for k in ("sparsity", "nm", "bits", "group_size", "symmetric") if hasattr(args, k)}
-    fields = {**recipe.constraint, **given}
+    fields = dict(recipe.constraint)
+    if {"sparsity", "nm", "bits"} & set(given):  # the flags say what to compress to: none of the recipe's targets stays
+        for k in ("sparsity", "nm", "bits"):
+            fields.pop(k, None)
+    fields.update(given)
     if not any(fields.get(k) for k in ("sparsity", "nm", "bits")):
         fields["sparsity"] = 0.5
+    if fields.get("bits") is None and {"group_size", "symmetric"} & set(given):
+        raise ValueError("--group-size and --symmetric describe a quantization grid: give --bits too")
     constraint = methods.Constraint(**fields)
     fields_of = _option_fields()
     set_options = {k: getattr(args, k) for k in fields_of if hasattr(args, k)}
@@ -242,7 +249,7 @@ def _compress(args) -> int:
         eval_windows = data.eval_windows(data.tokenize(tok, data.load_text(args.eval_text)), args.eval_seqlen, args.eval_windows)
         ppl["dense"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
         print(f"dense perplexity {ppl['dense']:.4f}", file=sys.stderr)
-    opts = {k: v for k, v in dataclasses.asdict(options).items()}
+    opts = dataclasses.asdict(options)
     print(f"compressing with {method} ({constraint.describe()}; recipe {recipe.name}: {opts or 'no options'}), "
           f"{args.mode} calibration on {args.nsamples} x {args.seqlen} tokens, weights in {model.cfg.storage_dtype}", file=sys.stderr)
     # finished blocks are kept here until the output is written, so a killed run resumes
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # transformers' advice that it found no torch: this package never needs torch models
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from awp_jax.dtypes import STORAGE_DTYPES
     from awp_jax.methods import METHODS
     from awp_jax.recipes import DEFAULT, RECIPES
 
@@ -313,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--nm", type=_nm, default=argparse.SUPPRESS, help="N:M pattern along the input dimension, e.g. 2:4")
     comp.add_argument("--bits", type=int, default=argparse.SUPPRESS, help="quantize to this many bits (2..8)")
     comp.add_argument("--group-size", type=_group, default=argparse.SUPPRESS, help="quantization group size, or 'row' (default 128; a shorter last group where it does not divide)")
-    comp.add_argument("--symmetric", action="store_true", default=argparse.SUPPRESS, help="symmetric grid (default: asymmetric with zero point)")
-    comp.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    comp.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help="symmetric grid (default: asymmetric with zero point)")
+    comp.add_argument("--dtype", choices=("auto", *STORAGE_DTYPES), default="auto",
                       help="dtype of the weights and every output: auto = the checkpoint's own (a bf16 model stays bf16; "
                       "a GGUF's block-quantized tensors, which have none, become bfloat16); another value rounds the "
                       "model to it on loading (float32 keeps a GGUF's dequantized values exactly) (default auto)")

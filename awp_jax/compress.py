@@ -234,6 +234,8 @@ def compress_model(
                                     aux=res.aux, dtype=dtype)
             except packed.NotLosslessError as e:
                 raise RuntimeError(f"block {i} {name}: {method}'s result is not on its {constraint.describe()} grid: {e}") from e
+            except ValueError as e:  # e.g. values beyond float16's range
+                raise ValueError(f"block {i} {name}: cannot store {method}'s result as {dtype}: {e}") from e
             exact = theta
             theta = jnp.asarray(packed.decode(enc))  # in ``dtype``'s values: what is exported and evaluated
             secs += time.perf_counter() - t0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-__all__ = ["STORAGE_DTYPES", "np_dtype", "name_of", "round_to", "itemsize"]
+__all__ = ["STORAGE_DTYPES", "np_dtype", "name_of", "round_to", "cast_exact"]
 
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 _NP = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
@@ -37,10 +37,6 @@ def name_of(dtype) -> str | None:
     return None
 
 
-def itemsize(name: str) -> int:
-    return np_dtype(name).itemsize
-
-
 def round_to(x, name: str) -> np.ndarray:
     """``x`` rounded to storage dtype ``name`` (round to nearest even), as a float32 array; values
     that do not fit (e.g. |x| > 65504 in float16) are an error, not an Inf."""
@@ -52,3 +48,13 @@ def round_to(x, name: str) -> np.ndarray:
     if not np.all(np.isfinite(y) | ~np.isfinite(x)):
         raise ValueError(f"values up to {float(np.max(np.abs(x))):.6g} do not fit in {name}")
     return y
+
+
+def cast_exact(x, name: str, what: str) -> np.ndarray:
+    """``x`` as an array of storage dtype ``name``; values that dtype cannot hold exactly are an
+    error naming ``what`` (outputs never round silently: the weights must already carry its values)."""
+    x = np.asarray(x, np.float32)
+    if not np.array_equal(round_to(x, name), x, equal_nan=True):
+        raise ValueError(f"{what} holds values that {name} cannot store exactly; load the model with that storage "
+                         f"dtype (CLI --dtype {name}, or checkpoints.load_model(..., storage_dtype={name!r}))")
+    return np.ascontiguousarray(x.astype(np_dtype(name)))

@@ -58,14 +58,7 @@ def save_hf_dir(model: Llama, out: os.PathLike, *, tokenizer=None, report: dict 
     try:
         cfg = model.cfg.to_hf_dict()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        dt = model.cfg.storage_dtype
-        weights = {}
-        for k, v in weights_of(model).items():
-            v = np.asarray(v, np.float32)
-            if not np.array_equal(dtypes.round_to(v, dt), v, equal_nan=True):
-                raise ValueError(f"{k} holds values that {dt} cannot store exactly; the model's weights must carry "
-                                 f"its storage dtype's values (load it with storage_dtype={dt!r})")
-            weights[k] = np.ascontiguousarray(v.astype(dtypes.np_dtype(dt)))
+        weights = {k: dtypes.cast_exact(v, model.cfg.storage_dtype, k) for k, v in weights_of(model).items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

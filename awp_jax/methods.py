@@ -49,9 +49,6 @@ from awp_jax.saliency import wanda_score
 __all__ = ["Constraint", "AWPOptions", "SparseGPTOptions", "GPTQOptions", "NoOptions", "LayerResult", "METHODS",
            "get_method", "make_options", "settings", "compress_layer", "compress_layers", "awp_config"]
 
-KINDS = ("prune", "nm", "quant", "joint")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Constraint:
     """What every layer is compressed to. Pruning: ``sparsity`` (fraction of each row) or ``nm``;
@@ -77,6 +74,8 @@ class Constraint:
                 raise ValueError(f"N:M needs integers 1 <= N <= M, got {self.nm!r}")
             if self.sparsity:
                 raise ValueError("give either a sparsity or an N:M pattern, not both")
+        for name in ("symmetric", "partial_groups"):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be True or False", getattr(self, name))
         if self.bits is not None:
             self.quant  # validates bits and group size
         if self.kind is None:
@@ -193,6 +192,10 @@ class GPTQOptions(SparseGPTOptions):
     """GPTQ's settings (the reference implementation's defaults)."""
 
     act_order: bool = option(False, "quantize columns in order of decreasing activation energy")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(isinstance(self.act_order, bool), "act_order must be True or False", self.act_order)
 
 
 class LayerResult(NamedTuple):
@@ -430,7 +433,7 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
         raise ValueError("init='awq' is for quantization and joint (unstructured) pruning + quantization")
     if opt.refit_iters and kind not in ("prune", "nm"):
         raise ValueError(f"refit_iters is for pruning only (a refit would leave the {con.describe()} grid)")
-    if opt.scope is not None and kind != "prune":
+    if opt.scope is not None and (con.nm is not None or not con.prunes):
         raise ValueError(f"scope is for unstructured pruning only, not {kind} ({con.describe()})")
     over = {k: v for k, v in (("step_rule", opt.step_rule), ("step_scale", opt.step_scale), ("tol", opt.tol)) if v is not None}
     over.update(momentum=opt.momentum, matmul_dtype=opt.matmul_dtype, refit_iters=opt.refit_iters, refit_damping=opt.refit_damping)

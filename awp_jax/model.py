@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from awp_jax import dtypes
+
 __all__ = ["LlamaConfig", "Llama", "Linear", "weights_of", "LINEAR_NAMES", "INPUT_OF", "forward", "random_weights"]
 
 # The seven linear layers of a block, and which captured input each one reads.
@@ -65,8 +67,7 @@ class LlamaConfig:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.storage_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"storage_dtype must be 'float32', 'bfloat16' or 'float16', got {self.storage_dtype!r}")
+        dtypes.check(self.storage_dtype)
 
     @classmethod
     def from_hf(cls, hf: Any, dtype: str = "float32") -> "LlamaConfig":

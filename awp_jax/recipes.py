@@ -143,6 +143,14 @@ def load_recipe(path: os.PathLike) -> Recipe:
     elif set(opts) - set(RECIPE_KINDS):
         raise ValueError(f"recipe file {path}: options mixes kinds ({', '.join(RECIPE_KINDS)}) and option names; "
                          "give either one mapping for every kind or one per kind")
+    types = {f.name: f.metadata.get("type") for f in dataclasses.fields(methods.get_method(method).options)} if method in methods.METHODS else {}
+    for kind_opts in opts.values():  # YAML 1.1 reads 1e-4 as a string: convert with the option's own type
+        for k, v in list(kind_opts.items()):
+            if isinstance(v, str) and types.get(k) in (int, float):
+                try:
+                    kind_opts[k] = types[k](v)
+                except ValueError:
+                    raise ValueError(f"recipe file {path}: option {k} must be a number, got {v!r}") from None
     constraint = {k: raw[k] for k in CONSTRAINT_KEYS if k in raw}
     if "nm" in constraint and constraint["nm"] is not None:
         constraint["nm"] = parse_nm(constraint["nm"])

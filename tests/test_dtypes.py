@@ -109,3 +109,22 @@ def test_dtype_flag_rounds_a_float32_model_on_loading(small_dir, tmp_path):
     assert np.array_equal(b[k], dtypes.round_to(a[k], "float16"))
     with pytest.raises(ValueError, match="do not fit in float16"):
         dtypes.round_to(np.array([1e6], np.float32), "float16")
+
+
+def test_tensors_wider_than_the_linear_layers_are_rounded_by_auto_and_kept_by_default(bf16_dir, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "mixed"
+    shutil.copytree(bf16_dir / "model", d)
+    tensors = load_file(str(d / "model.safetensors"))
+    norm = "model.norm.weight"
+    tensors[norm] = (1.0 + np.random.default_rng(0).standard_normal(tensors[norm].shape) / 7).astype(np.float32)  # not bf16 values
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    exact, _ = checkpoints.load_model(d, with_tokenizer=False)
+    assert exact.cfg.storage_dtype == "float32" and np.array_equal(weights_of(exact)[norm], tensors[norm])
+    auto, _ = checkpoints.load_model(d, storage_dtype="auto", with_tokenizer=False)
+    assert auto.cfg.storage_dtype == "bfloat16" and np.array_equal(weights_of(auto)[norm], dtypes.round_to(tensors[norm], "bfloat16"))
+    save_hf_dir(auto, tmp_path / "o")  # every tensor now holds bf16 values: written as bf16
+    assert _tensor_dtypes(tmp_path / "o" / "model.safetensors") == {"BF16"}

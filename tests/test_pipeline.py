@@ -148,6 +148,7 @@ def test_cli_compress_and_eval(small_dir, tmp_path, capsys):
     (["--init", "awq"], "init='awq' is for quantization"),
     (["--max-iter", "0"], "max_iter must be an integer >= 1"),
     (["--calib", "/no/such/text.txt"], "no/such/text.txt"),
+    (["--group-size", "64"], "give --bits too"),
     (["--sparsity", "1.0"], r"sparsity must be a number in \[0, 1\)"),
     (["--nm", "4:2"], "1 <= N <= M"),
     (["--model", "/no/such/model"], "model not found"),

@@ -95,3 +95,24 @@ def test_a_flat_recipe_applies_to_every_kind(tmp_path):
         assert dataclasses.asdict(r.options_for(con))["max_iter"] == 12
     with pytest.raises(ValueError, match="unknown recipe 'fastest'"):
         recipes.get_recipe("fastest")
+
+
+def test_cli_flags_over_a_recipe(tmp_path):
+    import argparse
+
+    from awp_jax.cli import _resolve_run
+
+    path = tmp_path / "r.yaml"
+    path.write_text("sparsity: 0.6\ngroup_size: 64\noptions: {prune: {momentum: true, tol: 1e-4}, nm: {momentum: true}}\n")
+    _, _, con, opt = _resolve_run(argparse.Namespace(recipe=str(path), method=None))
+    assert con == methods.Constraint(sparsity=0.6, group_size=64) and opt.momentum and opt.tol == 1e-4  # YAML's "1e-4" string
+    # a target flag replaces the recipe's targets (sparsity, N:M, bits) instead of combining with them
+    _, _, con, opt = _resolve_run(argparse.Namespace(recipe=str(path), method=None, nm=(2, 4)))
+    assert con.nm == (2, 4) and con.sparsity == 0.0 and opt.momentum
+    _, _, con, _ = _resolve_run(argparse.Namespace(recipe=str(path), method=None, bits=4))
+    assert con.kind == "quant" and con.group_size == 64
+    # a boolean flag can undo the recipe's
+    _, _, _, opt = _resolve_run(argparse.Namespace(recipe="fast", method=None, momentum=False))
+    assert not opt.momentum and opt.max_iter == 50
+    with pytest.raises(ValueError, match="give --bits too"):
+        _resolve_run(argparse.Namespace(recipe=None, method=None, symmetric=True))
