@@ -2,7 +2,8 @@
 
 For each block, four second-moment matrices are accumulated over all calibration tokens:
 ``attn_in`` (shared by q/k/v), ``o_in`` (o_proj), ``mlp_in`` (shared by gate/up) and ``down_in``
-(down_proj); :data:`awp_jax.model.INPUT_OF` maps a layer to its statistic.
+(down_proj) for the Llama family; each family's ``Block.LINEARS`` maps a layer to its statistic, and
+its blocks sow those inputs (``nnx.Intermediate``), captured here with ``nnx.capture``.
 
 Two modes behind one function, :func:`block_statistics`:
 
@@ -29,40 +30,34 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from awp_jax.model import Llama, rotary
 
-__all__ = ["STAT_NAMES", "block_statistics"]
-
-STAT_NAMES = ("attn_in", "o_in", "mlp_in", "down_in")
-
-
-@jax.jit
-def _embed(table, tokens):
-    return table[tokens]
+__all__ = ["block_statistics"]
 
 
 @functools.lru_cache(maxsize=8)  # one set of compiled functions per block structure
 def _block_fns(graphdef):
     @jax.jit
-    def stats(state, x, cos, sin):  # x [B, L, D] -> (y, {name: X Xᵀ summed over B·L})
-        y, cap = nnx.merge(graphdef, state)(x, cos, sin, capture=True)
-        grams = {k: jnp.einsum("bli,blj->ij", v.astype(jnp.float32), v.astype(jnp.float32),
-                               precision="highest") for k, v in cap.items()}
+    def stats(state, x, ctx):  # x [B, L, D] -> (y, {name: X Xᵀ summed over B·L})
+        y, cap = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(x, *ctx)
+        grams = {}
+        for k, var in cap.items():
+            (v,) = var.get_value()  # the block sows each statistic's input once per call
+            grams[k] = jnp.einsum("bli,blj->ij", v.astype(jnp.float32), v.astype(jnp.float32), precision="highest")
         return y, grams
 
     @jax.jit
-    def grams_only(state, x, cos, sin):  # when the block's output is recomputed after compression
-        return stats(state, x, cos, sin)[1]
+    def grams_only(state, x, ctx):  # when the block's output is recomputed after compression
+        return stats(state, x, ctx)[1]
 
     @jax.jit
-    def run(state, x, cos, sin):
-        return nnx.merge(graphdef, state)(x, cos, sin)
+    def run(state, x, ctx):
+        return nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(x, *ctx)[0]
 
     return stats, grams_only, run
 
 
 def block_statistics(
-    model: Llama,
+    model,
     windows: np.ndarray,
     *,
     mode: Literal["sequential", "parallel"] = "sequential",
@@ -91,16 +86,17 @@ def block_statistics(
         raise ValueError(f"windows must be [n, seqlen], got shape {windows.shape}")
     n, seqlen = windows.shape
     n_tokens = n * seqlen
-    cos, sin = rotary(model.cfg, seqlen)
+    ctx = model.context(seqlen)
     batches = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
-    hidden = [_embed(model.embed_tokens[...], jnp.asarray(b)) for b in batches]
+    embed = nnx.jit(lambda m, t: m.embed(t))
+    hidden = [embed(model, jnp.asarray(b)) for b in batches]
     graphdef = nnx.graphdef(model.layers[0])
     stats_fn, grams_fn, run_fn = _block_fns(graphdef)
     recompute = mode == "sequential" and on_block is not None
     kept: list | None = [] if on_block is None else None
     for li in range(start_block):
         state = nnx.state(model.layers[li])
-        hidden = [run_fn(state, x, cos, sin) for x in hidden]
+        hidden = [run_fn(state, x, ctx) for x in hidden]
     if after_prefix is not None:
         after_prefix()
 
@@ -115,9 +111,9 @@ def block_statistics(
         outs = []
         for x in hidden:
             if recompute:
-                grams = grams_fn(state, x, cos, sin)
+                grams = grams_fn(state, x, ctx)
             else:
-                y, grams = stats_fn(state, x, cos, sin)
+                y, grams = stats_fn(state, x, ctx)
                 outs.append(y)
             if accumulate == "float64":
                 grams = {k: np.asarray(v, np.float64) for k, v in grams.items()}
@@ -129,6 +125,6 @@ def block_statistics(
             on_block(li, c)
             if recompute:  # sequential: the next block sees the compressed block's output
                 state = nnx.state(model.layers[li])
-                outs = [run_fn(state, x, cos, sin) for x in hidden]
+                outs = [run_fn(state, x, ctx) for x in hidden]
         hidden = outs
     return kept

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from awp_jax import assets
-from awp_jax.model import Llama, LlamaConfig
+from awp_jax import models
+from awp_jax.models import LlamaConfig
 
 __all__ = ["CheckpointError", "load_hf_dir", "load_gguf", "load_checkpoint", "load_model", "load_default", "load_tokenizer"]
 
@@ -133,6 +134,7 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
         tie_word_embeddings="lm_head.weight" not in weights,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in weights,
         max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
+        model_type=arch,
     )
     tok = _gguf_tokenizer(path, reader) if with_tokenizer else None
     return cfg, weights, tok
@@ -218,7 +220,7 @@ def load_hf_dir(path: os.PathLike, *, with_tokenizer: bool = True):
     except Exception as e:
         raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from e
     try:
-        cfg = LlamaConfig.from_hf(hf_cfg)
+        cfg = models.config_from_hf(hf_cfg)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
     index = path / "model.safetensors.index.json"
@@ -269,7 +271,7 @@ def load_orbax_dir(path: os.PathLike, *, with_tokenizer: bool = True, sharding=N
     except (ValueError, FileNotFoundError) as e:
         raise CheckpointError(str(e)) from e
     try:
-        cfg = LlamaConfig.from_hf(AutoConfig.for_model(**meta["config"]))
+        cfg = models.config_from_hf(AutoConfig.for_model(**meta["config"]))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'awp_jax.json'}: bad model config: {e}") from e
     weights = packed.dense_weights(params, encoded)
@@ -281,11 +283,11 @@ def load_orbax_dir(path: os.PathLike, *, with_tokenizer: bool = True, sharding=N
     return cfg, weights, tok
 
 
-def save_orbax_model(model: Llama, path: os.PathLike, *, tokenizer=None, encoded: dict | None = None, extra: dict | None = None):
+def save_orbax_model(model, path: os.PathLike, *, tokenizer=None, encoded: dict | None = None, extra: dict | None = None):
     """Write ``model`` as an orbax directory (``--model`` accepts it). ``encoded``: layers to store in
     their compressed form (from :func:`awp_jax.compress.compress_model`); the rest are dense."""
     from awp_jax import packed
-    from awp_jax.model import weights_of
+    from awp_jax.models import weights_of
 
     from awp_jax import dtypes
 
@@ -350,7 +352,7 @@ def load_model(spec=None, *, dtype: str = "float32", storage_dtype: str | None =
         except ValueError as e:
             raise CheckpointError(f"cannot store {spec or 'the default model'} as {target}: {e}") from e
         cfg = dataclasses.replace(cfg, storage_dtype=target)
-    return Llama(cfg, weights), tok
+    return models.build(cfg, weights), tok
 
 
 def load_default(*, dtype: str = "float32"):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from awp_jax import calibration, methods, packed
-from awp_jax.model import _PREFIX, INPUT_OF, LINEAR_NAMES, Llama
+from awp_jax.models import Llama
 from awp_jax.solver import objective
 
 __all__ = ["compress_model", "RunMismatchError"]
@@ -44,10 +44,6 @@ __all__ = ["compress_model", "RunMismatchError"]
 
 class RunMismatchError(ValueError):
     """The run directory holds a run made with other settings."""
-
-
-def _hf_name(i: int, name: str) -> str:
-    return f"model.layers.{i}.{_PREFIX[name]}.{name}.weight"
 
 
 def _block_file(run_dir: pathlib.Path, i: int) -> pathlib.Path:
@@ -65,7 +61,7 @@ def _save_block(run_dir: pathlib.Path, i: int, blk, rows: list[dict], enc: dict[
 def _write_block(run_dir: pathlib.Path, i: int, blk, rows: list[dict], enc: dict[str, dict]) -> None:
     from safetensors.numpy import save_file
 
-    tensors = {name: np.asarray(getattr(blk, name).weight[...]) for name in LINEAR_NAMES}
+    tensors = {name: np.asarray(blk.linear(name).weight[...]) for name in blk.LINEARS}
     for name, e in enc.items():
         tensors.update({f"{name}::{k}": np.ascontiguousarray(v) for k, v in e.items() if k != "meta"})
     meta = {"rows": json.dumps(rows), "encoded": json.dumps({n: e["meta"] for n, e in enc.items()})}
@@ -88,8 +84,8 @@ def _load_block(run_dir: pathlib.Path, i: int, blk) -> tuple[list[dict], dict[st
             if "::" in key:
                 n, field = key.split("::")
                 enc[n][field] = f.get_tensor(key)
-        for name in LINEAR_NAMES:
-            lin = getattr(blk, name)
+        for name in blk.LINEARS:
+            lin = blk.linear(name)
             lin.weight[...] = jnp.asarray(f.get_tensor(name), lin.weight[...].dtype)
     return rows, enc
 
@@ -190,7 +186,7 @@ def compress_model(
         for i in range(start):
             rows, enc = _load_block(run_dir, i, model.layers[i])
             report.extend(rows)
-            encoded.update({_hf_name(i, n): e for n, e in enc.items()})
+            encoded.update({model.linear_key(i, n): e for n, e in enc.items()})
 
     if mode == "sequential":
         load_done()  # later blocks are calibrated on the compressed ones
@@ -201,13 +197,13 @@ def compress_model(
         enc_block = {}
         # layers of equal shape that share an input (k/v under GQA, gate/up) are solved as one stack
         groups: dict = {}
-        for name in LINEAR_NAMES:
-            key = (tuple(getattr(blk, name).weight[...].shape), INPUT_OF[name]) if vmap_groups else name
+        for name, stat in blk.LINEARS.items():
+            key = (tuple(blk.linear(name).weight[...].shape), stat) if vmap_groups else name
             groups.setdefault(key, []).append(name)
         results = {}
         for g, names in enumerate(groups.values()):
-            ws = [jnp.asarray(getattr(blk, n).weight[...], jnp.float32) for n in names]
-            cs = [jnp.asarray(stats[INPUT_OF[n]], jnp.float32) for n in names]
+            ws = [jnp.asarray(blk.linear(n).weight[...], jnp.float32) for n in names]
+            cs = [jnp.asarray(stats[blk.LINEARS[n]], jnp.float32) for n in names]
             owner = g % n_proc  # several processes: the groups of a block are dealt out among them
             out = None
             if owner == rank:
@@ -222,8 +218,8 @@ def compress_model(
                 out, secs = _exchange(None if out is None else (out, secs), owner, f"block {i} {'/'.join(names)}")
             for n, w, c, res in zip(names, ws, cs, out):
                 results[n] = (w, c, res, secs, len(names))
-        for name in LINEAR_NAMES:
-            lin = getattr(blk, name)
+        for name in blk.LINEARS:
+            lin = blk.linear(name)
             w, c, res, secs, lanes = results[name]
             t0 = time.perf_counter()
             theta = np.asarray(res.theta)
@@ -260,7 +256,7 @@ def compress_model(
         if run_dir is not None and rank == 0:
             _save_block(run_dir, i, blk, rows, enc_block)
         report.extend(rows)
-        encoded.update({_hf_name(i, n): e for n, e in enc_block.items()})
+        encoded.update({model.linear_key(i, n): e for n, e in enc_block.items()})
 
     calibration.block_statistics(model, windows, mode=mode, batch_size=batch_size, on_block=on_block, progress=progress,
                                  start_block=start, after_prefix=None if mode == "sequential" else load_done)

@@ -1,8 +1,8 @@
 """Storage dtypes: the floating-point types a checkpoint keeps its weights in.
 
-The model computes in float32 (or bfloat16, :attr:`awp_jax.model.LlamaConfig.dtype`); what it
+The model computes in float32 (or bfloat16, :attr:`awp_jax.models.LlamaConfig.dtype`); what it
 *stores* — and what every output is written in — is the checkpoint's own dtype
-(:attr:`awp_jax.model.LlamaConfig.storage_dtype`): a bfloat16 checkpoint stays bfloat16. Weights
+(:attr:`awp_jax.models.LlamaConfig.storage_dtype`): a bfloat16 checkpoint stays bfloat16. Weights
 held in float32 arrays carry exactly the values of their storage dtype (:func:`round_to`).
 """
 

@@ -24,7 +24,7 @@ import tempfile
 
 import numpy as np
 
-from awp_jax.model import Llama, weights_of
+from awp_jax.models import Llama, weights_of
 
 from awp_jax import dtypes
 

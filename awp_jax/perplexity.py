@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from awp_jax.model import Llama
+from awp_jax.models import Llama
 
 __all__ = ["PerplexityResult", "perplexity", "window_nll"]
 

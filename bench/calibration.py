@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from awp_jax import checkpoints, data, methods  # noqa: E402
-from awp_jax.model import weights_of  # noqa: E402
+from awp_jax.models import weights_of  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import quality  # noqa: E402

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from awp_jax import checkpoints, compress, data, methods  # noqa: E402
-from awp_jax.model import Llama, weights_of  # noqa: E402
+from awp_jax.models import Llama, weights_of  # noqa: E402
 
 S = dict  # flat settings: methods.settings(method, **s) splits them into constraint and options
 MOMENTUM50 = "awp (momentum, η=1/λmax, 50 it)"

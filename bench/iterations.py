@@ -33,7 +33,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import awp_jax as aj  # noqa: E402
 from awp_jax import calibration, checkpoints, data  # noqa: E402
-from awp_jax.model import INPUT_OF, LINEAR_NAMES  # noqa: E402
+from awp_jax.models import Llama  # noqa: E402
+
+INPUT_OF = Llama.Block.LINEARS  # linear layer → the statistic its input gives
+LINEAR_NAMES = tuple(INPUT_OF)
 
 VARIANTS = {
     "paper (η = 2/‖C‖_F)": {},

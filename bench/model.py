@@ -28,7 +28,7 @@ import torch
 
 from awp_jax import calibration, data, perplexity
 from awp_jax.checkpoints import load_checkpoint
-from awp_jax.model import Llama, forward
+from awp_jax.models import Llama, forward
 
 
 def peak_rss_mb() -> float:

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from awp_jax import checkpoints, compress, data, methods, perplexity  # noqa: E402
-from awp_jax.model import Llama, weights_of  # noqa: E402
+from awp_jax.models import Llama, weights_of  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -150,7 +150,7 @@ def figure1(cfg, dense, calib, out_png, block=5, layer="q_proj", iters=200):
     import jax.numpy as jnp
 
     from awp_jax import calibration, solver
-    from awp_jax.model import INPUT_OF
+    INPUT_OF = Llama.Block.LINEARS
 
     model = Llama(cfg, dense)
     stats = calibration.block_statistics(model, calib[:16], mode="parallel", progress=False)

@@ -12,7 +12,10 @@ import numpy as np
 
 import awp_jax as aj
 from awp_jax import calibration, checkpoints, data, methods
-from awp_jax.model import INPUT_OF
+from awp_jax.models import Llama
+
+INPUT_OF = Llama.Block.LINEARS  # linear layer → the statistic its input gives
+LINEAR_NAMES = tuple(INPUT_OF)
 
 VARIANTS = [
     ("sparsegpt", "sparsegpt", {}),

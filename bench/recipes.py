@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from awp_jax import checkpoints, data, methods, recipes  # noqa: E402
 from awp_jax.cli import matmul_gflops  # noqa: E402
-from awp_jax.model import weights_of  # noqa: E402
+from awp_jax.models import weights_of  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import quality  # noqa: E402
@@ -110,7 +110,7 @@ def main(argv=None):
         ev = data.eval_windows(data.tokenize(tok, data.evaluation_text()), 512, 64)
         if "dense" not in store:
             from awp_jax import perplexity
-            from awp_jax.model import Llama
+            from awp_jax.models import Llama
 
             store["dense"] = perplexity.perplexity(Llama(cfg, dense), ev, batch_size=8).perplexity
             save()

@@ -45,7 +45,7 @@ import numpy as np
 import jax.numpy as jnp
 from awp_jax import checkpoints, compress, data, methods, perplexity, recipes
 from awp_jax.export import save_hf_dir
-from awp_jax.model import Llama, forward, weights_of
+from awp_jax.models import Llama, forward, weights_of
 
 t0 = time.time()
 dense_model, tok = checkpoints.load_default()          # downloads ~100 MB once, then cached
@@ -240,7 +240,8 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import awp_jax as aj
 from awp_jax import calibration, checkpoints, data
-from awp_jax.model import INPUT_OF
+from awp_jax.models import Llama
+INPUT_OF = Llama.Block.LINEARS  # linear layer -> the statistic its input gives
 from awp_jax.saliency import wanda_score
 
 model, tok = checkpoints.load_default()

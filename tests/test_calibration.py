@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from awp_jax import calibration, data, perplexity
-from awp_jax.model import Llama, random_weights, rotary
+from awp_jax.models import Llama, random_weights, rotary
 from test_model import TINY, torch_model
 
 
@@ -22,12 +22,15 @@ def windows():
 
 def _manual_inputs(model, windows):
     """Inputs of every block's linear layers, computed directly: list over blocks of {name: [N, d]}."""
+    from flax import nnx
+
     cos, sin = rotary(model.cfg, windows.shape[1])
     x = model.embed(jnp.asarray(windows))
     out = []
     for blk in model.layers:
-        x, cap = blk(x, cos, sin, capture=True)
-        out.append({k: np.asarray(v, np.float64).reshape(-1, v.shape[-1]) for k, v in cap.items()})
+        x, cap = nnx.capture(blk, nnx.Intermediate)(x, cos, sin)
+        assert set(cap) == set(blk.LINEARS.values())
+        out.append({k: np.asarray(v.get_value()[0], np.float64).reshape(-1, v.get_value()[0].shape[-1]) for k, v in cap.items()})
     return out
 
 

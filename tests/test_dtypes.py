@@ -12,7 +12,7 @@ from safetensors import safe_open
 from awp_jax import checkpoints, dtypes, packed
 from awp_jax.cli import main
 from awp_jax.export import save_hf_dir
-from awp_jax.model import Llama, forward, random_weights, weights_of
+from awp_jax.models import Llama, forward, random_weights, weights_of
 from tests.test_pipeline import SMALL, _windows, small_dir  # noqa: F401  (a fixture)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from awp_jax.checkpoints import CheckpointError, load_checkpoint, load_hf_dir, load_model
-from awp_jax.model import Llama, LlamaConfig, forward, random_weights, weights_of
+from awp_jax.models import Llama, LlamaConfig, build, forward, random_weights, weights_of
 
 TINY = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=256)
@@ -19,6 +19,7 @@ VARIANTS = {
     "llama3-rope": dataclasses.replace(TINY, rope_theta=500000.0, max_position_embeddings=512, rope_scaling=(
         ("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0), ("original_max_position_embeddings", 64.0))),
     "qwen2-bias": dataclasses.replace(TINY, attention_bias=True),
+    "qwen3-qk-norm": dataclasses.replace(TINY, model_type="qwen3"),
 }
 
 
@@ -40,7 +41,7 @@ def test_logits_match_transformers(variant):
     cfg = VARIANTS[variant]
     w = random_weights(cfg, seed=1, scale=0.2)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 300)).astype(np.int32)  # > one attention chunk
-    ours = np.asarray(forward(Llama(cfg, w))(jnp.asarray(tokens)))
+    ours = np.asarray(forward(build(cfg, w))(jnp.asarray(tokens)))
     with torch.no_grad():
         ref = torch_model(cfg, w)(torch.from_numpy(tokens).long()).logits.numpy()
     assert np.max(np.abs(ours - ref)) <= 1e-3, np.max(np.abs(ours - ref))
@@ -96,7 +97,7 @@ def test_hf_directory_loads(tmp_path, shards):
     w = random_weights(cfg, seed=4)
     _save_hf_dir(tmp_path / "m", cfg, w, shards)
     cfg2, w2, tok = load_hf_dir(tmp_path / "m")
-    assert cfg2 == cfg and tok is None
+    assert cfg2 == dataclasses.replace(cfg, model_type="qwen2") and cfg2.family == cfg.family and tok is None
     assert all(np.array_equal(w2[k], w[k]) for k in w)
     model, _ = load_model(tmp_path / "m")
     assert isinstance(model, Llama)
@@ -124,3 +125,23 @@ def test_hf_directory_errors(tmp_path):
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(CheckpointError, match="not a readable GGUF"):
         load_checkpoint(bad)
+
+
+def test_qwen3_family_and_settings_the_port_does_not_implement():
+    from transformers import Qwen3Config
+
+    from awp_jax import models
+
+    cfg = VARIANTS["qwen3-qk-norm"]
+    m = build(cfg, random_weights(cfg, seed=7))
+    assert isinstance(m, models.Qwen3) and set(m.layers[0].LINEARS) == set(Llama.Block.LINEARS)
+    assert "model.layers.1.self_attn.k_norm.weight" in weights_of(m)
+    hf = Qwen3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16)
+    assert models.config_from_hf(hf).family == "qwen3"
+    hf.use_sliding_window = True
+    with pytest.raises(ValueError, match="use_sliding_window=True"):
+        models.config_from_hf(hf)
+    hf.use_sliding_window, hf.hidden_act = False, "gelu"
+    with pytest.raises(ValueError, match="hidden_act='gelu' is not implemented"):
+        models.config_from_hf(hf)

@@ -13,7 +13,7 @@ import pytest
 
 from awp_jax import assets, checkpoints
 from awp_jax.export import save_hf_dir
-from awp_jax.model import Llama, random_weights
+from awp_jax.models import Llama, random_weights
 from tests.test_pipeline import SMALL
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from awp_jax import checkpoints, compress, methods, packed
 from awp_jax.cli import main, synthetic_layer
 from awp_jax.export import save_hf_dir
-from awp_jax.model import Llama, random_weights, weights_of
+from awp_jax.models import Llama, random_weights, weights_of
 from tests.test_pipeline import SMALL, _windows
 
 

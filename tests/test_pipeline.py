@@ -11,7 +11,7 @@ import torch
 from awp_jax import assets, checkpoints, compress, methods
 from awp_jax.cli import main
 from awp_jax.export import OutputExistsError, save_hf_dir
-from awp_jax.model import Llama, LlamaConfig, forward, random_weights, weights_of
+from awp_jax.models import Llama, LlamaConfig, forward, random_weights, weights_of
 
 SMALL = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=512)
@@ -84,8 +84,12 @@ def test_vmapped_equal_shape_layers_give_the_same_model(spec, opts):
     assert [r["iterations"] for r in ra] == [r["iterations"] for r in rb]
 
 
-def test_export_round_trips_and_transformers_loads_it(tmp_path):
-    model = Llama(SMALL, random_weights(SMALL, 3))
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_export_round_trips_and_transformers_loads_it(tmp_path, family):
+    from awp_jax.models import build
+
+    cfg = dataclasses.replace(SMALL, model_type=family)
+    model = build(cfg, random_weights(cfg, 3))
     compress.compress_model(model, _windows(), "wanda", methods.Constraint(sparsity=0.5), progress=False)
     out = save_hf_dir(model, tmp_path / "out", report={"x": 1})
     again, _ = checkpoints.load_model(out)

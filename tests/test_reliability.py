@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from awp_jax import checkpoints, compress, data, methods
 from awp_jax.cli import main, synthetic_layer
-from awp_jax.model import Llama, random_weights, weights_of
+from awp_jax.models import Llama, random_weights, weights_of
 from tests.test_pipeline import SMALL, SPECS, _windows
 
 
