@@ -90,12 +90,14 @@ def block_statistics(
     batches = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
     embed = nnx.jit(lambda m, t: m.embed(t))
     hidden = [embed(model, jnp.asarray(b)) for b in batches]
-    graphdef = nnx.graphdef(model.layers[0])
-    stats_fn, grams_fn, run_fn = _block_fns(graphdef)
     recompute = mode == "sequential" and on_block is not None
     kept: list | None = [] if on_block is None else None
+    def fns(li):  # blocks may differ in structure (e.g. sliding-window and global attention)
+        return _block_fns(nnx.graphdef(model.layers[li]))
+
     for li in range(start_block):
         state = nnx.state(model.layers[li])
+        run_fn = fns(li)[2]
         hidden = [run_fn(state, x, ctx) for x in hidden]
     if after_prefix is not None:
         after_prefix()
@@ -107,6 +109,7 @@ def block_statistics(
         layers = tqdm(layers, desc=f"calibration ({mode})", unit="block")
     for li in layers:
         state = nnx.state(model.layers[li])
+        stats_fn, grams_fn, run_fn = fns(li)
         totals = None
         outs = []
         for x in hidden:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from awp_jax import calibration, data, perplexity
-from awp_jax.models import Llama, random_weights, rotary
+from awp_jax.models import Llama, random_weights
 from test_model import TINY, torch_model
 
 
@@ -24,11 +24,11 @@ def _manual_inputs(model, windows):
     """Inputs of every block's linear layers, computed directly: list over blocks of {name: [N, d]}."""
     from flax import nnx
 
-    cos, sin = rotary(model.cfg, windows.shape[1])
+    ctx = model.context(windows.shape[1])
     x = model.embed(jnp.asarray(windows))
     out = []
     for blk in model.layers:
-        x, cap = nnx.capture(blk, nnx.Intermediate)(x, cos, sin)
+        x, cap = nnx.capture(blk, nnx.Intermediate)(x, *ctx)
         assert set(cap) == set(blk.LINEARS.values())
         out.append({k: np.asarray(v.get_value()[0], np.float64).reshape(-1, v.get_value()[0].shape[-1]) for k, v in cap.items()})
     return out
@@ -111,3 +111,20 @@ def test_user_text_files(tmp_path):
         data.read_text(tmp_path / "d.txt")
     with pytest.raises(data.DataError, match="not found"):
         data.read_text(tmp_path / "zzz.txt")
+
+
+def test_statistics_of_a_family_whose_blocks_differ(windows):
+    """Gemma 3 alternates sliding-window and global blocks (different compiled structures): each
+    block's statistics come from its own forward, equal to X Xᵀ / n of its captured inputs."""
+    from awp_jax import models
+
+    cfg = models.GemmaConfig(vocab_size=TINY.vocab_size, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                              num_kv_heads=2, head_dim=8, sliding_window=5,
+                              layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+    model = models.build(cfg, models.random_weights(cfg, seed=2, scale=0.2))
+    stats = calibration.block_statistics(model, windows, batch_size=4)
+    manual = _manual_inputs(model, windows)
+    for s, m in zip(stats, manual):
+        assert set(s) == set(m) == {"attn_in", "o_in", "mlp_in", "down_in"}
+        for k, x in m.items():
+            np.testing.assert_allclose(s[k], x.T @ x / x.shape[0], rtol=2e-5, atol=1e-6)

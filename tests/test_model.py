@@ -145,3 +145,47 @@ def test_qwen3_family_and_settings_the_port_does_not_implement():
     hf.use_sliding_window, hf.hidden_act = False, "gelu"
     with pytest.raises(ValueError, match="hidden_act='gelu' is not implemented"):
         models.config_from_hf(hf)
+
+
+GEMMA3 = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, sliding_window=24, query_pre_attn_scalar=24,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=512)
+
+
+@pytest.mark.parametrize("family, final_cap", [("gemma3_text", None), ("gemma3_text", 5.0), ("gemma2", 5.0)])
+def test_gemma_logits_match_transformers(family, final_cap):
+    """Sliding window (24 < 300 tokens) and global layers, their rotary bases, offset norms, GeGLU,
+    the embedding scale, q/k norms (Gemma 3), attention soft-capping (Gemma 2: at 2.0, so it acts)
+    and final-logit soft-capping."""
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    from awp_jax import models
+
+    if family == "gemma2":
+        hf = Gemma2Config(**GEMMA3, final_logit_softcapping=final_cap, attn_logit_softcapping=2.0)
+    else:
+        hf = Gemma3TextConfig(**GEMMA3, final_logit_softcapping=final_cap)
+    cfg = models.config_from_hf(hf)
+    assert cfg.family == family and cfg.layer_types[1] == "full_attention"
+    w = random_weights(cfg, seed=3, scale=0.2)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 300)).astype(np.int32)
+    model = build(cfg, w)
+    ours = np.asarray(forward(model)(jnp.asarray(tokens)))
+    with torch.no_grad():
+        ref = torch_model(cfg, w)(torch.from_numpy(tokens).long()).logits.numpy()
+    assert np.max(np.abs(ours - ref)) <= 1e-3, np.max(np.abs(ours - ref))
+    # the window matters: without it the logits after position 24 differ
+    assert np.max(np.abs(ours[:, 30:] - np.asarray(forward(build(dataclasses.replace(cfg, sliding_window=512), w))(tokens))[:, 30:])) > 1e-3
+
+
+def test_gemma3_settings_the_port_does_not_implement_are_refused():
+    from transformers import Gemma3TextConfig
+
+    from awp_jax import models
+
+    with pytest.raises(ValueError, match="attn_logit_softcapping=50.0 is not implemented"):
+        models.config_from_hf(Gemma3TextConfig(**GEMMA3, attn_logit_softcapping=50.0))
+    with pytest.raises(ValueError, match="rope_type='linear' is not implemented"):
+        models.config_from_hf(Gemma3TextConfig(**GEMMA3, rope_scaling={"rope_type": "linear", "factor": 8.0}))
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+        models.config_from_hf(Gemma3TextConfig(**GEMMA3, use_bidirectional_attention=True))

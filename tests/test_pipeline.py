@@ -84,11 +84,15 @@ def test_vmapped_equal_shape_layers_give_the_same_model(spec, opts):
     assert [r["iterations"] for r in ra] == [r["iterations"] for r in rb]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_export_round_trips_and_transformers_loads_it(tmp_path, family):
-    from awp_jax.models import build
+GEMMA3_SMALL = dict(vocab_size=SMALL.vocab_size, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=32, sliding_window=16, layer_types=("sliding_attention", "full_attention"))
 
-    cfg = dataclasses.replace(SMALL, model_type=family)
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_export_round_trips_and_transformers_loads_it(tmp_path, family):
+    from awp_jax.models import GemmaConfig, build
+
+    cfg = GemmaConfig(**GEMMA3_SMALL) if family == "gemma3_text" else dataclasses.replace(SMALL, model_type=family)
     model = build(cfg, random_weights(cfg, 3))
     compress.compress_model(model, _windows(), "wanda", methods.Constraint(sparsity=0.5), progress=False)
     out = save_hf_dir(model, tmp_path / "out", report={"x": 1})

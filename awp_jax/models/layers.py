@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["Linear", "RMSNorm", "rope_inv_freq", "rotary", "rotate_half", "causal_attention", "lead"]
+__all__ = ["Linear", "RMSNorm", "OffsetRMSNorm", "rope_inv_freq", "rotary", "rotate_half", "causal_attention", "lead"]
 
 
 def rope_inv_freq(cfg) -> np.ndarray:
@@ -51,9 +51,12 @@ def rotate_half(x):
 ATTENTION_CHUNK = 256
 
 
-def causal_attention(q, k, v, chunk: int = ATTENTION_CHUNK):
+def causal_attention(q, k, v, chunk: int = ATTENTION_CHUNK, *, scale: float | None = None, window: int | None = None,
+                     softcap: float | None = None):
     """Grouped-query causal attention. ``q [B, L, KH, G, hd]``, ``k, v [B, L, KH, hd]`` →
-    ``[B, L, KH, G, hd]``. Scores and softmax in float32.
+    ``[B, L, KH, G, hd]``. Scores and softmax in float32. ``scale``: the score scale (default
+    ``1/sqrt(hd)``); ``window``: a query sees only the ``window`` most recent positions, itself
+    included (sliding-window attention); ``softcap``: scores become ``softcap·tanh(score/softcap)``.
 
     The G query heads that share a key/value head are folded into the query axis, so each
     product is one large batched matmul per kv head. Queries are processed in chunks of ``chunk``
@@ -62,15 +65,20 @@ def causal_attention(q, k, v, chunk: int = ATTENTION_CHUNK):
     than the unchunked form at L = 2048 on CPU).
     """
     B, L, KH, G, hd = q.shape
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
     qt = q.transpose(0, 2, 3, 1, 4)  # [B, KH, G, L, hd]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KH, L, hd]
     outs = []
     for s in range(0, L, chunk):
         e = min(s + chunk, L)
         qs = qt[:, :, :, s:e].reshape(B, KH, G * (e - s), hd)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", qs, kt[:, :, :e]).astype(jnp.float32) / math.sqrt(hd)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", qs, kt[:, :, :e]).astype(jnp.float32) * scale
+        if softcap is not None:
+            scores = softcap * jnp.tanh(scores / softcap)
         pos = jnp.tile(jnp.arange(s, e), G)
         causal = pos[:, None] >= jnp.arange(e)[None, :]
+        if window is not None:
+            causal &= pos[:, None] - jnp.arange(e)[None, :] < window
         scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         outs.append(jnp.einsum("bhqk,bhkd->bhqd", probs, vt[:, :, :e]).reshape(B, KH, G, e - s, hd))
@@ -91,13 +99,25 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
+    """Llama's: normalised in float32, cast back, then scaled by ``weight``."""
+
     def __init__(self, weight, eps: float):
         self.weight = nnx.Param(jnp.asarray(weight))
         self.eps = eps
 
-    def __call__(self, x):
+    def _normed(self, x):
         h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return lead(self.weight[...], x.ndim) * h.astype(x.dtype)
+        return h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+
+    def __call__(self, x):
+        return lead(self.weight[...], x.ndim) * self._normed(x).astype(x.dtype)
+
+
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's: scaled by ``1 + weight`` in float32, then cast back."""
+
+    def __call__(self, x):
+        w = lead(self.weight[...], x.ndim).astype(jnp.float32)
+        return (self._normed(x) * (1.0 + w)).astype(x.dtype)
 
 

@@ -144,12 +144,13 @@ class Block(nnx.Module):
     PREFIX = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
     NORMS = ("input_layernorm", "post_attention_layernorm")
+    Norm = RMSNorm
 
     def __init__(self, cfg: LlamaConfig, w: Mapping[str, Any], i: int):
         self.cfg = cfg
         self.index = i
         for name in self.NORMS:
-            setattr(self, name, RMSNorm(self._get(w, f"{name}.weight"), cfg.rms_norm_eps))
+            setattr(self, name, self.Norm(self._get(w, f"{name}.weight"), cfg.rms_norm_eps))
         for name in self.LINEARS:
             key = f"{self.PREFIX[name]}.{name}"
             bias = self._get(w, key + ".bias") if name in ("q_proj", "k_proj", "v_proj") and self._has(w, key + ".bias") else None
@@ -235,7 +236,7 @@ class Llama(nnx.Module):
         self.cfg = cfg
         self.embed_tokens = nnx.Param(jnp.asarray(weights["model.embed_tokens.weight"], dt))
         self.layers = nnx.List([self.Block(cfg, weights, i) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(jnp.asarray(weights["model.norm.weight"], dt), cfg.rms_norm_eps)
+        self.norm = self.Block.Norm(jnp.asarray(weights["model.norm.weight"], dt), cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(jnp.asarray(weights["lm_head.weight"], dt))
 
     @classmethod
