@@ -170,8 +170,6 @@ def _check_writable(out: pathlib.Path, overwrite: bool) -> None:
 
 def _resolve_run(args):
     """``(recipe, method, constraint, options)`` from the recipe and the flags; every mismatch is an error."""
-    import dataclasses
-
     from awp_jax import methods, recipes
 
     recipe = recipes.get_recipe(args.recipe) if args.recipe is not None else None

@@ -22,8 +22,6 @@ import pathlib
 import shutil
 import tempfile
 
-import numpy as np
-
 from awp_jax.models import Llama, weights_of
 
 from awp_jax import dtypes

@@ -40,7 +40,6 @@ import numpy as np
 from awp_jax import awq as awq_lib
 from awp_jax import hwpq as hwpq_lib
 from awp_jax import obs
-from awp_jax import schedules
 from awp_jax import solver as solver_lib
 from awp_jax.projections import keep_count, nm_mask, row_topk_mask
 from awp_jax.quantizers import QuantSpec, rtn

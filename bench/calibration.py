@@ -24,14 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from awp_jax import checkpoints, data, methods  # noqa: E402
+from awp_jax import checkpoints, data  # noqa: E402
 from awp_jax.models import weights_of  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import quality  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-S = dict  # flat settings: methods.settings(method, **s) splits them into constraint and options
+S = dict  # flat settings: quality.run_row splits them into constraint and options (methods.settings)
 
 
 def configs(p):

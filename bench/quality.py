@@ -17,7 +17,6 @@ rewritten after every row. Rows not yet run are listed as such.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os

@@ -16,7 +16,6 @@ Finished rows are kept in ``bench/results/recipes_runs.json`` (resumable).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib

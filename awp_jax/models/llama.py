@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from awp_jax import dtypes
-from awp_jax.models.layers import Linear, RMSNorm, causal_attention, lead, rotary, rotate_half
+from awp_jax.models.layers import Linear, RMSNorm, causal_attention, rotary, rotate_half
 
 __all__ = ["LlamaConfig", "Llama", "Block", "HF_ARCHITECTURES"]
 
