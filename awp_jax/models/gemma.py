@@ -29,9 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from awp_jax import dtypes
 from awp_jax.models import llama
-from awp_jax.models.layers import OffsetRMSNorm, causal_attention, rotate_half
+from awp_jax.models.layers import OffsetRMSNorm
 
 __all__ = ["GemmaConfig", "Gemma2", "Gemma2Block", "Gemma3", "Gemma3Block"]
 
@@ -39,16 +38,9 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GemmaConfig:
+class GemmaConfig(llama.DecoderConfig):
     """Gemma 2 and Gemma 3 text configs (``model_type`` says which; the defaults are Gemma 3's)."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
     layer_types: tuple[str, ...]
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0  # global (full-attention) layers
@@ -59,20 +51,16 @@ class GemmaConfig:
     final_logit_softcapping: float | None = None
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 32768
-    attention_bias: bool = False
     model_type: str = "gemma3_text"
-    dtype: str = "float32"
-    storage_dtype: str = "float32"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.model_type not in ("gemma2", "gemma3_text"):
             raise ValueError(f"GemmaConfig is for gemma2 and gemma3_text, got model_type={self.model_type!r}")
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
             raise ValueError(f"layer_types must name one of {LAYER_TYPES} for each of the {self.num_layers} layers, "
                              f"got {self.layer_types}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.attention_bias:
             raise ValueError("gemma3_text: attention_bias=True is not implemented")
         if self.sliding_window < 1:
@@ -80,17 +68,10 @@ class GemmaConfig:
         if self.attn_logit_softcapping is not None and self.family == "gemma3_text":
             raise ValueError(f"gemma3_text: attn_logit_softcapping={self.attn_logit_softcapping} is not implemented "
                              "(transformers' Gemma 3 does not apply it either)")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        dtypes.check(self.storage_dtype)
 
     @property
     def family(self) -> str:
         return self.model_type
-
-    @property
-    def jnp_dtype(self):
-        return jnp.float32 if self.dtype == "float32" else jnp.bfloat16
 
     @classmethod
     def from_hf(cls, hf: Any, dtype: str = "float32") -> "GemmaConfig":
@@ -155,21 +136,11 @@ class Gemma2Block(llama.Block):
 
     def __call__(self, x, cos_global, sin_global, cos_local, sin_local):  # x [B, L, D]
         cfg = self.cfg
-        B, L, _ = x.shape
         cos, sin = (cos_local, sin_local) if self.sliding else (cos_global, sin_global)
         h = self.input_layernorm(x)
         self.sow(nnx.Intermediate, "attn_in", h)
-        q = self.q_proj(h).reshape(B, L, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(h).reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(h).reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
-        q, k = self.qk(q, k)
-        c, s = cos[None, :, None, :].astype(x.dtype), sin[None, :, None, :].astype(x.dtype)
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
-        q = q.reshape(B, L, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
-        attn = causal_attention(q, k, v, scale=cfg.query_pre_attn_scalar ** -0.5,
-                                window=cfg.sliding_window if self.sliding else None,
-                                softcap=cfg.attn_logit_softcapping).reshape(B, L, cfg.num_heads * cfg.head_dim)
+        attn = self.attention(h, cos, sin, scale=cfg.query_pre_attn_scalar ** -0.5,
+                              window=cfg.sliding_window if self.sliding else None, softcap=cfg.attn_logit_softcapping)
         self.sow(nnx.Intermediate, "o_in", attn)
         x = x + self.post_attention_layernorm(self.o_proj(attn))
         m = self.pre_feedforward_layernorm(x)
@@ -179,27 +150,8 @@ class Gemma2Block(llama.Block):
         return x + self.post_feedforward_layernorm(self.down_proj(act))
 
 
-class Gemma3Block(Gemma2Block):
-    QK_NORMS = ("q_norm", "k_norm")
-
-    def __init__(self, cfg: GemmaConfig, w, i):
-        super().__init__(cfg, w, i)
-        for name in self.QK_NORMS:
-            setattr(self, name, OffsetRMSNorm(self._get(w, f"self_attn.{name}.weight"), cfg.rms_norm_eps))
-
-    def qk(self, q, k):
-        return self.q_norm(q), self.k_norm(k)
-
-    def tensors(self):
-        out = super().tensors()
-        out.update({f"model.layers.{self.index}.self_attn.{n}.weight": np.asarray(getattr(self, n).weight[...]) for n in self.QK_NORMS})
-        return out
-
-    @classmethod
-    def shapes(cls, cfg, i):
-        out = super().shapes(cfg, i)
-        out.update({f"model.layers.{i}.self_attn.{n}.weight": (cfg.head_dim,) for n in cls.QK_NORMS})
-        return out
+class Gemma3Block(llama.QKNormBlock, Gemma2Block):
+    """Gemma 2's block with per-head q/k norms (offset RMSNorm, like every Gemma norm)."""
 
 
 class Gemma2(llama.Llama):

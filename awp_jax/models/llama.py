@@ -32,14 +32,16 @@ from flax import nnx
 from awp_jax import dtypes
 from awp_jax.models.layers import Linear, RMSNorm, causal_attention, rotary, rotate_half
 
-__all__ = ["LlamaConfig", "Llama", "Block", "HF_ARCHITECTURES"]
+__all__ = ["DecoderConfig", "LlamaConfig", "Llama", "Block", "QKNormBlock", "HF_ARCHITECTURES"]
 
 # Hugging Face architecture of each model type this file ports
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LlamaConfig:
+class DecoderConfig:
+    """What every family's config has: sizes, norm epsilon, tying, and the two dtypes."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -48,12 +50,9 @@ class LlamaConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, float], ...] | None = None  # llama3: factor, low/high_freq_factor, original_max_position_embeddings
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     max_position_embeddings: int = 2048
-    model_type: str | None = None  # the Hugging Face model_type; None: "qwen2" with attention biases, else "llama" (see ``family``)
     dtype: str = "float32"  # parameters and activations in the forward pass
     storage_dtype: str = "float32"  # the checkpoint's own dtype: weights hold its values, outputs are written in it
 
@@ -65,6 +64,17 @@ class LlamaConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         dtypes.check(self.storage_dtype)
+
+    @property
+    def jnp_dtype(self):
+        return jnp.float32 if self.dtype == "float32" else jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig(DecoderConfig):
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, float], ...] | None = None  # llama3: factor, low/high_freq_factor, original_max_position_embeddings
+    model_type: str | None = None  # the Hugging Face model_type; None: "qwen2" with attention biases, else "llama" (see ``family``)
 
     @classmethod
     def from_hf(cls, hf: Any, dtype: str = "float32") -> "LlamaConfig":
@@ -127,10 +137,6 @@ class LlamaConfig:
     def family(self) -> str:
         """The model type the registry (:data:`awp_jax.models.FAMILIES`) builds this config with."""
         return self.model_type or ("qwen2" if self.attention_bias else "llama")
-
-    @property
-    def jnp_dtype(self):
-        return jnp.float32 if self.dtype == "float32" else jnp.bfloat16
 
 
 
@@ -198,21 +204,25 @@ class Block(nnx.Module):
         """Per-head transform of queries and keys before the rotary embedding (none here)."""
         return q, k
 
-    def __call__(self, x, cos, sin):  # x [B, L, D]
+    def attention(self, h, cos, sin, **kw):
+        """Grouped-query attention of the normed input ``h [B, L, D]`` (q/k/v projections, the
+        ``qk`` hook, rotary embedding); ``kw`` goes to :func:`causal_attention`. Returns ``o_proj``'s input."""
         cfg = self.cfg
-        B, L, _ = x.shape
-        h = self.input_layernorm(x)
-        self.sow(nnx.Intermediate, "attn_in", h)
+        B, L, _ = h.shape
         q = self.q_proj(h).reshape(B, L, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(h).reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(h).reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
         q, k = self.qk(q, k)
-        c, s = cos[None, :, None, :].astype(x.dtype), sin[None, :, None, :].astype(x.dtype)
+        c, s = cos[None, :, None, :].astype(h.dtype), sin[None, :, None, :].astype(h.dtype)
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
-        group = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(B, L, cfg.num_kv_heads, group, cfg.head_dim)
-        attn = causal_attention(q, k, v).reshape(B, L, cfg.num_heads * cfg.head_dim)
+        q = q.reshape(B, L, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+        return causal_attention(q, k, v, **kw).reshape(B, L, cfg.num_heads * cfg.head_dim)
+
+    def __call__(self, x, cos, sin):  # x [B, L, D]
+        h = self.input_layernorm(x)
+        self.sow(nnx.Intermediate, "attn_in", h)
+        attn = self.attention(h, cos, sin)
         self.sow(nnx.Intermediate, "o_in", attn)
         x = x + self.o_proj(attn)
         m = self.post_attention_layernorm(x)
@@ -220,6 +230,33 @@ class Block(nnx.Module):
         act = jax.nn.silu(self.gate_proj(m)) * self.up_proj(m)
         self.sow(nnx.Intermediate, "down_in", act)
         return x + self.down_proj(act)
+
+
+class QKNormBlock(Block):
+    """A block with an RMSNorm (the block's ``Norm``) over each head's queries and keys before the
+    rotary embedding: ``q_norm``, ``k_norm``, weights ``[head_dim]`` (Qwen3, Gemma 3). The norms are
+    not linear layers: they stay dense."""
+
+    QK_NORMS = ("q_norm", "k_norm")
+
+    def __init__(self, cfg, w, i):
+        super().__init__(cfg, w, i)
+        for name in self.QK_NORMS:
+            setattr(self, name, self.Norm(self._get(w, f"self_attn.{name}.weight"), cfg.rms_norm_eps))
+
+    def qk(self, q, k):
+        return self.q_norm(q), self.k_norm(k)
+
+    def tensors(self):
+        out = super().tensors()
+        out.update({f"model.layers.{self.index}.self_attn.{n}.weight": np.asarray(getattr(self, n).weight[...]) for n in self.QK_NORMS})
+        return out
+
+    @classmethod
+    def shapes(cls, cfg, i):
+        out = super().shapes(cfg, i)
+        out.update({f"model.layers.{i}.self_attn.{n}.weight": (cfg.head_dim,) for n in cls.QK_NORMS})
+        return out
 
 
 class Llama(nnx.Module):
