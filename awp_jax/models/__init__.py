@@ -13,8 +13,9 @@ Hugging Face names → ``[out, in]`` arrays — that offers what the pipeline us
 | ``model.weights()``, ``Model.shapes(config)`` | every tensor under its Hugging Face name; the shapes a config needs |
 | ``model.cfg`` | ``family`` (the registry key), ``to_hf_dict()``, ``dtype``, ``storage_dtype`` |
 
-Adding a family: a file here with its model class (usually a block that overrides a hook of
-:class:`~awp_jax.models.llama.Block`, as :mod:`~awp_jax.models.qwen3` does) and one line in
+Adding a family: a file here with its model class (usually a block that overrides what differs
+from :class:`~awp_jax.models.llama.Block`: Qwen3's is the shared ``QKNormBlock``, Gemma's changes
+the norms and ``__call__``) and one line in
 :data:`FAMILIES`; a parity test against transformers in ``tests/test_model.py``.
 """
 
