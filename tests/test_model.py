@@ -189,3 +189,29 @@ def test_gemma3_settings_the_port_does_not_implement_are_refused():
         models.config_from_hf(Gemma3TextConfig(**GEMMA3, rope_scaling={"rope_type": "linear", "factor": 8.0}))
     with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
         models.config_from_hf(Gemma3TextConfig(**GEMMA3, use_bidirectional_attention=True))
+
+
+def test_phi3_fused_projections_and_sliding_window_match_transformers():
+    """Fused qkv and gate_up projections (compressed as stored) and a 24-token window < 300 tokens."""
+    from transformers import Phi3Config as HFPhi3Config
+
+    from awp_jax import models
+
+    # the default vocabulary size: transformers' Phi-3 defaults its pad/eos ids (32000) into it
+    hf = HFPhi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, original_max_position_embeddings=512,
+                      sliding_window=24)
+    cfg = models.config_from_hf(hf)
+    assert cfg.family == "phi3" and cfg.sliding_window == 24
+    w = random_weights(cfg, seed=5, scale=0.2)
+    model = build(cfg, w)
+    assert set(model.layers[0].LINEARS) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert w["model.layers.0.self_attn.qkv_proj.weight"].shape == (4 * 16 + 2 * 2 * 16, 64)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 300)).astype(np.int32)
+    ours = np.asarray(forward(model)(jnp.asarray(tokens)))
+    with torch.no_grad():
+        ref = torch_model(cfg, w)(torch.from_numpy(tokens).long()).logits.numpy()
+    assert np.max(np.abs(ours - ref)) <= 1e-3, np.max(np.abs(ours - ref))
+    hf.rope_parameters = {**hf.rope_parameters, "partial_rotary_factor": 0.75}
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.75 is not implemented"):
+        models.config_from_hf(hf)

@@ -88,11 +88,16 @@ GEMMA3_SMALL = dict(vocab_size=SMALL.vocab_size, hidden_size=128, intermediate_s
                     num_kv_heads=2, head_dim=32, sliding_window=16, layer_types=("sliding_attention", "full_attention"))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3"])
 def test_export_round_trips_and_transformers_loads_it(tmp_path, family):
-    from awp_jax.models import GemmaConfig, build
+    from awp_jax.models import GemmaConfig, Phi3Config, build
 
-    cfg = GemmaConfig(**GEMMA3_SMALL) if family == "gemma3_text" else dataclasses.replace(SMALL, model_type=family)
+    if family == "gemma3_text":
+        cfg = GemmaConfig(**GEMMA3_SMALL)
+    elif family == "phi3":  # fused qkv_proj / gate_up_proj, compressed as stored
+        cfg = Phi3Config(**{k: v for k, v in dataclasses.asdict(SMALL).items() if k != "model_type"}, sliding_window=16)
+    else:
+        cfg = dataclasses.replace(SMALL, model_type=family)
     model = build(cfg, random_weights(cfg, 3))
     compress.compress_model(model, _windows(), "wanda", methods.Constraint(sparsity=0.5), progress=False)
     out = save_hf_dir(model, tmp_path / "out", report={"x": 1})

@@ -145,9 +145,12 @@ class Gemma2Block(llama.Block):
         x = x + self.post_attention_layernorm(self.o_proj(attn))
         m = self.pre_feedforward_layernorm(x)
         self.sow(nnx.Intermediate, "mlp_in", m)
-        act = jax.nn.gelu(self.gate_proj(m), approximate=True) * self.up_proj(m)
+        act = self.mlp(m)
         self.sow(nnx.Intermediate, "down_in", act)
         return x + self.post_feedforward_layernorm(self.down_proj(act))
+
+    def mlp(self, m):
+        return jax.nn.gelu(self.gate_proj(m), approximate=True) * self.up_proj(m)
 
 
 class Gemma3Block(llama.QKNormBlock, Gemma2Block):

@@ -35,7 +35,7 @@ from awp_jax.models.layers import Linear, RMSNorm, causal_attention, rotary, rot
 __all__ = ["DecoderConfig", "LlamaConfig", "Llama", "Block", "QKNormBlock", "HF_ARCHITECTURES"]
 
 # Hugging Face architecture of each model type this file ports
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -204,14 +204,23 @@ class Block(nnx.Module):
         """Per-head transform of queries and keys before the rotary embedding (none here)."""
         return q, k
 
+    def qkv(self, h):
+        """Queries, keys and values ``[B, L, heads·head_dim]`` of the normed input."""
+        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+
+    def mlp(self, m):
+        """The gated MLP's hidden activation (``down_proj``'s input) of the normed input."""
+        return jax.nn.silu(self.gate_proj(m)) * self.up_proj(m)
+
     def attention(self, h, cos, sin, **kw):
-        """Grouped-query attention of the normed input ``h [B, L, D]`` (q/k/v projections, the
-        ``qk`` hook, rotary embedding); ``kw`` goes to :func:`causal_attention`. Returns ``o_proj``'s input."""
+        """Grouped-query attention of the normed input ``h [B, L, D]`` (the ``qkv`` and ``qk``
+        hooks, rotary embedding); ``kw`` goes to :func:`causal_attention`. Returns ``o_proj``'s input."""
         cfg = self.cfg
         B, L, _ = h.shape
-        q = self.q_proj(h).reshape(B, L, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(h).reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(h).reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self.qkv(h)
+        q = q.reshape(B, L, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(B, L, cfg.num_kv_heads, cfg.head_dim)
         q, k = self.qk(q, k)
         c, s = cos[None, :, None, :].astype(h.dtype), sin[None, :, None, :].astype(h.dtype)
         q = q * c + rotate_half(q) * s
@@ -222,12 +231,12 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin):  # x [B, L, D]
         h = self.input_layernorm(x)
         self.sow(nnx.Intermediate, "attn_in", h)
-        attn = self.attention(h, cos, sin)
+        attn = self.attention(h, cos, sin, window=getattr(self.cfg, "sliding_window", None))
         self.sow(nnx.Intermediate, "o_in", attn)
         x = x + self.o_proj(attn)
         m = self.post_attention_layernorm(x)
         self.sow(nnx.Intermediate, "mlp_in", m)
-        act = jax.nn.silu(self.gate_proj(m)) * self.up_proj(m)
+        act = self.mlp(m)
         self.sow(nnx.Intermediate, "down_in", act)
         return x + self.down_proj(act)
 
