@@ -34,6 +34,11 @@ from flax import nnx
 __all__ = ["block_statistics"]
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compilation per model structure, not per call
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).embed(tokens)
+
+
 @functools.lru_cache(maxsize=8)  # one set of compiled functions per block structure
 def _block_fns(graphdef):
     @jax.jit
@@ -88,8 +93,8 @@ def block_statistics(
     n_tokens = n * seqlen
     ctx = model.context(seqlen)
     batches = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
-    embed = nnx.jit(lambda m, t: m.embed(t))
-    hidden = [embed(model, jnp.asarray(b)) for b in batches]
+    graphdef, state = nnx.split(model)
+    hidden = [_embed(graphdef, state, jnp.asarray(b)) for b in batches]
     recompute = mode == "sequential" and on_block is not None
     kept: list | None = [] if on_block is None else None
     def fns(li):  # blocks may differ in structure (e.g. sliding-window and global attention)
