@@ -31,7 +31,10 @@ import numpy as np
 from flax import nnx
 
 
-__all__ = ["block_statistics"]
+__all__ = ["block_statistics", "MIN_EXPERT_TOKENS"]
+
+# an expert that fewer calibration tokens are routed to is calibrated on all tokens (see block_statistics)
+MIN_EXPERT_TOKENS = 16
 
 
 @functools.partial(jax.jit, static_argnums=0)  # one compilation per model structure, not per call
@@ -39,15 +42,62 @@ def _embed(graphdef, state, tokens):
     return nnx.merge(graphdef, state).embed(tokens)
 
 
+def _routed_grams(v, mask):
+    """Per-expert sums for an input ``v`` (``[B, L, d]`` shared by the experts, or ``[E, B, L, d]``
+    one per expert) and the routing mask ``[B, L, E]``: ``routed [E, d, d]`` over each expert's
+    routed tokens, ``all`` over every token (``[d, d]`` or ``[E, d, d]``), ``tokens [E]``. One
+    expert at a time (``lax.map``), so memory stays at one input's size."""
+    per_expert = v.ndim == 4
+    masks = jnp.moveaxis(mask, -1, 0)  # [E, B, L]
+
+    def one(args):
+        m, ve = args
+        return jnp.einsum("bli,blj->ij", ve * m[..., None], ve, precision="highest")
+
+    routed = jax.lax.map(one, (masks, v if per_expert else jnp.broadcast_to(v, (masks.shape[0],) + v.shape)))
+    if per_expert:
+        everything = jax.lax.map(lambda ve: jnp.einsum("bli,blj->ij", ve, ve, precision="highest"), v)
+    else:
+        everything = jnp.einsum("bli,blj->ij", v, v, precision="highest")
+    return {"routed": routed, "all": everything, "tokens": jnp.sum(masks, axis=(1, 2))}
+
+
+def _finish(totals: dict, n_tokens: int, routed: tuple, min_expert_tokens: int) -> dict[str, np.ndarray]:
+    """Divide the sums by their token counts; routed statistics become one entry per expert
+    (``name.e``, with ``name.e#tokens`` and ``name.e#fallback``)."""
+    out = {}
+    for k, v in totals.items():
+        if k not in routed:
+            out[k] = np.asarray(v / n_tokens)
+            continue
+        tokens = np.asarray(v["tokens"])
+        for e, n_e in enumerate(tokens):
+            fallback = bool(n_e < min_expert_tokens)
+            if fallback:
+                c = v["all"] if np.ndim(v["all"]) == 2 else v["all"][e]
+                out[f"{k}.{e}"] = np.asarray(c / n_tokens)
+            else:
+                out[f"{k}.{e}"] = np.asarray(v["routed"][e] / n_e)
+            out[f"{k}.{e}#tokens"] = np.asarray(int(round(float(n_e))))
+            out[f"{k}.{e}#fallback"] = np.asarray(fallback)
+    return out
+
+
 @functools.lru_cache(maxsize=8)  # one set of compiled functions per block structure
 def _block_fns(graphdef):
     @jax.jit
     def stats(state, x, ctx):  # x [B, L, D] -> (y, {name: X Xᵀ summed over B·L})
-        y, cap = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(x, *ctx)
+        blk = nnx.merge(graphdef, state)
+        y, cap = nnx.capture(blk, nnx.Intermediate)(x, *ctx)
+        values = {k: var.get_value()[0] for k, var in cap.items()}  # the block sows each statistic's input once per call
+        mask = values.pop("routing", None)  # [B, L, E]: which experts each token was routed to
         grams = {}
-        for k, var in cap.items():
-            (v,) = var.get_value()  # the block sows each statistic's input once per call
-            grams[k] = jnp.einsum("bli,blj->ij", v.astype(jnp.float32), v.astype(jnp.float32), precision="highest")
+        for k, v in values.items():
+            v = v.astype(jnp.float32)
+            if k in getattr(blk, "ROUTED", ()):
+                grams[k] = _routed_grams(v, mask)
+            else:
+                grams[k] = jnp.einsum("bli,blj->ij", v, v, precision="highest")
         return y, grams
 
     @jax.jit
@@ -72,12 +122,20 @@ def block_statistics(
     progress: bool = False,
     start_block: int = 0,
     after_prefix: Callable[[], None] | None = None,
+    min_expert_tokens: int = MIN_EXPERT_TOKENS,
 ) -> list[dict[str, np.ndarray]] | None:
     """Second moments ``C`` (``{name: [d, d]}``, divided by the token count) for every block.
 
     ``on_block(l, stats)`` is called once per block in order; in sequential mode it may change
     block l's weights (compress it) before block l + 1's inputs are computed. Without ``on_block``
     the list of all blocks' statistics is returned; with it, nothing is kept and ``None`` returned.
+
+    Mixture-of-experts blocks (their class's ``ROUTED`` statistics): each expert ``e`` gets
+    ``name.e`` over the tokens routed to it, divided by their count, with ``name.e#tokens`` (that
+    count) and ``name.e#fallback``: an expert reached by fewer than ``min_expert_tokens`` tokens
+    gets the statistic over all tokens instead (as if every token were routed to it: its input
+    distribution had it been chosen) — never a division by zero or a rank-deficient C from a handful
+    of tokens.
 
     ``start_block`` resumes a run: blocks before it only carry the hidden states forward (with the
     weights they have at that moment), then ``after_prefix()`` is called, then statistics start.
@@ -124,9 +182,9 @@ def block_statistics(
                 y, grams = stats_fn(state, x, ctx)
                 outs.append(y)
             if accumulate == "float64":
-                grams = {k: np.asarray(v, np.float64) for k, v in grams.items()}
-            totals = grams if totals is None else {k: totals[k] + grams[k] for k in grams}
-        c = {k: np.asarray(v / n_tokens) for k, v in totals.items()}
+                grams = jax.tree.map(lambda v: np.asarray(v, np.float64), grams)
+            totals = grams if totals is None else jax.tree.map(lambda a, b: a + b, totals, grams)
+        c = _finish(totals, n_tokens, tuple(getattr(model.layers[li], "ROUTED", ())), min_expert_tokens)
         if on_block is None:
             kept.append(c)
         else:

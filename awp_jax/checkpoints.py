@@ -307,12 +307,14 @@ def save_orbax_model(model, path: os.PathLike, *, tokenizer=None, encoded: dict 
 
 
 def load_checkpoint(spec: os.PathLike | str | None = None, *, with_tokenizer: bool = True, gguf_dequantized_dtype: str = "float32"):
-    """``(config, weights, tokenizer)`` from a GGUF file, a HF directory, an orbax directory, or
-    ``None`` = the default model."""
+    """``(config, weights, tokenizer)`` from a GGUF file, a HF directory, an orbax directory, a
+    model name of :data:`awp_jax.assets.MODELS` (fetched on first use), or ``None`` = the default model."""
     from awp_jax import packed
 
     if spec is None or str(spec) == "default":
-        return load_gguf(assets.fetch(assets.DEFAULT_MODEL), with_tokenizer=with_tokenizer, dequantized_dtype=gguf_dequantized_dtype)
+        spec = next(iter(assets.MODELS))
+    if str(spec) in assets.MODELS and not pathlib.Path(spec).exists():
+        return load_gguf(assets.fetch(assets.MODELS[str(spec)]), with_tokenizer=with_tokenizer, dequantized_dtype=gguf_dequantized_dtype)
     p = pathlib.Path(spec)
     if p.is_file() and p.suffix == ".gguf":
         return load_gguf(p, with_tokenizer=with_tokenizer, dequantized_dtype=gguf_dequantized_dtype)
@@ -322,8 +324,17 @@ def load_checkpoint(spec: os.PathLike | str | None = None, *, with_tokenizer: bo
         return load_hf_dir(p, with_tokenizer=with_tokenizer)
     if not p.exists():
         raise CheckpointError(f"model not found: {p} (give a Hugging Face directory, a .gguf file, an orbax "
-                              "directory, or nothing for the default)")
+                              f"directory, one of the named models {', '.join(assets.MODELS)}, or nothing for the default)")
     raise CheckpointError(f"unsupported model file {p}: expected a .gguf file, a Hugging Face directory or an orbax directory")
+
+
+def model_source(spec) -> pathlib.Path:
+    """The file or directory ``spec`` names (a named model: its cached file, fetched if needed)."""
+    if spec is None or str(spec) == "default":
+        spec = next(iter(assets.MODELS))
+    if str(spec) in assets.MODELS and not pathlib.Path(spec).exists():
+        return assets.fetch(assets.MODELS[str(spec)], quiet=True)
+    return pathlib.Path(spec)
 
 
 def load_model(spec=None, *, dtype: str = "float32", storage_dtype: str | None = None, with_tokenizer: bool = True):

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from awp_jax import assets
+
 __all__ = ["main", "synthetic_layer"]
 
 
@@ -261,7 +263,7 @@ def _compress(args) -> int:
         return 0
     if eval_windows is not None:
         ppl["compressed"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
-    source = assets.fetch(assets.DEFAULT_MODEL, quiet=True) if args.model in (None, "default") else pathlib.Path(args.model)
+    source = checkpoints.model_source(args.model)
     gflops = matmul_gflops()
     report = {
         "awp_jax_version": awp_jax.__version__, "jax_version": jax.__version__, "python": platform.python_version(),
@@ -310,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "perplexity on 32 x 512 tokens of Wikipedia articles before and after; the report (awp_report.json) gives "
         "the time next to this machine's measured matmul rate.",
     )
-    comp.add_argument("--model", default=None, help="Hugging Face directory, .gguf file, or orbax directory (default: SmolLM2-135M-Instruct)")
+    comp.add_argument("--model", default=None, help="Hugging Face directory, .gguf file, orbax directory, or a named model fetched on first use: "
+                      + ", ".join(assets.MODELS) + " (default: smollm2-135m, SmolLM2-135M-Instruct)")
     comp.add_argument("--recipe", default=None,
                       help="settings by name: " + ", ".join(f"{k} ({r.doc})" for k, r in RECIPES.items())
                       + f"; or a .json/.yaml recipe file (default: {DEFAULT} for awp, the method's defaults otherwise)")
@@ -343,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_option_flags(comp)
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text (WikiText protocol)")
-    ev.add_argument("--model", default=None, help="Hugging Face directory, .gguf file, or orbax directory such as OUT/compressed (default: SmolLM2-135M-Instruct)")
+    ev.add_argument("--model", default=None, help="Hugging Face directory, .gguf file, orbax directory such as OUT/compressed, or a named model: "
+                    + ", ".join(assets.MODELS) + " (default: smollm2-135m)")
     ev.add_argument("--text", default="evaluation", help="'evaluation' (Wikipedia articles), 'calibration', or a .txt/.jsonl file")
     ev.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     ev.add_argument("--max-windows", type=int, default=None, help="use only the first N windows")

@@ -149,6 +149,7 @@ def compress_model(
     settings: dict | None = None,
     encoded: dict | None = None,
     vmap_groups: bool = True,
+    min_expert_tokens: int = calibration.MIN_EXPERT_TOKENS,
 ) -> list[dict]:
     """Compress ``model`` in place; returns one report row per layer (see the module docstring).
 
@@ -157,7 +158,13 @@ def compress_model(
     into the model are exactly ``packed.decode`` of it.
 
     ``vmap_groups``: solve the layers of a block that have the same shape and input (k/v under
-    GQA, gate/up) as one vmapped stack, for methods that offer it (AWP); results are the same."""
+    GQA, gate/up, the experts of a mixture) as one vmapped stack, for methods that offer it (AWP);
+    results are the same.
+
+    Mixtures of experts: each expert is compressed against the tokens routed to it; one that fewer
+    than ``min_expert_tokens`` calibration tokens reach is calibrated on all tokens (see
+    :func:`awp_jax.calibration.block_statistics`). Its report rows say which (``statistic``) and
+    how many tokens it got (``routed_tokens``); the router stays dense."""
     import jax
 
     rank, n_proc = jax.process_index(), jax.process_count()
@@ -171,6 +178,8 @@ def compress_model(
         full = {"method": method, "constraint": repr(constraint), "options": repr(options), "dtype": dtype, "mode": mode, "batch_size": batch_size,
                 "windows_sha": hashlib.sha256(np.ascontiguousarray(windows, np.int32).tobytes()).hexdigest(),
                 **(settings or {})}
+        if any(getattr(b, "ROUTED", ()) for b in model.layers):
+            full["min_expert_tokens"] = min_expert_tokens
         start = _open_run(run_dir, full, len(model.layers), write=rank == 0)
         if n_proc > 1:
             starts = _allgather(np.asarray([start], np.int32))
@@ -195,10 +204,11 @@ def compress_model(
         blk = model.layers[i]
         rows = []
         enc_block = {}
-        # layers of equal shape that share an input (k/v under GQA, gate/up) are solved as one stack
+        # layers of equal shape that share an input (k/v under GQA, gate/up) are solved as one stack;
+        # so are the experts of a mixture (statistics ``expert_in.0``, ``expert_in.1``, ...: one per expert)
         groups: dict = {}
         for name, stat in blk.LINEARS.items():
-            key = (tuple(blk.linear(name).weight[...].shape), stat) if vmap_groups else name
+            key = (tuple(blk.linear(name).weight[...].shape), stat.split(".")[0]) if vmap_groups else name
             groups.setdefault(key, []).append(name)
         results = {}
         for g, names in enumerate(groups.values()):
@@ -241,8 +251,16 @@ def compress_model(
                 rounding = {"rel_objective_float32": float(_relative_objective(w, jnp.asarray(exact), c))}
             enc_block[name] = enc
             lin.weight[...] = theta.astype(lin.weight[...].dtype)
+            routed = {}
+            stat = blk.LINEARS[name]
+            if f"{stat}#tokens" in stats:  # an expert of a mixture: how many calibration tokens reached it
+                routed = {"routed_tokens": int(stats[f"{stat}#tokens"]), "statistic": "all tokens (fallback)"
+                          if bool(stats[f"{stat}#fallback"]) else "routed tokens"}
+                if routed["statistic"] != "routed tokens" and name.endswith(("gate_proj", "w1")) and rank == 0:
+                    print(f"note: block {i} {name.rsplit('.', 1)[0]}: {routed['routed_tokens']} calibration token(s) routed to it "
+                          f"(fewer than {min_expert_tokens}): calibrated on all tokens instead", file=sys.stderr)
             row = {"block": i, "layer": name, "method": method, "shape": list(w.shape), "rel_objective": rel,
-                   "seconds": round(secs, 4), "stacked": lanes, **rounding, **res.info}
+                   "seconds": round(secs, 4), "stacked": lanes, **routed, **rounding, **res.info}
             rows.append(row)
             if res.info.get("stop") == "nonfinite":
                 print(f"warning: block {i} {name}: an AWP update became non-finite; the last finite feasible iterate "
@@ -259,5 +277,6 @@ def compress_model(
         encoded.update({model.linear_key(i, n): e for n, e in enc_block.items()})
 
     calibration.block_statistics(model, windows, mode=mode, batch_size=batch_size, on_block=on_block, progress=progress,
-                                 start_block=start, after_prefix=None if mode == "sequential" else load_done)
+                                 start_block=start, after_prefix=None if mode == "sequential" else load_done,
+                                 min_expert_tokens=min_expert_tokens)
     return report

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from awp_jax import checkpoints, compress, data, methods, perplexity  # noqa: E402
+from awp_jax import checkpoints, compress, data, methods, models, perplexity  # noqa: E402
 from awp_jax.models import Llama, weights_of  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -121,14 +121,14 @@ def key(table, col, label, settings):
 
 
 def run_row(cfg, dense, calib, ev, method, spec, mode):
-    model = Llama(cfg, dense)
+    model = models.build(cfg, dense)
     t0, c0 = time.perf_counter(), time.process_time()
     report = compress.compress_model(model, calib, method, *methods.settings(method, **spec), mode=mode, progress=True)
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     t1 = time.perf_counter()
     ppl = perplexity.perplexity(model, ev, batch_size=8).perplexity
     eval_secs = time.perf_counter() - t1
-    by_type = {n: [r for r in report if r["layer"] == n] for n in LAYERS}
+    by_type = {n: [r for r in report if r["layer"] == n] for n in dict.fromkeys(r["layer"] for r in report)}
     # CPU seconds of this process (all threads) barely change when other work shares the machine,
     # unlike wall seconds: time ratios between methods use them
     out = {"perplexity": ppl, "compress_seconds": round(secs, 1), "compress_cpu_seconds": round(cpu, 1), "eval_seconds": round(eval_secs, 1),

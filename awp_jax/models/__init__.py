@@ -30,10 +30,11 @@ from flax import nnx
 from awp_jax.models.gemma import Gemma2, Gemma3, GemmaConfig
 from awp_jax.models.layers import Linear, rotary
 from awp_jax.models.llama import Llama, LlamaConfig
+from awp_jax.models.moe import Mixtral, MoEConfig, Qwen3Moe
 from awp_jax.models.phi3 import Phi3, Phi3Config
 from awp_jax.models.qwen3 import Qwen3
 
-__all__ = ["FAMILIES", "Llama", "LlamaConfig", "Qwen3", "Phi3", "Phi3Config", "Gemma2", "Gemma3", "GemmaConfig", "Linear", "build", "config_from_hf", "weights_of",
+__all__ = ["FAMILIES", "Llama", "LlamaConfig", "Qwen3", "Phi3", "Phi3Config", "Gemma2", "Gemma3", "GemmaConfig", "Mixtral", "Qwen3Moe", "MoEConfig", "Linear", "build", "config_from_hf", "weights_of",
            "random_weights", "forward", "rotary"]
 
 # model_type → (config class, model class)
@@ -45,6 +46,8 @@ FAMILIES: dict[str, tuple[type, type]] = {
     "phi3": (Phi3Config, Phi3),
     "gemma2": (GemmaConfig, Gemma2),
     "gemma3_text": (GemmaConfig, Gemma3),
+    "mixtral": (MoEConfig, Mixtral),
+    "qwen3_moe": (MoEConfig, Qwen3Moe),
 }
 
 

@@ -234,11 +234,15 @@ class Block(nnx.Module):
         attn = self.attention(h, cos, sin, window=getattr(self.cfg, "sliding_window", None))
         self.sow(nnx.Intermediate, "o_in", attn)
         x = x + self.o_proj(attn)
-        m = self.post_attention_layernorm(x)
+        return x + self.ffn(self.post_attention_layernorm(x))
+
+    def ffn(self, m):
+        """The feed-forward part of the normed input ``m``, sowing its linear layers' inputs
+        (a mixture of experts replaces this)."""
         self.sow(nnx.Intermediate, "mlp_in", m)
         act = self.mlp(m)
         self.sow(nnx.Intermediate, "down_in", act)
-        return x + self.down_proj(act)
+        return self.down_proj(act)
 
 
 class QKNormBlock(Block):
