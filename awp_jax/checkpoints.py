@@ -5,8 +5,9 @@ tensor names → arrays in the ``[out, in]`` layout; :func:`load_model` builds t
 
 * Hugging Face directory: ``config.json`` + ``model.safetensors`` or a sharded
   ``model.safetensors.index.json`` (read with safetensors, no torch); tokenizer files if present.
-* GGUF (llama / qwen2 architecture): every tensor dequantized to float32 with the ``gguf``
-  package; llama.cpp's q/k row permutation undone for llama; config from the header; tokenizer
+* GGUF (llama / qwen2 / qwen3 / gemma3 architecture): every tensor dequantized to float32 with the
+  ``gguf`` package; llama.cpp's q/k row permutation undone for llama, its ``1 + weight`` storage of
+  Gemma's norm scales undone for gemma3; config from the header; tokenizer
   built from the GGUF's ``tokenizer.*`` metadata (read with ``gguf``) by transformers' own GGUF
   tokenizer converters — the same tokenizer ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``
   gives, without that path's torch import.
@@ -46,6 +47,13 @@ _GGUF_BLOCK = {
     "ffn_down": "mlp.down_proj",
 }
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# what differs per architecture: q/k norms (qwen3, gemma3) and Gemma's four norms per block
+_GGUF_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_GGUF_ARCH_BLOCK = {
+    "llama": _GGUF_BLOCK, "qwen2": _GGUF_BLOCK, "qwen3": {**_GGUF_BLOCK, **_GGUF_QK_NORMS},
+    "gemma3": {**_GGUF_BLOCK, **_GGUF_QK_NORMS, "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+}
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -55,10 +63,16 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(out, *rest)
 
 
-def _gguf_name(name: str) -> str | None:
+def _f32(value) -> float:
+    """A float32 header value as the decimal it was written from (9.99999997e-07 → 1e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _gguf_name(name: str, arch: str = "llama") -> str | None:
     parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_BLOCK:
-        return f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{parts[3]}"
+    block = _GGUF_ARCH_BLOCK[arch]
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in block:
+        return f"model.layers.{parts[1]}.{block[parts[2]]}.{parts[3]}"
     if len(parts) == 2 and parts[0] in _GGUF_TOP:
         return f"{_GGUF_TOP[parts[0]]}.{parts[1]}"
     return None
@@ -88,8 +102,12 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
         return v
 
     arch = field("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise CheckpointError(f"unsupported GGUF architecture {arch!r} in {path}: awp_jax ports llama and qwen2")
+    if arch not in _GGUF_ARCH_BLOCK:
+        raise CheckpointError(f"unsupported GGUF architecture {arch!r} in {path}: the GGUF loader reads "
+                              f"{', '.join(_GGUF_ARCH_BLOCK)} (other families load from Hugging Face directories)")
+    for key in (f"{arch}.rope.scaling.type", f"{arch}.attn_logit_softcapping"):
+        if field(key) not in (None, "none"):
+            raise CheckpointError(f"{path}: {key}={field(key)!r} is not implemented by the GGUF loader")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise CheckpointError(f"{path} uses precomputed rope_freqs (Llama-3.1 rope scaling), which the GGUF loader does not read yet")
@@ -98,7 +116,7 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
     hidden = int(field(f"{arch}.embedding_length"))
     weights: dict[str, np.ndarray] = {}
     for t in reader.tensors:
-        hf = _gguf_name(t.name)
+        hf = _gguf_name(t.name, arch)
         if hf is None:
             raise CheckpointError(f"unexpected tensor {t.name!r} in {path}")
         try:
@@ -107,6 +125,8 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
             raise CheckpointError(f"cannot dequantize {t.name} ({t.tensor_type.name}) in {path}: {e}") from e
         if arch == "llama" and (".q_proj." in hf or ".k_proj." in hf):
             w = _unpermute(w, heads if ".q_proj." in hf else kv_heads)
+        if arch == "gemma3" and hf.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # llama.cpp stores Gemma's norm scales as 1 + weight
         weights[hf] = w
     vocab = weights["model.embed_tokens.weight"].shape[0]
     # the block matrices' type: F16/BF16/F32 as stored; block-quantized types dequantize to float32
@@ -120,6 +140,9 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
 
         storage = dtypes.check(dequantized_dtype)
         weights = {k: dtypes.round_to(v, storage) for k, v in weights.items()}
+    if arch == "gemma3":
+        return _gemma3_gguf_config(field, weights, storage, heads, kv_heads, hidden), weights, (
+            _gguf_tokenizer(path, reader) if with_tokenizer else None)
     cfg = LlamaConfig(
         storage_dtype=storage,
         vocab_size=vocab,
@@ -129,8 +152,8 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
-        rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(field(f"{arch}.rope.freq_base", 10000.0)),
         tie_word_embeddings="lm_head.weight" not in weights,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in weights,
         max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
@@ -138,6 +161,30 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
     )
     tok = _gguf_tokenizer(path, reader) if with_tokenizer else None
     return cfg, weights, tok
+
+
+def _gemma3_gguf_config(field, weights, storage, heads, kv_heads, hidden):
+    """A Gemma 3 text config from GGUF metadata, with what llama.cpp fixes rather than stores: every
+    sixth layer global (the rest sliding-window), local rotary base 10000, scores scaled by
+    ``key_length ** -0.5`` (``hidden / heads`` for the 62-layer 27B model)."""
+    from awp_jax.models import GemmaConfig
+
+    layers = int(field("gemma3.block_count"))
+    head_dim = int(field("gemma3.attention.key_length", hidden // heads))
+    cap = field("gemma3.final_logit_softcapping")
+    return GemmaConfig(
+        storage_dtype=storage, vocab_size=weights["model.embed_tokens.weight"].shape[0], hidden_size=hidden,
+        intermediate_size=int(field("gemma3.feed_forward_length")), num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim,
+        layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)),
+        rms_norm_eps=_f32(field("gemma3.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=_f32(field("gemma3.rope.freq_base", 1_000_000.0)), rope_local_base_freq=10_000.0,
+        sliding_window=int(field("gemma3.attention.sliding_window", 4096)),
+        query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
+        final_logit_softcapping=None if cap is None else float(cap),
+        tie_word_embeddings="lm_head.weight" not in weights,
+        max_position_embeddings=int(field("gemma3.context_length", 32768)), model_type="gemma3_text",
+    )
 
 
 # GGUF special-token keys (tokenizer.ggml.<key>) → the tokenizer's keyword argument.

@@ -7,8 +7,8 @@
 For a named model of :data:`awp_jax.assets.MODELS` (fetched on first use):
 
 1. The dense model is checked against transformers (PyTorch, float32, the same GGUF file dequantized
-   by transformers' own GGUF loader, with its own tokenizer): the largest logit difference on one
-   evaluation window and both perplexities on the evaluation windows. Needs torch (the test extras).
+   by transformers' own GGUF loader): the largest logit difference on one evaluation window and both
+   perplexities on the evaluation windows. Needs torch and accelerate (``pip install '.[bench]'``).
 2. The rows of ``bench/quality.py``'s protocol — calibration 32 x 512 tokens of the Wikipedia leads
    (seed 0, sequential), perplexity on the first 64 non-overlapping 512-token windows of the full
    Wikipedia articles — for 50 % and 2:4 pruning and INT4 / INT3 group-128 quantization: the
@@ -173,8 +173,9 @@ def main(argv=None):
                 ours = np.asarray(models.forward(model)(ev[:1]))[0]
                 store["dense"].update(transformers_perplexity=ref_ppl, max_logit_diff=float(np.max(np.abs(ours - ref_logits))),
                                       logit_scale=float(np.max(np.abs(ref_logits))), transformers_seconds=time.perf_counter() - t0)
-            except ImportError as e:
-                store["dense"]["transformers_error"] = str(e)
+            except (ImportError, ValueError) as e:  # no torch, or no accelerate (transformers' GGUF loading needs it)
+                store["dense"]["transformers_error"] = f"{type(e).__name__}: {e}"
+                print(f"transformers check not run: {e}", file=sys.stderr)
             save()
         del model
         wanted = set(args.columns.split(","))
