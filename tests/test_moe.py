@@ -57,6 +57,10 @@ def test_moe_settings_the_port_does_not_implement_are_refused():
             config_from_hf(hf)
     with pytest.raises(ValueError, match="experts_per_token"):
         dataclasses.replace(MIXTRAL, experts_per_token=5)
+    # a checkpoint with more experts than its config says: the router's shape names the disagreement
+    w = random_weights(dataclasses.replace(MIXTRAL, num_experts=6), seed=0)
+    with pytest.raises(ValueError, match=r"block_sparse_moe.gate.weight has shape \(6, 64\), but the config needs \(4, 64\)"):
+        build(MIXTRAL, w)
 
 
 def _one_sided_router(cfg, w, scale=20.0):

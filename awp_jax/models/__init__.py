@@ -9,13 +9,14 @@ Hugging Face names → ``[out, in]`` arrays — that offers what the pipeline us
 | ``model.embed(tokens)``, ``model.context(seq_len)`` | a block's input, and what every block takes besides it (rotary tables) |
 | ``block(x, *context)`` | the block's output; it sows the input of each linear layer (``nnx.Intermediate``, named by its statistic) |
 | ``Block.LINEARS`` | each linear layer → the statistic its input gives (layers reading one input share it) |
+| ``Block.ROUTED`` (optional) | statistics taken per expert over the tokens routed to it: the block also sows ``routing`` ``[B, L, E]`` (mixtures of experts, :mod:`awp_jax.models.moe`) |
 | ``block.linear(name)``, ``model.linear_key(i, name)`` | the layer (``.weight [out, in]``) and its Hugging Face name |
 | ``model.weights()``, ``Model.shapes(config)`` | every tensor under its Hugging Face name; the shapes a config needs |
 | ``model.cfg`` | ``family`` (the registry key), ``to_hf_dict()``, ``dtype``, ``storage_dtype`` |
 
 Adding a family: a file here with its model class (usually a block that overrides what differs
 from :class:`~awp_jax.models.llama.Block`: Qwen3's is the shared ``QKNormBlock``, Gemma's changes
-the norms and ``__call__``) and one line in
+the norms and ``__call__``, a mixture of experts replaces the ``ffn`` hook) and one line in
 :data:`FAMILIES`; a parity test against transformers in ``tests/test_model.py``.
 """
 
