@@ -3,7 +3,9 @@
 For each block, four second-moment matrices are accumulated over all calibration tokens:
 ``attn_in`` (shared by q/k/v), ``o_in`` (o_proj), ``mlp_in`` (shared by gate/up) and ``down_in``
 (down_proj) for the Llama family; each family's ``Block.LINEARS`` maps a layer to its statistic, and
-its blocks sow those inputs (``nnx.Intermediate``), captured here with ``nnx.capture``.
+its blocks sow those inputs (``nnx.Intermediate``), captured here with ``nnx.capture``. A mixture
+of experts sows its routing too, and its experts' statistics are taken per expert over the tokens
+routed to each (see :func:`block_statistics`).
 
 Two modes behind one function, :func:`block_statistics`:
 

@@ -221,7 +221,7 @@ def _compress(args) -> int:
     import jax
 
     import awp_jax
-    from awp_jax import assets, checkpoints, compress, data, export, perplexity
+    from awp_jax import checkpoints, compress, data, export, perplexity
 
     recipe, method, constraint, options = _resolve_run(args)
     out = pathlib.Path(args.out)
