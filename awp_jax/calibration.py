@@ -56,7 +56,10 @@ def _routed_grams(v, mask):
         m, ve = args
         return jnp.einsum("bli,blj->ij", ve * m[..., None], ve, precision="highest")
 
-    routed = jax.lax.map(one, (masks, v if per_expert else jnp.broadcast_to(v, (masks.shape[0],) + v.shape)))
+    if per_expert:
+        routed = jax.lax.map(one, (masks, v))
+    else:  # the shared input is closed over, not copied once per expert
+        routed = jax.lax.map(lambda m: one((m, v)), masks)
     if per_expert:
         everything = jax.lax.map(lambda ve: jnp.einsum("bli,blj->ij", ve, ve, precision="highest"), v)
     else:

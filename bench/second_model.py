@@ -44,15 +44,17 @@ SETTINGS = {"50%": {"sparsity": 0.5}, "2:4": {"nm": (2, 4)}, "INT4 g128": {"bits
             "INT3 g128": {"bits": 3, "group_size": 128}}
 BASELINES = {"50%": ("magnitude", "wanda", "sparsegpt"), "2:4": ("wanda", "sparsegpt"),
              "INT4 g128": ("rtn", "gptq", "awq"), "INT3 g128": ("rtn", "gptq", "awq")}
-ORDER = ("50%", "INT4 g128", "2:4", "INT3 g128")  # the order rows run in
+ORDER = ("50%", "INT4 g128", "2:4", "INT3 g128")
 
 
 def rows():
-    """(column, label, method, flat settings); recipes with the same options share a row."""
-    out = []
+    """(column, label, method, flat settings) in the order they run: for each column pair, the two
+    strongest baselines and the default recipe first, then the rest; recipes with the same options
+    share a row."""
+    per_col = {}
     for col in ORDER:
         fields = SETTINGS[col]
-        out += [(col, m, m, dict(fields)) for m in BASELINES[col]]
+        base = [(col, m, m, dict(fields)) for m in BASELINES[col]]
         constraint = methods.Constraint(**fields)
         seen = {}
         for name in ("fast", "best"):
@@ -62,7 +64,14 @@ def rows():
                 seen[key][1].append(name)
                 continue
             seen[key] = ({**fields, **opts}, [name])
-        out += [(col, "awp, recipe " + " = ".join(names), "awp", flat) for flat, names in seen.values()]
+        awp = [(col, "awp, recipe " + " = ".join(names), "awp", flat) for flat, names in seen.values()]
+        per_col[col] = (base[-2:] + awp[:1], base[:-2] + awp[1:])  # (first, later)
+    out = []
+    for pair in (ORDER[:2], ORDER[2:]):
+        for col in pair:
+            out += per_col[col][0]
+        for col in pair:
+            out += per_col[col][1]
     return out
 
 
@@ -85,6 +94,11 @@ def transformers_check(path, ev):
             nll -= float(lp.sum())
             count += lp.numel()
     return first, float(np.exp(nll / count))
+
+
+def _label_order(col, label):
+    names = list(BASELINES[col])
+    return names.index(label) if label in names else len(names) + ("best" in label and "fast" not in label)
 
 
 def write_report(name, store, path):
@@ -117,7 +131,7 @@ def write_report(name, store, path):
         ref_name = BASELINES[col][-1]
         ref = store.get(f"{col}|{ref_name}")
         lines += [f"## {col}", "", f"| row | perplexity | wall s | CPU s | CPU / {ref_name} |", "|---|---|---|---|---|"]
-        for c, lab, _, _ in rows():
+        for c, lab, _, _ in sorted(rows(), key=lambda r: _label_order(r[0], r[1])):
             if c != col:
                 continue
             r = store.get(f"{col}|{lab}")
