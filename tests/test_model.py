@@ -215,3 +215,20 @@ def test_phi3_fused_projections_and_sliding_window_match_transformers():
     hf.rope_parameters = {**hf.rope_parameters, "partial_rotary_factor": 0.75}
     with pytest.raises(ValueError, match="partial_rotary_factor=0.75 is not implemented"):
         models.config_from_hf(hf)
+
+
+@pytest.mark.parametrize("head_tokens", [1024, 21])  # one chunk; chunks that do not divide the positions
+def test_perplexity_head_in_chunks_equals_full_logits(monkeypatch, head_tokens):
+    from awp_jax import perplexity
+
+    monkeypatch.setattr(perplexity, "HEAD_TOKENS", head_tokens)
+    perplexity._nll_fn.cache_clear()
+    model = build(TINY, random_weights(TINY, seed=1, scale=0.2))
+    w = np.random.default_rng(0).integers(0, TINY.vocab_size, (5, 300)).astype(np.int32)
+    nll = perplexity.window_nll(model, w, batch_size=3, progress=False)
+    perplexity._nll_fn.cache_clear()
+    logits = np.asarray(forward(model)(jnp.asarray(w)), np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    ref = -np.take_along_axis(logp[:, :-1], w[:, 1:, None], -1)[..., 0].sum(-1)
+    np.testing.assert_allclose(nll, ref, rtol=1e-5)

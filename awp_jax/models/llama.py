@@ -324,14 +324,18 @@ class Llama(nnx.Module):
         return jnp.einsum("...d,vd->...v", self.norm(x), w).astype(jnp.float32)
 
     def __call__(self, tokens):
-        return nnx.capture(type(self)._forward, nnx.Intermediate)(self, tokens)[0]  # sown inputs: not kept
+        return self.head(self.hidden(tokens))
 
-    def _forward(self, tokens):
+    def hidden(self, tokens):
+        """The last block's output ``[B, L, D]`` (before the final norm and the head)."""
+        return nnx.capture(type(self)._hidden, nnx.Intermediate)(self, tokens)[0]  # sown inputs: not kept
+
+    def _hidden(self, tokens):
         ctx = self.context(tokens.shape[1])
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x, *ctx)
-        return self.head(x)
+        return x
 
 
 def _check_shapes(shapes, weights):
