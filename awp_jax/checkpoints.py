@@ -139,7 +139,8 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
         from awp_jax import dtypes
 
         storage = dtypes.check(dequantized_dtype)
-        weights = {k: dtypes.round_to(v, storage) for k, v in weights.items()}
+        for k in list(weights):
+            weights[k] = dtypes.round_to(weights[k], storage)
     if arch == "gemma3":
         return _gemma3_gguf_config(field, weights, storage, heads, kv_heads, hidden), weights, (
             _gguf_tokenizer(path, reader) if with_tokenizer else None)
@@ -289,7 +290,7 @@ def load_hf_dir(path: os.PathLike, *, with_tokenizer: bool = True):
         weights.update(tensors)
     cfg = dataclasses.replace(cfg, storage_dtype=_storage_dtype(weights, path))
     tok = None
-    if with_tokenizer and any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if with_tokenizer and any((path / n).exists() for n in _TOKENIZER_FILES):
         tok = load_tokenizer(path)
     return cfg, weights, tok
 
@@ -384,6 +385,21 @@ def model_source(spec) -> pathlib.Path:
     return pathlib.Path(spec)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def model_tokenizer(spec=None):
+    """The tokenizer of the checkpoint ``spec`` names (as :func:`load_checkpoint` reads it), without
+    loading its weights; ``None`` for a directory without tokenizer files."""
+    p = model_source(spec)
+    if p.is_file() and p.suffix == ".gguf":
+        return _gguf_tokenizer(p)
+    if p.is_dir():
+        return load_tokenizer(p) if any((p / n).exists() for n in _TOKENIZER_FILES) else None
+    load_checkpoint(p, with_tokenizer=False)  # raises the error that names what is wrong with ``p``
+    return None
+
+
 def load_model(spec=None, *, dtype: str = "float32", storage_dtype: str | None = None, with_tokenizer: bool = True):
     """``(Llama, tokenizer)`` for a checkpoint (see :func:`load_checkpoint`).
 
@@ -406,11 +422,17 @@ def load_model(spec=None, *, dtype: str = "float32", storage_dtype: str | None =
     else:
         target = own if storage_dtype == "auto" else dtypes.check(storage_dtype)
         try:
-            weights = {k: dtypes.round_to(v, target) for k, v in weights.items()}
+            for k in list(weights):  # one tensor at a time: never two copies of the model
+                weights[k] = dtypes.round_to(weights[k], target)
         except ValueError as e:
             raise CheckpointError(f"cannot store {spec or 'the default model'} as {target}: {e}") from e
         cfg = dataclasses.replace(cfg, storage_dtype=target)
-    return models.build(cfg, weights), tok
+    model = models.build(cfg, weights)
+    del weights
+    from awp_jax import memory
+
+    memory.trim()  # the dequantized copies are gone; give their pages back
+    return model, tok
 
 
 def load_default(*, dtype: str = "float32"):

@@ -89,10 +89,11 @@ def _group(text: str) -> int | None:
 def _eval(args) -> int:
     from awp_jax import checkpoints, data, perplexity
 
-    model, tok = checkpoints.load_model(args.model)
+    tok = checkpoints.model_tokenizer(args.model)  # texts first: see _compress
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer files; evaluation needs one")
     windows = data.eval_windows(data.tokenize(tok, data.load_text(args.text)), args.seqlen, args.max_windows)
+    model, _ = checkpoints.load_model(args.model, with_tokenizer=False)
     res = perplexity.perplexity(model, windows, batch_size=args.batch_size)
     print(f"perplexity {res.perplexity:.4f}  ({res.windows} windows x {res.seqlen} tokens, {res.tokens} predicted)")
     return 0
@@ -239,7 +240,9 @@ def _compress(args) -> int:
                                    process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout)
         rank = jax.process_index()
     t_start = time.perf_counter()
-    model, tok = checkpoints.load_model(args.model, storage_dtype=args.dtype)
+    # the texts are tokenized before the weights are loaded: tokenizing a million tokens briefly takes
+    # ~0.7 GB, which should not add to the model's memory
+    tok = checkpoints.model_tokenizer(args.model)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer files; calibration needs one")
     calib = data.calibration_windows(data.tokenize(tok, data.load_text(args.calib)), args.nsamples, args.seqlen, args.seed)
@@ -247,6 +250,8 @@ def _compress(args) -> int:
     ppl = {}
     if args.eval_windows and rank == 0:
         eval_windows = data.eval_windows(data.tokenize(tok, data.load_text(args.eval_text)), args.eval_seqlen, args.eval_windows)
+    model, _ = checkpoints.load_model(args.model, storage_dtype=args.dtype, with_tokenizer=False)
+    if eval_windows is not None:
         ppl["dense"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
         print(f"dense perplexity {ppl['dense']:.4f}", file=sys.stderr)
     opts = dataclasses.asdict(options)
@@ -293,6 +298,9 @@ def _compress(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     import os
 
+    from awp_jax import memory
+
+    memory.configure()
     # transformers' advice that it found no torch: this package never needs torch models
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from awp_jax.dtypes import STORAGE_DTYPES

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from awp_jax import calibration, methods, packed
+from awp_jax import calibration, memory, methods, packed
 from awp_jax.models import Llama
 from awp_jax.solver import objective
 
@@ -275,6 +275,7 @@ def compress_model(
             _save_block(run_dir, i, blk, rows, enc_block)
         report.extend(rows)
         encoded.update({model.linear_key(i, n): e for n, e in enc_block.items()})
+        memory.trim()  # the block's statistics and solver buffers are freed
 
     calibration.block_statistics(model, windows, mode=mode, batch_size=batch_size, on_block=on_block, progress=progress,
                                  start_block=start, after_prefix=None if mode == "sequential" else load_done,

@@ -185,8 +185,11 @@ def load_text(which: str | os.PathLike) -> str:
 
 def tokenize(tokenizer, text: str) -> np.ndarray:
     """Token ids (int32) of the whole text, tokenized once, no special tokens."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return np.asarray(ids, np.int32)
+    from awp_jax import memory
+
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    memory.trim()  # the tokenizer's per-token strings and offsets (~300 bytes a token) go back to the system
+    return ids
 
 
 def calibration_windows(tokens: np.ndarray, n: int = 128, seqlen: int = 512, seed: int = 0) -> np.ndarray:

@@ -24,7 +24,7 @@ import tempfile
 
 from awp_jax.models import Llama, weights_of
 
-from awp_jax import dtypes
+from awp_jax import dtypes, memory
 
 __all__ = ["save_hf_dir", "sizes", "OutputExistsError"]
 
@@ -58,6 +58,8 @@ def save_hf_dir(model: Llama, out: os.PathLike, *, tokenizer=None, report: dict 
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         weights = {k: dtypes.cast_exact(v, model.cfg.storage_dtype, k) for k, v in weights_of(model).items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del weights
+        memory.trim()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if encoded is not None:
