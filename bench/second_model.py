@@ -114,6 +114,17 @@ def write_report(name, store, path):
              f"Rows ran one after another in one process on {platform.machine()} with {quality.os.cpu_count()} CPU core(s); "
              "float32 1024x1024 matmul: " + (", ".join(f"{g:.0f}" for g in gflops) or "–") + " GFLOP/s (measured at the start of "
              "each session of rows). Quantization uses group 128 with a shorter last group where a width is not a multiple of it.", ""]
+    cached = assets.cache_dir() / assets.MODELS[name].filename
+    if cached.exists():
+        import gguf
+
+        field = gguf.GGUFReader(str(cached)).fields.get("general.name")
+        if field is not None:
+            lines += [f"The file's `general.name`: {field.contents()!r}" + (
+                " — it was converted from the AWQ (4-bit) release, so its weights passed through AWQ's grid before "
+                "llama.cpp's, and 4-bit results on it are not those of the bf16 model." if "AWQ" in str(field.contents()) else "."), ""]
+    lines += ["Rows ran beside other work on the same 2 cores (the test suite, memory measurements): wall seconds are "
+              "inflated and only roughly comparable; CPU seconds of the benchmark process are the better time figure.", ""]
     if "types" in store:
         lines += ["Block types in the file: " + ", ".join(f"{k} {v}" for k, v in sorted(store["types"].items())) + ".", ""]
     d = store.get("dense")
