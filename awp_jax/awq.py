@@ -18,30 +18,37 @@ search uses every token, and is not skipped for q/k.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from awp_jax.quantizers import QuantSpec, _grouped, _ungrouped, rtn
+from awp_jax.quantizers import QuantSpec, _grouped, _ungrouped, quantize, rtn
 from awp_jax.solver import objective
 
 __all__ = ["awq"]
 
 
-def _clip_quantize(ws, ratio, spec):
-    """Fake-quantize ``ws`` after clipping each (row, group) to ``ratio[..., G] ·`` its abs max."""
+def _clip(ws, ratio, spec):
+    """``ws`` with each (row, group) clipped to ``ratio[..., G] ·`` its abs max."""
     g = _grouped(ws, spec)  # [R, G, gs]
     amax = jnp.max(jnp.abs(g), axis=-1, keepdims=True) * ratio[..., None]
-    clipped = _ungrouped(jnp.clip(g, -amax, amax), ws.shape[-1])
-    return rtn(clipped, spec)
+    return _ungrouped(jnp.clip(g, -amax, amax), ws.shape[-1])
+
+
+def _clip_quantize(ws, ratio, spec):
+    """Fake-quantize ``ws`` after clipping (see :func:`_clip`)."""
+    return rtn(_clip(ws, ratio, spec), spec)
 
 
 def awq(w, c, spec: QuantSpec, *, n_grid: int = 20, max_shrink: float = 0.5):
     """AWQ of ``w [d_out, d_in]`` with ``c [d_in, d_in]``.
 
-    Returns ``(theta, alpha, r, q)``: the dense result ``theta = q · r``, the chosen exponent,
-    ``r = 1/s`` the inverse per-input-channel scales and ``q``, the scaled weights ``W·diag(s)`` on
-    the group grid (what a deployment stores, with ``s`` folded into the previous operation).
-    ``theta`` is a product, not a quotient, so that a stored ``(q, r)`` reproduces it exactly."""
+    Returns ``(q, alpha)``: ``q`` the :class:`~awp_jax.quantizers.QArray` of the scaled weights
+    ``W·diag(s)`` on the group grid (what a deployment stores, with ``s`` folded into the previous
+    operation) with ``col_scale_inv = r = 1/s``, and the chosen exponent. The dense result
+    ``q.dense() = grid values · r`` is a product, not a quotient, so the stored form reproduces it
+    exactly."""
     d_in = w.shape[1]
     a = jnp.sqrt(jnp.maximum(jnp.diagonal(c), 0))
     smallest = jnp.min(jnp.where(a > 0, a, jnp.inf))
@@ -75,6 +82,5 @@ def awq(w, c, spec: QuantSpec, *, n_grid: int = 20, max_shrink: float = 0.5):
     ratios = 1.0 - jnp.arange(int(max_shrink * n_grid)) / n_grid
     errors = jax.vmap(group_errors)(ratios)  # [n_ratio, R, G]
     best = ratios[jnp.argmin(errors, axis=0)]  # [R, G]
-    q = _clip_quantize(ws, best, spec)
-    r = 1.0 / s
-    return q * r[None, :], alpha, r, q
+    q = quantize(_clip(ws, best, spec), spec)
+    return dataclasses.replace(q, col_scale_inv=1.0 / s), alpha

@@ -222,8 +222,7 @@ def compress_model(
                        else [methods.compress_layer(method, ws[0], cs[0], constraint, options)])
                 jnp.stack([r.theta for r in out]).block_until_ready()
                 secs = (time.perf_counter() - t0) / len(names)
-                out = [methods.LayerResult(np.asarray(r.theta), r.info, None if r.aux is None else {k: np.asarray(v) for k, v in r.aux.items()})
-                       for r in out]
+                out = [methods.LayerResult(np.asarray(r.theta), r.info, None if r.q is None else jax.device_get(r.q)) for r in out]
             if n_proc > 1:
                 out, secs = _exchange(None if out is None else (out, secs), owner, f"block {i} {'/'.join(names)}")
             for n, w, c, res in zip(names, ws, cs, out):
@@ -236,8 +235,7 @@ def compress_model(
             if not np.all(np.isfinite(theta)):
                 raise FloatingPointError(f"block {i} {name}: {method} produced non-finite weights ({res.info})")
             try:
-                enc = packed.encode(theta, bits=constraint.bits, group_size=constraint.group_size, pruned=constraint.prunes,
-                                    aux=res.aux, dtype=dtype)
+                enc = packed.encode(theta, q=res.q, pruned=constraint.prunes, dtype=dtype)
             except packed.NotLosslessError as e:
                 raise RuntimeError(f"block {i} {name}: {method}'s result is not on its {constraint.describe()} grid: {e}") from e
             except ValueError as e:  # e.g. values beyond float16's range

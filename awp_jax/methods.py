@@ -42,7 +42,7 @@ from awp_jax import hwpq as hwpq_lib
 from awp_jax import obs
 from awp_jax import solver as solver_lib
 from awp_jax.projections import keep_count, nm_mask, row_topk_mask
-from awp_jax.quantizers import QuantSpec, rtn
+from awp_jax.quantizers import QArray, QuantSpec, quantize
 from awp_jax.saliency import wanda_score
 
 __all__ = ["Constraint", "AWPOptions", "SparseGPTOptions", "GPTQOptions", "NoOptions", "LayerResult", "METHODS",
@@ -53,7 +53,8 @@ class Constraint:
     """What every layer is compressed to. Pruning: ``sparsity`` (fraction of each row) or ``nm``;
     quantization: ``bits`` (+ ``group_size``, ``symmetric``); both for joint compression.
     ``partial_groups`` defaults to True so group 128 applies to 576-wide layers (GPTQ's
-    convention: a shorter last group)."""
+    convention: a shorter last group). ``scale_dtype`` and ``float_min`` choose the grid a storage
+    format holds exactly (see :class:`~awp_jax.quantizers.QuantSpec`; the output formats set them)."""
 
     sparsity: float = 0.0
     nm: tuple[int, int] | None = None
@@ -61,6 +62,8 @@ class Constraint:
     group_size: int | None = 128
     symmetric: bool = False
     partial_groups: bool = True
+    scale_dtype: str = "float32"
+    float_min: bool = False
 
     def __post_init__(self):
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
@@ -73,12 +76,15 @@ class Constraint:
                 raise ValueError(f"N:M needs integers 1 <= N <= M, got {self.nm!r}")
             if self.sparsity:
                 raise ValueError("give either a sparsity or an N:M pattern, not both")
-        for name in ("symmetric", "partial_groups"):
+        for name in ("symmetric", "partial_groups", "float_min"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be True or False", getattr(self, name))
         if self.bits is not None:
             self.quant  # validates bits and group size
         if self.kind is None:
             raise ValueError("nothing to do: give a sparsity, an N:M pattern, or bits")
+        if self.float_min and self.prunes:
+            raise ValueError("a float-minimum grid (GGUF Q4_1) does not hold 0, so it cannot keep pruned weights; "
+                             "joint pruning and quantization needs an integer zero point or a symmetric grid")
 
     @property
     def prunes(self) -> bool:
@@ -98,7 +104,8 @@ class Constraint:
     def quant(self) -> QuantSpec | None:
         if self.bits is None:
             return None
-        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, partial_groups=self.partial_groups)
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, partial_groups=self.partial_groups,
+                         scale_dtype=self.scale_dtype, float_min=self.float_min)
 
     def describe(self) -> str:
         parts = []
@@ -107,7 +114,9 @@ class Constraint:
         elif self.sparsity:
             parts.append(f"{self.sparsity:.0%} sparse")
         if self.bits:
-            parts.append(f"int{self.bits} g{self.group_size or 'row'}{' sym' if self.symmetric else ''}")
+            grid = " sym" if self.symmetric else " float-min" if self.float_min else ""
+            scale = "" if self.scale_dtype == "float32" else f" {self.scale_dtype} scales"
+            parts.append(f"int{self.bits} g{self.group_size or 'row'}{grid}{scale}")
         return " + ".join(parts)
 
 
@@ -198,11 +207,25 @@ class GPTQOptions(SparseGPTOptions):
 
 
 class LayerResult(NamedTuple):
+    """What a method computed for one layer: the dense result ``theta``; for a quantizing method
+    ``q``, the typed quantized weights (codes, scales, zero points, AWQ's column scales, GPTQ's
+    permutation) with ``theta == q.dense()``; method-specific scalars in ``info``."""
+
     theta: jax.Array
     info: dict[str, Any]  # method-specific scalars (iterations, stop reason, damping, ...)
-    # what the lossless encoding (awp_jax.packed) needs beyond theta: AWQ's inverse per-channel
-    # scales "col_scale_inv" and scaled grid values "prescaled"; GPTQ act-order's column order "perm"
-    aux: dict[str, Any] | None = None
+    q: QArray | None = None
+
+
+def _quantized(q: QArray, info: dict) -> LayerResult:
+    return LayerResult(q.dense(), info, q)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _snap(theta, spec, col_scale_inv=None):
+    """The :class:`QArray` of a matrix that a projection put on ``spec``'s grid (its own grid,
+    recovered from the grid values: see :func:`awp_jax.quantizers.quantize`)."""
+    q = quantize(theta, spec)
+    return q if col_scale_inv is None else dataclasses.replace(q, col_scale_inv=col_scale_inv)
 
 
 class Method(NamedTuple):
@@ -339,12 +362,12 @@ def _wanda(w, c, con, opt):
     return LayerResult(_mask_prune(w, c, con, True), {})
 
 
-_rtn_jit = jax.jit(rtn, static_argnames="spec")
+_quantize_jit = jax.jit(quantize, static_argnames="spec")
 
 
 @register("rtn", {"quant"}, "round to nearest, asymmetric min-max per group")
 def _rtn(w, c, con, opt):
-    return LayerResult(_rtn_jit(w, spec=con.quant), {})
+    return _quantized(_quantize_jit(w, spec=con.quant), {})
 
 
 def _damping_info(c, percdamp, damp, ok):
@@ -376,8 +399,8 @@ def _gptq_jit(w, c, con, opt):
 
 @register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)", GPTQOptions)
 def _gptq(w, c, con, opt):
-    theta, damp, ok, perm = _gptq_jit(w, c, con, opt)
-    return LayerResult(theta, _damping_info(c, opt.percdamp, damp, ok), {"perm": perm} if opt.act_order else None)
+    q, damp, ok = _gptq_jit(w, c, con, opt)
+    return _quantized(q, _damping_info(c, opt.percdamp, damp, ok))
 
 
 @functools.partial(jax.jit, static_argnames=("con",))
@@ -387,8 +410,8 @@ def _awq_jit(w, c, con):
 
 @register("awq", {"quant"}, "AWQ scale search (grid 20) and clip search, layer-level loss")
 def _awq(w, c, con, opt):
-    theta, alpha, s, q = _awq_jit(w, c, con)
-    return LayerResult(theta, {"alpha": float(alpha)}, {"col_scale_inv": s, "prescaled": q})
+    q, alpha = _awq_jit(w, c, con)
+    return _quantized(q, {"alpha": float(alpha)})
 
 
 @functools.partial(jax.jit, static_argnames=("con",))
@@ -404,22 +427,24 @@ def _hwpq(w, c, con, opt):
 
 @register("wanda_awq", {"joint"}, "Wanda pruning, then AWQ quantization of the pruned weights")
 def _wanda_awq(w, c, con, opt):
-    pruned = _mask_prune(w, c, con, True)
-    theta, alpha, r, q = _awq_jit(pruned, c, con)
-    return LayerResult(theta, {"alpha": float(alpha)}, {"col_scale_inv": r, "prescaled": q})
+    q, alpha = _awq_jit(_mask_prune(w, c, con, True), c, con)
+    return _quantized(q, {"alpha": float(alpha)})
 
 
 @functools.partial(jax.jit, static_argnames=("con",))
 def _awq_then_mask(w, c, con):
-    theta, alpha, r, q = awq_lib.awq(w, c, con.quant)
-    mask = _prune_mask(wanda_score(theta, c), con)
-    return jnp.where(mask, theta, 0.0), alpha, r, jnp.where(mask, q, 0.0)
+    q, alpha = awq_lib.awq(w, c, con.quant)
+    mask = _prune_mask(wanda_score(q.dense(), c), con)
+    # a pruned entry takes its group's zero point: grid value 0 (integer zero points only: joint
+    # compression refuses float-minimum grids)
+    zero = jnp.repeat(q.zero, con.quant.group_len(w.shape[1]), axis=1)[:, : w.shape[1]]
+    return dataclasses.replace(q, codes=jnp.where(mask, q.codes, zero)), alpha
 
 
 @register("awq_wanda", {"joint"}, "AWQ quantization, then the Wanda mask of the quantized weights")
 def _awq_wanda(w, c, con, opt):
-    theta, alpha, r, q = _awq_then_mask(w, c, con)
-    return LayerResult(theta, {"alpha": float(alpha)}, {"col_scale_inv": r, "prescaled": q})
+    q, alpha = _awq_then_mask(w, c, con)
+    return _quantized(q, {"alpha": float(alpha)})
 
 
 def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> solver_lib.PGDConfig:
@@ -453,12 +478,10 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
         return solver_lib.awp_nm(*con.nm, **it, **over)
     q = con.quant
     if kind == "quant":
-        return solver_lib.awp_quantization(q.bits, q.group_size, symmetric=q.symmetric, partial_groups=q.partial_groups,
-                                           **({} if opt.max_iter is None else {"iters": opt.max_iter}), **over)
+        return solver_lib.awp_quantization(spec=q, **({} if opt.max_iter is None else {"iters": opt.max_iter}), **over)
     if con.nm is not None:
         return solver_lib.awp_nm_joint(*con.nm, q, **it, **over)
-    return solver_lib.awp_joint(con.sparsity, q.bits, q.group_size, symmetric=q.symmetric, partial_groups=q.partial_groups,
-                                from_awq=opt.init == "awq", **it, **over)
+    return solver_lib.awp_joint(con.sparsity, spec=q, from_awq=opt.init == "awq", **it, **over)
 
 
 def _awp_info(res, lane=None):
@@ -477,7 +500,14 @@ def _awp_stack(ws, cs, con, opt):
     if opt.init in ("sparsegpt", "awq"):
         return [_awp(w, c, con, opt) for w, c in zip(ws, cs)]
     res = solver_lib.solve_pgd_stack(ws, cs, awp_config(con, opt))
-    return [LayerResult(res.theta[i], _awp_info(res, i)) for i in range(ws.shape[0])]
+    return [_awp_result(res.theta[i], _awp_info(res, i), con) for i in range(ws.shape[0])]
+
+
+def _awp_result(theta, info, con, col_scale_inv=None) -> LayerResult:
+    """AWP's result; a quantized one as the :class:`QArray` of its final projection's grid."""
+    if con.bits is None:
+        return LayerResult(theta, info)
+    return _quantized(_snap(theta, con.quant, col_scale_inv), info)
 
 
 @register("awp", {"prune", "nm", "quant", "joint"}, "activation-aware projected gradient descent (paper defaults)", AWPOptions,
@@ -496,7 +526,7 @@ def _awp(w, c, con, opt):
     if opt.init == "awq":
         return _awp_from_awq(w, c, con, cfg)
     res = solver_lib.solve_pgd(w, c, cfg)
-    return LayerResult(res.theta, _awp_info(res))
+    return _awp_result(res.theta, _awp_info(res), con)
 
 
 def _awp_from_awq(w, c, con, cfg):
@@ -507,16 +537,13 @@ def _awp_from_awq(w, c, con, cfg):
     ``(W − Θ) C (W − Θ)ᵀ = (W' − Θ') C' (W' − Θ')ᵀ`` for ``Θ = Θ'·diag(1/s)``, so PGD on ``(W', C')``
     from ``Θ' = q`` keeps AWQ's scales (and its deployable form) and lowers the objective further.
     For joint compression the start is Wanda→AWQ (pruned, then quantized on the pruned weights)."""
-    if con.kind == "quant":
-        _, alpha, r, q = _awq_jit(w, c, con)
-    else:
-        _, alpha, r, q = _awq_jit(_mask_prune(w, c, con, True), c, con)
+    q, alpha = _awq_jit(w if con.kind == "quant" else _mask_prune(w, c, con, True), c, con)
+    r = q.col_scale_inv
     ws, cs = w / r[None, :], c * r[:, None] * r[None, :]
-    res = solver_lib.solve_pgd(ws, cs, cfg, theta0=q)
+    res = solver_lib.solve_pgd(ws, cs, cfg, theta0=q.grid_values())
     info = {**_awp_info(res), "alpha": float(alpha)}
-    prescaled = res.theta
     # AWQ's point is feasible: it competes, so the result is never worse than AWQ's
     if not float(res.obj_final) < float(res.obj_init):
         info.update(best_iteration=0, note="kept the AWQ start")
-        prescaled = q
-    return LayerResult(prescaled * r[None, :], info, {"col_scale_inv": r, "prescaled": prescaled})
+        return _quantized(q, info)
+    return _awp_result(res.theta, info, con, r)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from awp_jax.quantizers import QuantSpec, _grid
+from awp_jax.quantizers import QArray, QuantSpec, _codes, _grid, _grouped, _ungrouped, _values
 
 __all__ = ["prepare_hessian", "cholesky_inverse_upper", "sparsegpt", "gptq"]
 
@@ -72,8 +72,9 @@ def cholesky_inverse_upper(h, damp, max_damp_retries: int = 4):
 def _sweep(w, u, blocksize: int, column_fn, block_init):
     """Generic left-to-right OBS sweep. ``block_init(w_block, u_block) -> aux`` starts a block;
     ``column_fn(i_global, i_local, w_block, u_block, aux) -> (q_column, aux)`` compresses one
-    column given the current (updated) block."""
+    column given the current (updated) block. Returns the result and each block's final ``aux``."""
     d_in = w.shape[1]
+    auxes = []
     for b0 in range(0, d_in, blocksize):
         b1 = min(b0 + blocksize, d_in)
         w1 = w[:, b0:b1]
@@ -92,10 +93,11 @@ def _sweep(w, u, blocksize: int, column_fn, block_init):
 
         zeros = jnp.zeros_like(w1)
         _, q1, err1, aux = jax.lax.fori_loop(0, b1 - b0, body, (w1, zeros, zeros, aux))
+        auxes.append(aux)
         w = w.at[:, b0:b1].set(q1)
         if b1 < d_in:
             w = w.at[:, b1:].add(-err1 @ u[b0:b1, b1:])
-    return w
+    return w, auxes
 
 
 def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01):
@@ -120,7 +122,7 @@ def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
             m = jax.lax.dynamic_slice_in_dim(mask, i, 1, axis=1)[:, 0]
             return jnp.where(m, 0.0, col), mask
 
-        return _sweep(w, u, blocksize, column, block_mask), damp, ok
+        return _sweep(w, u, blocksize, column, block_mask)[0], damp, ok
 
     n, m = nm
     if blocksize % m:
@@ -141,51 +143,59 @@ def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
         return jnp.where(pruned[:, i % m], 0.0, col), pruned
 
     init = jnp.zeros((d_out, m), bool)
-    return _sweep(w, u, blocksize, column_nm, lambda w1, u1: init), damp, ok
+    return _sweep(w, u, blocksize, column_nm, lambda w1, u1: init)[0], damp, ok
 
 
 def gptq(w, c, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False):
     """GPTQ quantization of ``w`` on ``spec``'s grid (group-wise, grid fixed when a group starts).
 
-    Returns ``(theta, damp_used, ok, perm)``; ``theta`` is the dequantized matrix and ``perm`` the
-    column order of the sweep (groups are consecutive columns in that order; identity unless
-    ``act_order``).
+    Returns ``(q, damp_used, ok)``: ``q`` the :class:`~awp_jax.quantizers.QArray` the sweep made
+    (codes in sweep order, each group's grid as fixed when the group started, ``perm`` the column
+    order of the sweep when ``act_order``: groups are consecutive columns in that order).
     """
     d_out, d_in = w.shape
     g = spec.group_len(d_in)
-    spec.groups(d_in)  # validates divisibility
+    n_groups = spec.groups(d_in)  # validates divisibility
     w, h, damp = prepare_hessian(w, c, percdamp)
     perm = jnp.arange(d_in)
     if act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)
         w, h = w[:, perm], h[perm][:, perm]
     u, damp, ok = cholesky_inverse_upper(h, damp)
-    maxq = spec.levels - 1
     per_row = spec.group_size is None
     if not per_row and (g > blocksize or blocksize % g):
         raise ValueError(f"group size {g} must divide the blocksize {blocksize}")
+    per_block = 1 if per_row else blocksize // g
 
     def group_grid(cols):
         s, z = _grid(cols[:, None, :], spec)
         return s[:, 0, 0], z[:, 0, 0]
 
-    def column(ig, i, w1, u1, grid):
+    def column(ig, i, w1, u1, aux):
+        grid, scales, zeros = aux
         if not per_row:
             # a group starts: its grid from the already updated weights of its columns, which all
             # lie in this block (g divides the blocksize); columns past d_in are zero padding
             def new_grid(_):
                 cols = jax.lax.dynamic_slice_in_dim(jnp.pad(w1, ((0, 0), (0, g))), i, g, axis=1)
-                return group_grid(jnp.where(((ig + jnp.arange(g)) < d_in)[None, :], cols, 0.0))
+                s, z = group_grid(jnp.where(((ig + jnp.arange(g)) < d_in)[None, :], cols, 0.0))
+                return (s, z), scales.at[:, i // g].set(s), zeros.at[:, i // g].set(z)
 
-            grid = jax.lax.cond(ig % g == 0, new_grid, lambda _: grid, None)
-        scale, zero = grid
+            grid, scales, zeros = jax.lax.cond(ig % g == 0, new_grid, lambda _: (grid, scales, zeros), None)
         col = jax.lax.dynamic_slice_in_dim(w1, i, 1, axis=1)[:, 0]
-        q = (jnp.clip(jnp.round(col / scale) + zero, 0, maxq) - zero) * scale
-        return q, grid
+        q = _values(_codes(col, *grid, spec), *grid, spec)
+        return q, (grid, scales, zeros)
 
     # per row: one grid from the whole (dead-column-zeroed) row, fixed for the sweep
     fixed = group_grid(w) if per_row else (jnp.ones((d_out,), w.dtype), jnp.zeros((d_out,), w.dtype))
-    theta = _sweep(w, u, blocksize, column, lambda w1, u1: fixed)
-    if act_order:
-        theta = theta[:, jnp.argsort(perm)]
-    return theta, damp, ok, perm
+    empty = jnp.zeros((d_out, per_block), w.dtype)
+    theta, auxes = _sweep(w, u, blocksize, column, lambda w1, u1: (fixed, empty, empty))
+    if per_row:
+        scale, zero = fixed[0][:, None], fixed[1][:, None]
+    else:
+        scale = jnp.concatenate([a[1] for a in auxes], axis=1)[:, :n_groups]
+        zero = jnp.concatenate([a[2] for a in auxes], axis=1)[:, :n_groups]
+    codes = _ungrouped(_codes(_grouped(theta, spec), scale[..., None], zero[..., None], spec), d_in).astype(jnp.uint8)
+    q = QArray(codes=codes, scale=scale, zero=zero if spec.float_min else zero.astype(jnp.uint8), spec=spec,
+               perm=perm if act_order else None)
+    return q, damp, ok

@@ -5,18 +5,18 @@ A compressed layer is stored as what it is, not as a dense matrix:
 | layer | stored arrays |
 |---|---|
 | pruned (unstructured or N:M) | ``mask`` (bit-packed, 1 bit per weight) + ``values`` (kept entries, row-major, in the checkpoint's storage dtype: bf16 for a bf16 model) |
-| quantized | ``codes`` (bit-packed, ``bits`` bits per weight) + ``scale`` (float32) and ``zero`` (uint8) per (row, group) |
+| quantized | ``codes`` (bit-packed, ``bits`` bits per weight) + ``scale`` (float32) and ``zero`` (uint8; ``min``, float32, for a float-minimum grid) per (row, group) |
 | pruned and quantized | as quantized; when ``1 + bits·density < bits`` the ``mask`` is stored and ``codes`` only for kept entries |
 | AWQ | as quantized, for the scaled weights ``W·diag(s)``, + ``col_scale_inv`` ``1/s`` (float32 per input channel) |
 | GPTQ with act-order | as quantized, with groups of consecutive columns in sweep order, + ``perm`` (int32) |
 
-:func:`encode` finds the grid from the weights themselves: every quantized group is
-``(code − zero)·scale`` for one float32 ``scale``, and the search checks, bit for bit, that the
-stored form reproduces every weight (an encoding that does not is an error, never a silent
-approximation). :func:`decode` gives the dense matrix back (a float32 array holding values of the
-checkpoint's storage dtype: a quantized layer's exact float32 grid values are rounded to it, as
-any dense export in that dtype must); the pipeline writes exactly ``decode(encode(theta))`` into the model, so the dense export and the compressed form are the same
-weights.
+:func:`encode` bit-packs what a method computed: a quantizing method's
+:class:`~awp_jax.quantizers.QArray` (codes, scales, zero points, column scales, permutation) as it
+is, and checks, bit for bit, that the stored form reproduces the method's dense result (an encoding
+that does not is an error, never a silent approximation). :func:`decode` gives the dense matrix
+back (a float32 array holding values of the checkpoint's storage dtype: a quantized layer's exact
+float32 grid values are rounded to it, as any dense export in that dtype must); the pipeline writes
+exactly ``decode(encode(...))`` into the model, so every output format holds the same weights.
 
 A model's checkpoint (:func:`save_orbax`) is a directory with ``awp_jax.json`` (config, per-layer
 metadata, format version) and ``state/``, an orbax checkpoint of ``{"params": dense parameters not
@@ -38,7 +38,7 @@ import numpy as np
 
 from awp_jax import dtypes
 
-__all__ = ["encode", "decode", "NotLosslessError", "save_orbax", "load_orbax", "is_orbax_dir", "stored_bits"]
+__all__ = ["encode", "decode", "grid_values", "unpacked_codes", "NotLosslessError", "save_orbax", "load_orbax", "is_orbax_dir", "stored_bits"]
 
 FORMAT = "awp_jax.orbax/1"
 
@@ -64,69 +64,19 @@ def _groups(x: np.ndarray, g: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, n * g - d_in))).reshape(d_out, n, g)
 
 
-def _step_ulps(x: np.ndarray, n: int) -> np.ndarray:
-    for _ in range(abs(n)):
-        x = np.nextafter(x, np.float32(np.inf if n > 0 else -np.inf)).astype(np.float32)
-    return x
-
-
-def _exact_grid(t: np.ndarray, bits: int):
-    """Per group (rows of ``t [N, g]``, float32): a float32 ``scale`` and integer ``zero`` in
-    ``[0, 2**bits)`` with ``(code − zero)·scale == t`` exactly for codes in ``[0, 2**bits)``."""
-    maxq = 2**bits - 1
-    n = t.shape[0]
-    amax = np.abs(t).max(1)
-    span = t.max(1) - t.min(1)
-    scale = np.ones(n, np.float32)
-    zero = np.zeros(n, np.int64)
-    codes = np.zeros(t.shape, np.uint8)
-    todo = np.nonzero(amax > 0)[0]
-    failed = []
-    # |t| <= amax = k·scale with k <= amax·maxq/span: search k downward from that bound
-    k_hi = np.where(span > 0, np.floor(amax.astype(np.float64) * maxq / np.maximum(span, 1e-38) * (1 + 1e-6)), maxq)
-    k_hi = np.clip(k_hi, 1, maxq).astype(np.int64)
-    for j in range(maxq):
-        if todo.size == 0:
-            break
-        k = k_hi[todo] - j
-        live = k >= 1
-        failed.append(todo[~live])
-        todo = todo[live]
-        k = k[live]
-        solved = np.zeros(todo.size, bool)
-        base = (amax[todo] / k).astype(np.float32)
-        tt = t[todo]
-        for d in (0, 1, -1, 2, -2):
-            cand = _step_ulps(base, d)
-            m = np.rint(tt / cand[:, None])
-            lo = np.maximum(0, -m.min(1))
-            hi = np.minimum(maxq, maxq - m.max(1))
-            ok = ~solved & (lo <= hi) & np.all((m * cand[:, None]).astype(np.float32) == tt, axis=1)
-            idx = todo[ok]
-            scale[idx], zero[idx] = cand[ok], lo[ok]
-            codes[idx] = (m[ok] + lo[ok][:, None]).astype(np.uint8)
-            solved |= ok
-        todo = todo[~solved]
-    n_failed = todo.size + sum(f.size for f in failed)
-    if n_failed:
-        raise NotLosslessError(f"{n_failed} of {n} groups are not on any {bits}-bit grid")
-    return scale, zero.astype(np.uint8), codes
-
-
 def stored_bits(enc: dict[str, Any]) -> int:
     return sum(np.asarray(v).nbytes * 8 for k, v in enc.items() if k != "meta")
 
 
-def encode(theta, *, bits: int | None = None, group_size: int | None = None, pruned: bool = False,
-           aux: dict | None = None, dtype: str = "float32") -> dict[str, Any]:
+def encode(theta, *, q=None, pruned: bool = False, dtype: str = "float32") -> dict[str, Any]:
     """The lossless stored form of one compressed layer ``theta [d_out, d_in]`` (see module doc).
 
-    ``bits``/``group_size``: the quantization grid (``None``: not quantized, ``group_size=None``:
-    one group per row); ``pruned``: store a sparsity mask; ``aux``: a method's extras
-    (``col_scale_inv`` + ``prescaled`` for AWQ, ``perm`` for GPTQ act-order); ``dtype``: the
-    checkpoint's storage dtype — what is encoded is ``theta`` rounded to it (:func:`awp_jax.dtypes.round_to`):
-    kept values are stored in ``dtype``; a quantized layer keeps its exact float32 grid (codes, scales)
-    and :func:`decode` rounds the dequantized values to ``dtype``. Raises :class:`NotLosslessError`
+    ``q``: a quantizing method's :class:`~awp_jax.quantizers.QArray` (its codes, scales, zero
+    points, AWQ's column scales, GPTQ's permutation are bit-packed as they are; ``theta`` must be
+    ``q.dense()``); ``pruned``: store a sparsity mask; ``dtype``: the checkpoint's storage dtype —
+    what is encoded is ``theta`` rounded to it (:func:`awp_jax.dtypes.round_to`): kept values are
+    stored in ``dtype``; a quantized layer keeps its exact grid (codes, float32 scales) and
+    :func:`decode` rounds the dequantized values to ``dtype``. Raises :class:`NotLosslessError`
     when the stored form would not reproduce ``round_to(theta, dtype)`` exactly."""
     theta = np.asarray(theta, np.float32)
     if theta.ndim != 2:
@@ -134,11 +84,10 @@ def encode(theta, *, bits: int | None = None, group_size: int | None = None, pru
     if not np.all(np.isfinite(theta)):
         raise ValueError("encode: weights contain NaN or Inf")
     d_out, d_in = theta.shape
-    aux = {k: np.asarray(v) for k, v in (aux or {}).items()}
-    meta = {"shape": [d_out, d_in], "bits": bits, "group_size": group_size, "dtype": dtypes.check(dtype)}
+    meta = {"shape": [d_out, d_in], "dtype": dtypes.check(dtype)}
     enc: dict[str, Any] = {}
     target = dtypes.round_to(theta, dtype)
-    if bits is None:
+    if q is None:
         if not pruned:
             enc["values"] = target.astype(dtypes.np_dtype(dtype))
             meta["kind"] = "dense"
@@ -148,25 +97,25 @@ def encode(theta, *, bits: int | None = None, group_size: int | None = None, pru
             enc["values"] = target[mask].astype(dtypes.np_dtype(dtype))
             meta["kind"] = "sparse"
     else:
-        meta["kind"] = "quant"
-        grid_vals = theta
-        if "col_scale_inv" in aux:
-            grid_vals = aux["prescaled"].astype(np.float32)
-            enc["col_scale_inv"] = aux["col_scale_inv"].astype(np.float32)
-        if "perm" in aux:
-            enc["perm"] = aux["perm"].astype(np.int32)
-            grid_vals = grid_vals[:, enc["perm"]]
-        g = group_size or d_in
-        tg = _groups(grid_vals, g)
-        scale, zero, codes = _exact_grid(tg.reshape(-1, g), bits)
-        codes = codes.reshape(d_out, -1)[:, :d_in]
-        enc["scale"] = scale.reshape(d_out, -1)
-        enc["zero"] = zero.reshape(d_out, -1)
-        mask = grid_vals != 0
-        density = mask.mean()
-        if pruned and 1 + bits * density < bits:
-            enc["mask"] = np.packbits(mask.reshape(-1))
-            codes = codes[mask]
+        spec = q.spec
+        bits = spec.bits
+        meta.update(kind="quant", bits=bits, group_size=spec.group_size, symmetric=spec.symmetric,
+                    float_min=spec.float_min, scale_dtype=spec.scale_dtype)
+        codes = np.asarray(q.codes, np.uint8)
+        if codes.shape != (d_out, d_in):
+            raise ValueError(f"codes of shape {codes.shape} for weights {theta.shape}")
+        enc["scale"] = np.asarray(q.scale, np.float32)
+        enc["min" if spec.float_min else "zero"] = np.asarray(q.zero, np.float32 if spec.float_min else np.uint8)
+        if q.perm is not None:
+            enc["perm"] = np.asarray(q.perm, np.int32)
+        if q.col_scale_inv is not None:
+            enc["col_scale_inv"] = np.asarray(q.col_scale_inv, np.float32)
+        if pruned and not spec.float_min:
+            zero = np.repeat(enc["zero"], spec.group_len(d_in), axis=1)[:, :d_in]
+            mask = codes != zero
+            if 1 + bits * mask.mean() < bits:
+                enc["mask"] = np.packbits(mask.reshape(-1))
+                codes = codes[mask]
         enc["codes"] = pack_bits(codes, bits)
     enc["meta"] = meta
     back = decode(enc)
@@ -175,6 +124,36 @@ def encode(theta, *, bits: int | None = None, group_size: int | None = None, pru
         raise NotLosslessError(f"stored form does not reproduce the weights (first difference at flat index {bad}: "
                                f"{target.reshape(-1)[bad]!r} vs {back.reshape(-1)[bad]!r})")
     return enc
+
+
+def grid_values(enc: dict[str, Any]) -> np.ndarray:
+    """A quantized layer's grid values ``[d_out, d_in]`` in its codes' column order (``perm``),
+    before AWQ's column scales: ``(codes − zero)·scale``, or ``codes·scale + min``."""
+    meta = enc["meta"]
+    d_out, d_in = meta["shape"]
+    bits, g = meta["bits"], meta["group_size"] or d_in
+    codes = unpacked_codes(enc)
+    cg = _groups(codes.astype(np.float32), g)
+    scale = np.asarray(enc["scale"], np.float32)[..., None]
+    if meta.get("float_min"):
+        vals = cg * scale + np.asarray(enc["min"], np.float32)[..., None]
+    else:
+        vals = (cg - np.asarray(enc["zero"], np.uint8)[..., None].astype(np.float32)) * scale
+    return np.ascontiguousarray(vals.astype(np.float32).reshape(d_out, -1)[:, :d_in])
+
+
+def unpacked_codes(enc: dict[str, Any]) -> np.ndarray:
+    """A quantized layer's codes ``[d_out, d_in]`` (uint8, ``perm`` order; pruned entries hold their
+    group's zero point)."""
+    meta = enc["meta"]
+    d_out, d_in = meta["shape"]
+    bits, g = meta["bits"], meta["group_size"] or d_in
+    if "mask" in enc:
+        mask = _unpack_mask(enc["mask"], d_out, d_in)
+        codes = np.repeat(np.asarray(enc["zero"], np.uint8), g, axis=1)[:, :d_in].copy()
+        codes[mask] = unpack_bits(enc["codes"], bits, int(mask.sum()))
+        return codes
+    return unpack_bits(enc["codes"], bits, d_out * d_in).reshape(d_out, d_in)
 
 
 def _unpack_mask(packed, d_out: int, d_in: int) -> np.ndarray:
@@ -192,25 +171,13 @@ def _decode_exact(enc: dict[str, Any]) -> np.ndarray:
     kind = meta["kind"]
     if kind == "dense":
         return np.asarray(enc["values"], np.float32).reshape(d_out, d_in)
-    mask = _unpack_mask(enc["mask"], d_out, d_in) if "mask" in enc else None
     if kind == "sparse":
         out = np.zeros((d_out, d_in), np.float32)
-        out[mask] = np.asarray(enc["values"], np.float32)
+        out[_unpack_mask(enc["mask"], d_out, d_in)] = np.asarray(enc["values"], np.float32)
         return out
     if kind != "quant":
         raise ValueError(f"unknown layer kind {kind!r} in a compressed checkpoint")
-    bits, g = meta["bits"], meta["group_size"] or d_in
-    scale_g = np.asarray(enc["scale"], np.float32)
-    zero_g = np.asarray(enc["zero"], np.uint8)
-    if mask is not None:
-        # pruned entries hold their group's zero point
-        codes = np.repeat(zero_g, g, axis=1)[:, :d_in].copy()
-        codes[mask] = unpack_bits(enc["codes"], bits, int(mask.sum()))
-    else:
-        codes = unpack_bits(enc["codes"], bits, d_out * d_in).reshape(d_out, d_in)
-    cg = _groups(codes.astype(np.float32), g)
-    vals = ((cg - zero_g[..., None].astype(np.float32)) * scale_g[..., None]).astype(np.float32)
-    out = vals.reshape(d_out, -1)[:, :d_in]
+    out = grid_values(enc)
     if "perm" in enc:
         out = out[:, np.argsort(np.asarray(enc["perm"]))]
     if "col_scale_inv" in enc:

@@ -17,6 +17,17 @@ Both grids map 0 to exactly 0, so quantizing a pruned matrix keeps its zeros, an
 value inside the group's range is reproduced to within half a step (``scale / 2``).
 A group whose entries are all zero gets ``scale = 1`` and dequantizes to zeros.
 
+Float-minimum grid (``float_min=True``: llama.cpp's Q4_1 and K-quant convention; no integer zero,
+0 need not be on it)::
+
+    m = min(w),  scale = (max(w) - m) / (2**bits - 1)
+    q = clip(round((w - m) / scale), 0, 2**bits - 1),   w_hat = q * scale + m
+
+``scale_dtype`` rounds the scale (and a float minimum) to float16 or bfloat16 when the grid is
+computed, so a format that stores them in that type (GGUF blocks: float16; compressed-tensors: the
+model's dtype) holds exactly the grid the method optimised on. The projection is then still the
+nearest point of that grid (round, then clip).
+
 A group size that does not divide ``d_in`` is an error unless ``partial_groups=True``: then the
 last group of each row is shorter (GPTQ's convention, needed for group 128 on 576-wide layers).
 Zero padding implements it exactly, because both grids already contain 0.
@@ -25,8 +36,6 @@ Zero padding implements it exactly, because both grids already contain 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
@@ -50,8 +59,14 @@ class QuantSpec:
     group_size: int | None = 128
     symmetric: bool = False
     partial_groups: bool = False
+    scale_dtype: str = "float32"
+    float_min: bool = False
 
     def __post_init__(self):
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.float_min and self.symmetric:
+            raise ValueError("a grid is either symmetric or has a float minimum (float_min), not both")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
         if self.group_size is not None and (
@@ -78,13 +93,40 @@ class QuantSpec:
         return -(-d_in // g)
 
 
-class QArray(NamedTuple):
-    """A quantized matrix: integer ``codes [d_out, d_in]`` (uint8) and per-group
-    ``scale``/``zero [d_out, n_groups]``. ``dequantize(q, spec)`` gives the dense matrix back."""
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """A quantized matrix as a method computed it (a pytree; ``spec`` is static).
+
+    ``codes [..., d_out, d_in]`` (uint8, in ``perm``'s column order when ``perm`` is given) and per
+    (row, group) ``scale`` and ``zero [..., d_out, G]``: the integer zero point (uint8), or for a
+    ``float_min`` grid the float minimum. Groups are consecutive columns in ``perm`` order (GPTQ with
+    act-order). ``col_scale_inv [d_in]`` (AWQ): the dense weights are the grid values of the scaled
+    weights ``W·diag(s)`` times ``1/s``. :meth:`dense` gives the matrix back."""
 
     codes: jax.Array
     scale: jax.Array
     zero: jax.Array
+    spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+    perm: jax.Array | None = None
+    col_scale_inv: jax.Array | None = None
+
+    def grid_values(self, dtype=jnp.float32) -> jax.Array:
+        """``(codes − zero)·scale`` (``codes·scale + min`` for a float-minimum grid), in ``perm``
+        order and before ``col_scale_inv``."""
+        return dequantize(self, self.spec, dtype)
+
+    def dense(self, dtype=jnp.float32) -> jax.Array:
+        """The dense matrix: grid values in the original column order, times ``col_scale_inv``."""
+        out = self.grid_values(dtype)
+        if self.perm is not None:
+            out = out[..., jnp.argsort(self.perm)]
+        if self.col_scale_inv is not None:
+            out = out * self.col_scale_inv.astype(dtype)[..., None, :]
+        return out
 
 
 def _grouped(w: jax.Array, spec: QuantSpec) -> jax.Array:
@@ -100,49 +142,80 @@ def _ungrouped(wg: jax.Array, d_in: int) -> jax.Array:
     return wg.reshape(*wg.shape[:-2], -1)[..., :d_in]
 
 
+def _round_scale(x: jax.Array, spec: QuantSpec) -> jax.Array:
+    if spec.scale_dtype == "float32":
+        return x
+    return x.astype(jnp.dtype(spec.scale_dtype)).astype(x.dtype)
+
+
 def _grid(wg: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
-    """Per-group scale and zero for grouped weights ``wg [..., G, g]`` (both ``[..., G, 1]``)."""
+    """Per-group scale and zero (the float minimum for ``float_min``) for grouped weights
+    ``wg [..., G, g]`` (both ``[..., G, 1]``)."""
     maxq = spec.levels - 1
+    if spec.float_min:
+        m = _round_scale(jnp.min(wg, axis=-1, keepdims=True), spec)
+        scale = _round_scale((jnp.max(wg, axis=-1, keepdims=True) - m) / maxq, spec)
+        return jnp.where(scale > 0, scale, jnp.ones_like(scale)), m
     if spec.symmetric:
         half = 2 ** (spec.bits - 1)
         amax = jnp.max(jnp.abs(wg), axis=-1, keepdims=True)
-        scale = amax / (half - 1)
+        scale = _round_scale(amax / (half - 1), spec)
         zero = jnp.full_like(scale, half)
     else:
         lo = jnp.minimum(jnp.min(wg, axis=-1, keepdims=True), 0)
         hi = jnp.maximum(jnp.max(wg, axis=-1, keepdims=True), 0)
-        scale = (hi - lo) / maxq
+        scale = _round_scale((hi - lo) / maxq, spec)
         safe = jnp.where(scale > 0, scale, 1)
         zero = jnp.clip(jnp.round(-lo / safe), 0, maxq)
     scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     return scale, zero
 
 
+def _codes(wg: jax.Array, scale: jax.Array, zero: jax.Array, spec: QuantSpec) -> jax.Array:
+    if spec.float_min:
+        return jnp.clip(jnp.round((wg - zero) / scale), 0, spec.levels - 1)
+    return jnp.clip(jnp.round(wg / scale) + zero, 0, spec.levels - 1)
+
+
+def _values(codes: jax.Array, scale: jax.Array, zero: jax.Array, spec: QuantSpec) -> jax.Array:
+    if spec.float_min:
+        return codes * scale + zero
+    return (codes - zero) * scale
+
+
 def quantize(w: jax.Array, spec: QuantSpec) -> QArray:
-    """Round-to-nearest group-wise quantization of ``w [..., d_out, d_in]`` to integer codes."""
+    """Round-to-nearest group-wise quantization of ``w [..., d_out, d_in]`` to integer codes.
+
+    For ``w`` already on a grid of ``spec`` (a projection's output) this recovers that grid: the
+    grid's extreme codes are used, so the min-max fit of the grid values is the grid itself (exactly
+    when the scale has few mantissa bits, as float16/bfloat16 scales do; to within an ulp of the
+    scale for float32)."""
     wg = _grouped(w, spec)
     scale, zero = _grid(wg, spec)
-    codes = jnp.clip(jnp.round(wg / scale) + zero, 0, spec.levels - 1)
+    codes = _codes(wg, scale, zero, spec)
     return QArray(
         codes=_ungrouped(codes.astype(jnp.uint8), w.shape[-1]),
         scale=scale[..., 0],
-        zero=zero[..., 0].astype(jnp.uint8),
+        zero=zero[..., 0] if spec.float_min else zero[..., 0].astype(jnp.uint8),
+        spec=spec,
     )
 
 
-def dequantize(q: QArray, spec: QuantSpec, dtype=jnp.float32) -> jax.Array:
-    """Dense matrix ``(codes - zero) * scale`` from a :class:`QArray` made with ``spec``."""
+def dequantize(q: QArray, spec: QuantSpec | None = None, dtype=jnp.float32) -> jax.Array:
+    """Grid values ``(codes - zero) * scale`` (``codes * scale + min`` for a float-minimum grid)
+    of a :class:`QArray`, in its codes' column order (see :meth:`QArray.dense` for the matrix)."""
+    spec = q.spec if spec is None else spec
     d_in = q.codes.shape[-1]
     cg = _grouped(q.codes.astype(dtype), spec)
-    out = (cg - q.zero[..., None].astype(dtype)) * q.scale[..., None].astype(dtype)
+    out = _values(cg, q.scale[..., None].astype(dtype), q.zero[..., None].astype(dtype), spec)
     return _ungrouped(out, d_in)
 
 
 def _fake_quantize_value(w: jax.Array, spec: QuantSpec) -> jax.Array:
     wg = _grouped(w, spec)
     scale, zero = _grid(wg, spec)
-    q = jnp.clip(jnp.round(wg / scale) + zero, 0, spec.levels - 1)
-    return _ungrouped((q - zero) * scale, w.shape[-1]).astype(w.dtype)
+    q = _codes(wg, scale, zero, spec)
+    return _ungrouped(_values(q, scale, zero, spec), w.shape[-1]).astype(w.dtype)
 
 
 def fake_quantize(w: jax.Array, spec: QuantSpec) -> jax.Array:

@@ -182,11 +182,13 @@ def awp_nm(n: int = 2, m: int = 4, *, max_iter: int = 200, tol: float = 1e-4, **
 
 
 def awp_quantization(
-    bits: int = 4, group_size: int | None = 128, *, iters: int = 10, symmetric: bool = False, partial_groups: bool = False, **kw
+    bits: int = 4, group_size: int | None = 128, *, iters: int = 10, symmetric: bool = False, partial_groups: bool = False,
+    spec: QuantSpec | None = None, **kw
 ):
-    """Paper quantization: init RTN, η = 1.5/||C||_F, 10 iterations."""
+    """Paper quantization: init RTN, η = 1.5/||C||_F, 10 iterations. ``spec``: the whole grid
+    (then ``bits``, ``group_size``, ``symmetric``, ``partial_groups`` are not used)."""
     kw = {"step_scale": 1.5, "init": "rtn", "tol": 0.0, **kw}
-    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, partial_groups=partial_groups)
+    spec = spec or QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, partial_groups=partial_groups)
     return PGDConfig(schedule=sched_lib.quantization(spec, iters=iters), **kw)
 
 
@@ -200,9 +202,11 @@ def awp_joint(
     init: Init = "dense",
     from_awq: bool = False,
     max_iter: int | None = None,
+    spec: QuantSpec | None = None,
     **kw,
 ):
-    """Joint pruning + quantization, η = 1.5/||C||_F.
+    """Joint pruning + quantization, η = 1.5/||C||_F. ``spec``: the whole grid (as in
+    :func:`awp_quantization`).
 
     ``init="dense"`` is the paper's recipe: from W, ramp the sparsity 0 → p over 25 iterations,
     hold p for 25, then 50 iterations of quantize(prune(Z)). With a small step, IHT rarely
@@ -213,7 +217,7 @@ def awp_joint(
     ``max_iter`` scales these phases to that total (the same proportions).
     """
     kw = {"step_scale": 1.5, "tol": 0.0, **kw}
-    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, partial_groups=partial_groups)
+    spec = spec or QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, partial_groups=partial_groups)
     if from_awq:
         n = 50 if max_iter is None else max_iter
         schedule = sched_lib.joint(sparsity, spec, ramp=0, hold=0, joint_iters=n)

@@ -45,9 +45,14 @@ def test_every_method_result_is_stored_losslessly_and_smaller(case):
     name, spec, opts = LAYER_SPECS[case]
     w, c = synthetic_layer(1, 96, 320, 2048)  # 320 = 2 full groups of 128 + a partial one
     res = methods.compress_layer(name, w, c, spec, opts)
-    enc = packed.encode(res.theta, bits=spec.bits, group_size=spec.group_size, pruned=spec.prunes, aux=res.aux)
+    assert (res.q is not None) == bool(spec.bits)
+    enc = packed.encode(res.theta, q=res.q, pruned=spec.prunes)
     theta = np.asarray(res.theta)
     assert np.array_equal(packed.decode(enc), theta)
+    if spec.bits:  # the typed result is what was stored: codes < 2^bits, the method's own scales
+        codes = packed.unpacked_codes(enc)
+        assert codes.max() < 2**spec.bits
+        assert np.array_equal(codes, np.asarray(res.q.codes)) and np.array_equal(enc["scale"], np.asarray(res.q.scale))
     dense_bits = 32 * theta.size
     if spec.bits:
         groups = -(-320 // (spec.group_size or 320))
@@ -59,10 +64,14 @@ def test_every_method_result_is_stored_losslessly_and_smaller(case):
         assert packed.stored_bits(enc) <= theta.size + 32 * np.count_nonzero(theta) < dense_bits
 
 
-def test_weights_off_the_grid_are_refused():
+def test_weights_that_are_not_the_typed_results_are_refused():
+    from awp_jax.quantizers import QuantSpec, quantize
+
     w, _ = synthetic_layer(2, 8, 64, 128)
-    with pytest.raises(packed.NotLosslessError, match="not on any 4-bit grid"):
-        packed.encode(w, bits=4, group_size=32)
+    q = quantize(w, QuantSpec(bits=4, group_size=32))
+    with pytest.raises(packed.NotLosslessError, match="does not reproduce"):
+        packed.encode(w, q=q)  # w is not q's dense matrix
+    np.testing.assert_array_equal(packed.decode(packed.encode(q.dense(), q=q)), np.asarray(q.dense()))
     w[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         packed.encode(w)

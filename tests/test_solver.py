@@ -361,14 +361,13 @@ def test_awp_from_awq_keeps_awqs_scales_and_lowers_its_objective(layer_problem):
         ref = methods.compress_layer(base, w, c, spec)
         res = methods.compress_layer("awp", w, c, spec, methods.AWPOptions(init="awq"))
         # the same per-channel scales as AWQ's result, and a lower layer objective
-        np.testing.assert_array_equal(np.asarray(res.aux["col_scale_inv"]), np.asarray(ref.aux["col_scale_inv"]))
+        np.testing.assert_array_equal(np.asarray(res.q.col_scale_inv), np.asarray(ref.q.col_scale_inv))
         assert float(aj.objective(w, res.theta, c)) < 0.99 * float(aj.objective(w, ref.theta, c))
         theta = np.asarray(res.theta)
         # exactly on the scaled grid: the lossless encoding round-trips, ≤ 2^b levels per group
-        enc = packed.encode(theta, bits=spec.bits, group_size=spec.group_size, pruned=spec.prunes,
-                            aux={k: np.asarray(v) for k, v in res.aux.items()})
+        enc = packed.encode(theta, q=res.q, pruned=spec.prunes)
         np.testing.assert_array_equal(packed.decode(enc), theta)
-        q = np.asarray(res.aux["prescaled"]).reshape(w.shape[0], -1, 64)
+        q = np.asarray(res.q.grid_values()).reshape(w.shape[0], -1, 64)
         assert max(len(np.unique(g[g != 0] if spec.prunes else g)) for g in q.reshape(-1, 64)) <= 2**spec.bits
         if spec.prunes:
             assert np.all(np.sum(theta != 0, axis=1) <= aj.keep_count(0.5, w.shape[1]))
