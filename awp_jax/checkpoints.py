@@ -267,6 +267,11 @@ def load_hf_dir(path: os.PathLike, *, with_tokenizer: bool = True):
         hf_cfg = AutoConfig.from_pretrained(str(path))
     except Exception as e:
         raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from e
+    qc = getattr(hf_cfg, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", qc)
+        raise CheckpointError(f"{path} holds quantized weights ({method}), which awp_jax does not read as a model; compress the "
+                              "original checkpoint (transformers loads this directory, vLLM serves it)")
     try:
         cfg = models.config_from_hf(hf_cfg)
     except ValueError as e:

@@ -185,12 +185,25 @@ def _resolve_run(args):
                          f"another recipe (built-in recipes are for awp: {', '.join(recipes.RECIPES)})")
     given = {k: getattr(args, k) for k in ("sparsity", "nm", "bits", "group_size", "symmetric") if hasattr(args, k)}
     fields = dict(recipe.constraint)
+    grid = _format_grid(args)
+    if grid is not None:  # a block-quantized output type: its grid, and quantization unless pruning is asked too
+        for k in ("group_size", "symmetric"):
+            if k in given and given[k] != grid[k]:
+                raise ValueError(f"--gguf-type {args.gguf_type} is {grid['bits']}-bit, group {grid['group_size']}, "
+                                 f"{'symmetric' if grid['symmetric'] else 'asymmetric'}: {_flag(k)} {given[k]} does not fit it")
+        if not {"sparsity", "nm", "bits"} & set(given):
+            fields = {k: v for k, v in fields.items() if k not in ("sparsity", "nm", "bits")}
+        fields.setdefault("bits", grid["bits"])
     if {"sparsity", "nm", "bits"} & set(given):  # the flags say what to compress to: none of the recipe's targets stays
         for k in ("sparsity", "nm", "bits"):
             fields.pop(k, None)
     fields.update(given)
     if not any(fields.get(k) for k in ("sparsity", "nm", "bits")):
         fields["sparsity"] = 0.5
+    if grid is not None and fields.get("bits") is not None:
+        if fields["bits"] != grid["bits"]:
+            raise ValueError(f"--gguf-type {args.gguf_type} is a {grid['bits']}-bit type; --bits {fields['bits']} does not fit it")
+        fields.update(grid)
     if fields.get("bits") is None and {"group_size", "symmetric"} & set(given):
         raise ValueError("--group-size and --symmetric describe a quantization grid: give --bits too")
     constraint = methods.Constraint(**fields)
@@ -202,11 +215,23 @@ def _resolve_run(args):
         k = foreign[0]
         flags = ", ".join(_flag(n) for n in sorted(takes)) or "no options"
         raise ValueError(f"{_flag(k)} is an option of {', '.join(fields_of[k][1])}; --method {method} takes: {flags}")
-    options = recipe.options_for(constraint, **set_options)
+    from awp_jax import formats
+
+    options = recipe.options_for(constraint, column_scales=formats.get_format(getattr(args, "format", "hf")).column_scales, **set_options)
     methods.resolve(method, constraint, options)
     if method == "awp":
         methods.awp_config(constraint, options)  # option combinations the solver refuses, before any work
     return recipe, method, constraint, options
+
+
+def _format_grid(args) -> dict | None:
+    """The grid an output block type dictates (``--format gguf --gguf-type Q4_0``), or ``None``."""
+    if getattr(args, "format", "hf") != "gguf" or args.gguf_type is None:
+        return None
+    from awp_jax.formats import gguf
+
+    gguf._check_type(args.gguf_type)
+    return gguf.GRIDS[args.gguf_type]
 
 
 def _dir_bytes(path: pathlib.Path) -> int:
@@ -222,9 +247,16 @@ def _compress(args) -> int:
     import jax
 
     import awp_jax
-    from awp_jax import checkpoints, compress, data, export, perplexity
+    from awp_jax import checkpoints, compress, data, formats, perplexity
 
     recipe, method, constraint, options = _resolve_run(args)
+    fmt_options = {"gguf_type": args.gguf_type}
+    formats.get_format(args.format)
+    if args.gguf_type is not None and args.format != "gguf":
+        raise ValueError(f"--gguf-type is an option of --format gguf, not --format {args.format}")
+    dtype = args.dtype
+    if _format_grid(args) is not None and dtype == "auto":
+        dtype = "float32"  # llama.cpp's blocks hold values only float32 holds exactly
     out = pathlib.Path(args.out)
     _check_writable(out, args.overwrite)
 
@@ -250,7 +282,10 @@ def _compress(args) -> int:
     ppl = {}
     if args.eval_windows and rank == 0:
         eval_windows = data.eval_windows(data.tokenize(tok, data.load_text(args.eval_text)), args.eval_seqlen, args.eval_windows)
-    model, _ = checkpoints.load_model(args.model, storage_dtype=args.dtype, with_tokenizer=False)
+    model, _ = checkpoints.load_model(args.model, storage_dtype=dtype, with_tokenizer=False)
+    source = checkpoints.model_source(args.model)
+    # what the output format can hold is settled before any calibration
+    constraint = formats.constrain(args.format, constraint, method, options, model, source=source, **fmt_options)
     if eval_windows is not None:
         ppl["dense"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
         print(f"dense perplexity {ppl['dense']:.4f}", file=sys.stderr)
@@ -268,7 +303,6 @@ def _compress(args) -> int:
         return 0
     if eval_windows is not None:
         ppl["compressed"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
-    source = checkpoints.model_source(args.model)
     gflops = matmul_gflops()
     report = {
         "awp_jax_version": awp_jax.__version__, "jax_version": jax.__version__, "python": platform.python_version(),
@@ -279,8 +313,8 @@ def _compress(args) -> int:
         "evaluation": {"text": str(args.eval_text), "seqlen": args.eval_seqlen, "windows": args.eval_windows},
         "perplexity": ppl, "seconds": round(time.perf_counter() - t_start, 1), "layers": layers,
     }
-    export.save_hf_dir(model, out, tokenizer=tok, report=report, overwrite=args.overwrite, encoded=encoded,
-                       input_bytes=_dir_bytes(source))
+    formats.save(model, out, format=args.format, encoded=encoded, tokenizer=tok, source=source, report=report,
+                 overwrite=args.overwrite, input_bytes=_dir_bytes(source), **fmt_options)
     shutil.rmtree(run_dir, ignore_errors=True)
     mean = {}
     for row in layers:
@@ -289,7 +323,7 @@ def _compress(args) -> int:
     if ppl:
         print("perplexity: " + ", ".join(f"{k} {v:.4f}" for k, v in ppl.items())
               + f"  ({len(eval_windows)} windows x {args.eval_seqlen} tokens of {args.eval_text} text)")
-    sizes = export.sizes(out)
+    sizes = formats.sizes(out)
     print("sizes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()) + f" (weights in {model.cfg.storage_dtype})")
     print(f"wrote {out} in {report['seconds']:.0f} s (this machine: float32 matmul {gflops:.0f} GFLOP/s)")
     return 0
@@ -350,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--heartbeat-timeout", type=int, default=100, help="seconds before a silent process fails the run (default 100)")
     comp.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    comp.add_argument("--format", default="hf", choices=("hf", "orbax", "compressed-tensors", "gguf"),
+                      help="output: hf (dense safetensors in the checkpoint's dtype + compressed/, lossless), orbax (the lossless "
+                      "form alone), compressed-tensors (INT4/INT8 pack-quantized, for vLLM and transformers), gguf (llama.cpp; "
+                      "needs --gguf-type and a .gguf source model) (default hf)")
+    comp.add_argument("--gguf-type", default=None, help="with --format gguf: Q8_0, Q4_0, Q4_1 (the method optimises on that "
+                      "block grid: group 32, float16 scales; no other flag needed) or F32, F16, BF16 (dense, for pruning)")
     comp.add_argument("-v", "--verbose", action="store_true", help="one line per layer")
     _add_option_flags(comp)
 

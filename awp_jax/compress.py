@@ -258,16 +258,16 @@ def compress_model(
                     print(f"note: block {i} {name.rsplit('.', 1)[0]}: {routed['routed_tokens']} calibration token(s) routed to it "
                           f"(fewer than {min_expert_tokens}): calibrated on all tokens instead", file=sys.stderr)
             row = {"block": i, "layer": name, "method": method, "shape": list(w.shape), "rel_objective": rel,
-                   "seconds": round(secs, 4), "stacked": lanes, **routed, **rounding, **res.info}
+                   "seconds": round(secs, 4), "stacked": lanes, **routed, **rounding, **res.info.as_dict()}
             rows.append(row)
-            if res.info.get("stop") == "nonfinite":
+            if res.info.stop == "nonfinite":
                 print(f"warning: block {i} {name}: an AWP update became non-finite; the last finite feasible iterate "
                       "was kept (see the report's stop column)", file=sys.stderr)
-            if res.info.get("damping_retries"):
+            if res.info.damping_retries:
                 print(f"note: block {i} {name}: Cholesky failed at the base damping; succeeded after "
-                      f"{res.info['damping_retries']} retries with 10x damping ({res.info['damping']:.3g})", file=sys.stderr)
+                      f"{res.info.damping_retries} retries with 10x damping ({res.info.damping:.3g})", file=sys.stderr)
             if verbose:
-                extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.info.items())
+                extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.info.as_dict().items())
                 print(f"  block {i:2d} {name:<9} {str(tuple(w.shape)):<12} rel.obj {rel:.4g}  {secs:6.2f}s  {extra}", file=sys.stderr)
         if run_dir is not None and rank == 0:
             _save_block(run_dir, i, blk, rows, enc_block)

@@ -45,8 +45,8 @@ from awp_jax.projections import keep_count, nm_mask, row_topk_mask
 from awp_jax.quantizers import QArray, QuantSpec, quantize
 from awp_jax.saliency import wanda_score
 
-__all__ = ["Constraint", "AWPOptions", "SparseGPTOptions", "GPTQOptions", "NoOptions", "LayerResult", "METHODS",
-           "get_method", "make_options", "settings", "compress_layer", "compress_layers", "awp_config"]
+__all__ = ["Constraint", "AWPOptions", "SparseGPTOptions", "GPTQOptions", "NoOptions", "LayerResult", "LayerInfo", "METHODS",
+           "get_method", "make_options", "settings", "compress_layer", "compress_layers", "awp_config", "column_scales"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Constraint:
@@ -162,8 +162,9 @@ class AWPOptions:
                                choices=("float32", "bfloat16"))
     init: str | None = option(None, "starting point (default: the paper's: wanda pruning, rtn quantization, dense joint); "
                                     "sparsegpt: SparseGPT's result (layer scope for unstructured pruning); awq: AWQ's result "
-                                    "(quantization) or Wanda then AWQ (joint), solved in AWQ's scaled coordinates",
-                              choices=("wanda", "magnitude", "rtn", "dense", "zeros", "sparsegpt", "awq"))
+                                    "(quantization) or Wanda then AWQ (joint), solved in AWQ's scaled coordinates; gptq: GPTQ's "
+                                    "result (quantization; no column scales, so every output format holds it)",
+                              choices=("wanda", "magnitude", "rtn", "dense", "zeros", "sparsegpt", "awq", "gptq"))
     scope: str | None = option(None, "unstructured pruning: every row keeps its k largest (row, the paper's) or the layer its "
                                      "k*d_out largest (layer)", choices=("row", "layer"))
     refit_iters: int = option(0, "pruning: conjugate-gradient iterations on the final mask (beyond the paper)", type=int)
@@ -206,17 +207,37 @@ class GPTQOptions(SparseGPTOptions):
         _check(isinstance(self.act_order, bool), "act_order must be True or False", self.act_order)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """What a method reports about one layer; ``None``: does not apply to the method."""
+
+    iterations: int | None = None  # AWP: updates performed
+    best_iteration: int | None = None  # AWP: the iterate returned (0: the start was kept)
+    stop: str | None = None  # AWP: why it stopped (converged, max_iter, nonfinite)
+    grad_norm: float | None = None  # AWP: ||(W − Θ) C||_F / ||W||_F of the result
+    init_rel_objective: float | None = None  # AWP: relative objective of the start
+    damping: float | None = None  # SparseGPT/GPTQ: damping added to C's diagonal
+    damping_retries: int | None = None  # SparseGPT/GPTQ: 10x retries the Cholesky factorisation needed
+    alpha: float | None = None  # AWQ: the chosen exponent of the activation scales
+    sparsity: float | None = None  # HWPQ: the sparsity its threshold reached
+    note: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that apply, for a report row."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 class LayerResult(NamedTuple):
     """What a method computed for one layer: the dense result ``theta``; for a quantizing method
     ``q``, the typed quantized weights (codes, scales, zero points, AWQ's column scales, GPTQ's
-    permutation) with ``theta == q.dense()``; method-specific scalars in ``info``."""
+    permutation) with ``theta == q.dense()``; what the method reports in ``info``."""
 
     theta: jax.Array
-    info: dict[str, Any]  # method-specific scalars (iterations, stop reason, damping, ...)
+    info: LayerInfo = LayerInfo()
     q: QArray | None = None
 
 
-def _quantized(q: QArray, info: dict) -> LayerResult:
+def _quantized(q: QArray, info: LayerInfo) -> LayerResult:
     return LayerResult(q.dense(), info, q)
 
 
@@ -293,6 +314,12 @@ def resolve(name: str, constraint: Constraint, options=None):
     return m, options
 
 
+def column_scales(name: str, options=None) -> bool:
+    """Whether method ``name`` (with ``options``) returns per-layer column scales (AWQ's), which a
+    deployment format must fold into the previous operation."""
+    return name in ("awq", "wanda_awq", "awq_wanda") or (name == "awp" and getattr(options, "init", None) == "awq")
+
+
 def compress_layers(name: str, ws, cs, constraint: Constraint, options=None) -> list[LayerResult]:
     """Compress several layers with method ``name``. Layers of equal shape are solved as one stack
     (vmapped) when the method offers it; each result equals :func:`compress_layer` on its own."""
@@ -354,12 +381,12 @@ def _mask_prune(w, c, con, wanda):
 
 @register("magnitude", {"prune", "nm"}, "largest |W| per row (or per group of m)")
 def _magnitude(w, c, con, opt):
-    return LayerResult(_mask_prune(w, c, con, False), {})
+    return LayerResult(_mask_prune(w, c, con, False))
 
 
 @register("wanda", {"prune", "nm"}, "largest |W|·sqrt(C_jj) per row (or per group of m)")
 def _wanda(w, c, con, opt):
-    return LayerResult(_mask_prune(w, c, con, True), {})
+    return LayerResult(_mask_prune(w, c, con, True))
 
 
 _quantize_jit = jax.jit(quantize, static_argnames="spec")
@@ -367,7 +394,7 @@ _quantize_jit = jax.jit(quantize, static_argnames="spec")
 
 @register("rtn", {"quant"}, "round to nearest, asymmetric min-max per group")
 def _rtn(w, c, con, opt):
-    return _quantized(_quantize_jit(w, spec=con.quant), {})
+    return _quantized(_quantize_jit(w, spec=con.quant), LayerInfo())
 
 
 def _damping_info(c, percdamp, damp, ok):
@@ -378,7 +405,7 @@ def _damping_info(c, percdamp, damp, ok):
     if not bool(ok):
         raise FloatingPointError(f"Cholesky factorisation failed even with damping {float(damp):.3g} "
                                  f"({retries} retries at 10x): C is far from positive definite")
-    return {"damping": float(damp), "damping_retries": retries}
+    return LayerInfo(damping=float(damp), damping_retries=retries)
 
 
 @functools.partial(jax.jit, static_argnames=("con", "opt"))
@@ -411,7 +438,7 @@ def _awq_jit(w, c, con):
 @register("awq", {"quant"}, "AWQ scale search (grid 20) and clip search, layer-level loss")
 def _awq(w, c, con, opt):
     q, alpha = _awq_jit(w, c, con)
-    return _quantized(q, {"alpha": float(alpha)})
+    return _quantized(q, LayerInfo(alpha=float(alpha)))
 
 
 @functools.partial(jax.jit, static_argnames=("con",))
@@ -422,13 +449,13 @@ def _hwpq_jit(w, c, con):
 @register("hwpq", {"prune", "nm"}, "Hessian-free contribution W²·C_jj; EWMA threshold instead of sorting (approximate per-row counts)")
 def _hwpq(w, c, con, opt):
     theta = _hwpq_jit(w, c, con)
-    return LayerResult(theta, {"sparsity": float(jnp.mean(theta == 0))})
+    return LayerResult(theta, LayerInfo(sparsity=float(jnp.mean(theta == 0))))
 
 
 @register("wanda_awq", {"joint"}, "Wanda pruning, then AWQ quantization of the pruned weights")
 def _wanda_awq(w, c, con, opt):
     q, alpha = _awq_jit(_mask_prune(w, c, con, True), c, con)
-    return _quantized(q, {"alpha": float(alpha)})
+    return _quantized(q, LayerInfo(alpha=float(alpha)))
 
 
 @functools.partial(jax.jit, static_argnames=("con",))
@@ -444,7 +471,7 @@ def _awq_then_mask(w, c, con):
 @register("awq_wanda", {"joint"}, "AWQ quantization, then the Wanda mask of the quantized weights")
 def _awq_wanda(w, c, con, opt):
     q, alpha = _awq_then_mask(w, c, con)
-    return _quantized(q, {"alpha": float(alpha)})
+    return _quantized(q, LayerInfo(alpha=float(alpha)))
 
 
 def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> solver_lib.PGDConfig:
@@ -453,6 +480,8 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
     kind = con.kind
     if opt.init in ("sparsegpt",) and kind not in ("prune", "nm"):
         raise ValueError("init='sparsegpt' is for pruning (unstructured or N:M)")
+    if opt.init == "gptq" and kind != "quant":
+        raise ValueError("init='gptq' is for quantization")
     if opt.init == "awq" and not (kind == "quant" or (kind == "joint" and con.nm is None)):
         raise ValueError("init='awq' is for quantization and joint (unstructured) pruning + quantization")
     if opt.refit_iters and kind not in ("prune", "nm"):
@@ -464,7 +493,7 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
     if opt.init is not None:
         # "sparsegpt"/"awq": the method passes that method's result as theta0; SparseGPT's mask holds
         # a per-layer, not a per-row, count, so the projection's scope is the layer
-        over["init"] = "dense" if opt.init in ("sparsegpt", "awq") else opt.init
+        over["init"] = "dense" if opt.init in ("sparsegpt", "awq", "gptq") else opt.init
         if opt.init == "sparsegpt" and kind == "prune":
             if opt.scope == "row":
                 raise ValueError("init='sparsegpt' needs scope='layer' for unstructured pruning: SparseGPT's mask is not per row")
@@ -487,17 +516,17 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
 def _awp_info(res, lane=None):
     pick = (lambda x: x) if lane is None else (lambda x: x[lane])
     dense = float(pick(res.obj_dense))
-    return {
-        "iterations": int(pick(res.iterations)),
-        "best_iteration": int(pick(res.best_iteration)),
-        "stop": solver_lib.StopReason(int(pick(res.stop_reason))).name.lower(),
-        "grad_norm": float(pick(res.grad_norm)),
-        "init_rel_objective": float(pick(res.obj_init)) / dense if dense > 0 else 0.0,
-    }
+    return LayerInfo(
+        iterations=int(pick(res.iterations)),
+        best_iteration=int(pick(res.best_iteration)),
+        stop=solver_lib.StopReason(int(pick(res.stop_reason))).name.lower(),
+        grad_norm=float(pick(res.grad_norm)),
+        init_rel_objective=float(pick(res.obj_init)) / dense if dense > 0 else 0.0,
+    )
 
 
 def _awp_stack(ws, cs, con, opt):
-    if opt.init in ("sparsegpt", "awq"):
+    if opt.init in ("sparsegpt", "awq", "gptq"):
         return [_awp(w, c, con, opt) for w, c in zip(ws, cs)]
     res = solver_lib.solve_pgd_stack(ws, cs, awp_config(con, opt))
     return [_awp_result(res.theta[i], _awp_info(res, i), con) for i in range(ws.shape[0])]
@@ -520,11 +549,20 @@ def _awp(w, c, con, opt):
         info = _awp_info(res)
         # SparseGPT's point is feasible: it competes, so the result is never worse than SparseGPT's
         if not float(res.obj_final) < float(res.obj_init):
-            info.update(best_iteration=0, note="kept the SparseGPT start")
+            info = dataclasses.replace(info, best_iteration=0, note="kept the SparseGPT start")
             return LayerResult(theta0, info)
         return LayerResult(res.theta, info)
     if opt.init == "awq":
         return _awp_from_awq(w, c, con, cfg)
+    if opt.init == "gptq":
+        q0, _, _ = _gptq_jit(w, c, con, GPTQOptions())
+        res = solver_lib.solve_pgd(w, c, cfg, theta0=q0.dense())
+        info = _awp_info(res)
+        # GPTQ's point is feasible: it competes, so the result is never worse than GPTQ's
+        if not float(res.obj_final) < float(res.obj_init):
+            info = dataclasses.replace(info, best_iteration=0, note="kept the GPTQ start")
+            return _quantized(q0, info)
+        return _awp_result(res.theta, info, con)
     res = solver_lib.solve_pgd(w, c, cfg)
     return _awp_result(res.theta, _awp_info(res), con)
 
@@ -541,9 +579,9 @@ def _awp_from_awq(w, c, con, cfg):
     r = q.col_scale_inv
     ws, cs = w / r[None, :], c * r[:, None] * r[None, :]
     res = solver_lib.solve_pgd(ws, cs, cfg, theta0=q.grid_values())
-    info = {**_awp_info(res), "alpha": float(alpha)}
+    info = dataclasses.replace(_awp_info(res), alpha=float(alpha))
     # AWQ's point is feasible: it competes, so the result is never worse than AWQ's
     if not float(res.obj_final) < float(res.obj_init):
-        info.update(best_iteration=0, note="kept the AWQ start")
+        info = dataclasses.replace(info, best_iteration=0, note="kept the AWQ start")
         return _quantized(q, info)
     return _awp_result(res.theta, info, con, r)

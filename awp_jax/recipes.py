@@ -10,6 +10,11 @@ file that says ``sparsity: 0.6``). Three are built in, all for AWP:
 | ``fast`` (default) | Wanda start, momentum, η = 1/λmax, 50 iterations | AWQ start, in AWQ's scaled coordinates (10 iterations; joint: Wanda→AWQ start, 50) |
 | ``best`` | SparseGPT start (layer-wise count), η = 1/λmax, 50 iterations, 50 damped CG refit iterations (δ = 0.1) | as ``fast`` |
 
+Output formats that cannot store AWQ's per-layer column scales (compressed-tensors, GGUF) take the
+``quant_no_column_scales`` / ``joint_no_column_scales`` entries instead where a recipe has them:
+for ``fast`` and ``best``, GPTQ's result as the start (η = 1/λmax, 50 iterations; never worse than
+GPTQ) for quantization, and the Wanda start for joint compression.
+
 Why these (``bench/results/quality.md``, ``bench/results/recipes.md``): ``fast`` at 50 % has a
 lower perplexity than ``paper`` in less than half its time, so it is the default; ``best`` is the
 variant that had the lowest perplexity in most columns of the pruning and N:M tables (60–90 %, 2:4,
@@ -40,7 +45,7 @@ from awp_jax import methods
 
 __all__ = ["Recipe", "RECIPES", "DEFAULT", "get_recipe", "load_recipe", "parse_nm"]
 
-RECIPE_KINDS = ("prune", "nm", "quant", "joint", "nm_joint")
+RECIPE_KINDS = ("prune", "nm", "quant", "joint", "nm_joint", "quant_no_column_scales", "joint_no_column_scales")
 CONSTRAINT_KEYS = ("sparsity", "nm", "bits", "group_size", "symmetric")
 
 
@@ -85,9 +90,14 @@ class Recipe:
         if bad:
             raise ValueError(f"recipe {self.name!r}: unknown constraint field(s) {', '.join(bad)}; fields are {', '.join(CONSTRAINT_KEYS)}")
 
-    def options_for(self, constraint: methods.Constraint, **overrides):
-        """The method's options for ``constraint`` (its kind's entry, then ``overrides`` on top)."""
-        values = {**self.options.get(kind_key(constraint), {}), **overrides}
+    def options_for(self, constraint: methods.Constraint, *, column_scales: bool = True, **overrides):
+        """The method's options for ``constraint`` (its kind's entry, then ``overrides`` on top).
+        ``column_scales=False``: the output cannot store per-layer column scales (compressed-tensors,
+        GGUF), so a ``<kind>_no_column_scales`` entry, where the recipe has one, replaces the kind's."""
+        key = kind_key(constraint)
+        if not column_scales and f"{key}_no_column_scales" in self.options:
+            key = f"{key}_no_column_scales"
+        values = {**self.options.get(key, {}), **overrides}
         return methods.make_options(self.method, **values)
 
     def to_dict(self) -> dict:
@@ -99,13 +109,18 @@ _FAST_PRUNE = {"momentum": True, "step_rule": "lambda_max", "step_scale": 1.0, "
 _BEST_PRUNE = {"init": "sparsegpt", "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50,
                "refit_iters": 50, "refit_damping": 0.1}
 _AWQ_START = {"init": "awq"}
+# formats that cannot store AWQ's per-layer column scales: GPTQ's result on the same grid as the start
+# (bench/results/gguf.md); for joint compression the Wanda start (bench/results/quality.md, table 4:
+# 80.71 against the paper's 97.90 at 50 % + INT4 g128; only the AWQ start was lower)
+_NO_SCALES = {"quant_no_column_scales": {"init": "gptq", "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50},
+              "joint_no_column_scales": {"init": "wanda"}}
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe(name="paper", doc="the AWP paper's settings (for reproduction; the slowest)"),
     "fast": Recipe(name="fast", doc="Wanda start + momentum, η = 1/λmax, 50 iterations (pruning, N:M); AWQ start (quantization, joint)",
-                   options={"prune": _FAST_PRUNE, "nm": _FAST_PRUNE, "quant": _AWQ_START, "joint": _AWQ_START}),
+                   options={"prune": _FAST_PRUNE, "nm": _FAST_PRUNE, "quant": _AWQ_START, "joint": _AWQ_START, **_NO_SCALES}),
     "best": Recipe(name="best", doc="SparseGPT start + 50 iterations + damped CG refit (pruning, N:M); AWQ start (quantization, joint)",
-                   options={"prune": _BEST_PRUNE, "nm": _BEST_PRUNE, "quant": _AWQ_START, "joint": _AWQ_START}),
+                   options={"prune": _BEST_PRUNE, "nm": _BEST_PRUNE, "quant": _AWQ_START, "joint": _AWQ_START, **_NO_SCALES}),
 }
 DEFAULT = "fast"
 

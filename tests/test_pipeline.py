@@ -114,7 +114,7 @@ def test_export_round_trips_and_transformers_loads_it(tmp_path, family):
     with pytest.raises(OutputExistsError, match="already exists"):
         save_hf_dir(model, out)
     assert json.loads((out / "awp_report.json").read_text()) == {
-        "x": 1, "sizes": {"input": None, "model.safetensors": (out / "model.safetensors").stat().st_size}}
+        "x": 1, "format": {"name": "hf"}, "sizes": {"input": None, "model.safetensors": (out / "model.safetensors").stat().st_size}}
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 

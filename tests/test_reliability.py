@@ -53,7 +53,7 @@ def test_indefinite_c_in_sparsegpt_retries_damping_and_says_so(capsys):
     bad = ((q * lam) @ q.T).astype(np.float32)
     bad = (bad + bad.T) / 2
     res = methods.compress_layer("sparsegpt", w, bad, methods.Constraint(sparsity=0.5))
-    assert res.info["damping_retries"] >= 1 and np.all(np.isfinite(np.asarray(res.theta)))
+    assert res.info.damping_retries >= 1 and np.all(np.isfinite(np.asarray(res.theta)))
 
 
 def test_awp_nonfinite_update_stops_the_layer_with_a_reason():

@@ -238,15 +238,18 @@ def test_awq_grid_in_scaled_space_and_beats_rtn(layer_problem):
 
     w, c = layer_problem
     spec = QuantSpec(bits=3, group_size=128)
-    theta, alpha, _, _ = awq(w, c, spec)
+    q, alpha = awq(w, c, spec)
+    theta = q.dense()
     assert 0.0 <= float(alpha) < 1.0
     assert float(aj.objective(w, theta, c)) < float(aj.objective(w, aj.rtn(w, spec), c))
-    # theta · diag(s) lies on a 3-bit group grid for the chosen s
+    # theta · diag(s) lies on a 3-bit group grid for the chosen s (the typed result's column scales are 1/s)
     a = np.sqrt(np.diagonal(c))
     s = a ** float(alpha)
     s = s / np.sqrt(s.max() * s.min())
+    np.testing.assert_allclose(np.asarray(q.col_scale_inv), 1 / s, rtol=1e-5)
     scaled = np.asarray(theta) * s[None, :]
     assert _levels_per_group(scaled.round(5), 128) <= 8
+    assert int(np.asarray(q.codes).max()) < 8
 
 
 def test_momentum_reaches_lower_objective_in_fewer_iterations(layer_problem):
