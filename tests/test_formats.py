@@ -13,6 +13,7 @@ from awp_jax.formats import compressed_tensors as ct
 from awp_jax.formats import gguf as gguf_format
 from awp_jax.models import Llama, LlamaConfig, forward, random_weights, weights_of
 from awp_jax.solver import objective
+from tests.test_gguf_families import write_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -125,50 +126,11 @@ def test_compressed_tensors_refuses_what_it_cannot_hold_before_calibration():
 
 # --------------------------------------------------------------------------- GGUF
 
-def _gguf_source(path, cfg, weights, tokenizer_from=None):
-    """A llama GGUF in llama.cpp's layout (q/k rows permuted), F32 tensors, with a tiny tokenizer (or
-    the tokenizer of the GGUF ``tokenizer_from``)."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if tokenizer_from is None:
-        w.add_tokenizer_model("gpt2")
-        w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    else:
-        src = gguf.GGUFReader(str(tokenizer_from))
-        for field in src.fields.values():
-            if field.name.startswith("tokenizer."):
-                sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-                w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-    for k, v in weights.items():
-        if k in top:
-            name = top[k]
-        else:
-            _, _, i, *rest = k.split(".")
-            name = f"blk.{i}.{names['.'.join(rest[:-1])]}.{rest[-1]}"
-        if ".q_proj." in k or ".k_proj." in k:
-            v = gguf_format._permute(v, cfg.num_heads if ".q_proj." in k else cfg.num_kv_heads)
-        w.add_tensor(name, np.ascontiguousarray(v, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def gguf_source(tmp_path_factory):
-    return _gguf_source(tmp_path_factory.mktemp("src") / "tiny.gguf", TINY, random_weights(TINY, 3))
+    path = tmp_path_factory.mktemp("src") / "tiny.gguf"
+    write_gguf(path, "llama", TINY, random_weights(TINY, 3))
+    return path
 
 
 def _gguf_run(source, method, constraint, gguf_type, options=None):
@@ -201,7 +163,8 @@ def test_gguf_blocks_read_back_bit_for_bit_and_load_with_the_same_perplexity(tmp
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf_type and types["blk.1.ffn_down.weight"] == gguf_type
     assert types["token_embd.weight"] == "F32"  # unchanged tensors as the source stored them
-    assert reader.fields["tokenizer.ggml.tokens"].contents()[:2] == ["t0", "t1"]
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["general.file_type"].contents() == {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[gguf_type]
     ours = weights_of(model)
     for t in reader.tensors:  # independently of the writer's own check: gguf's dequantization, llama's rows undone
         name = checkpoints._gguf_name(t.name, "llama")
@@ -275,8 +238,9 @@ def gguf_with_tokenizer(tmp_path_factory):
     from awp_jax import assets
 
     cfg = LlamaConfig(**{**TINY.__dict__, "vocab_size": 49152})
-    return _gguf_source(tmp_path_factory.mktemp("srctok") / "tiny-tok.gguf", cfg, random_weights(cfg, 4),
-                        tokenizer_from=assets.fetch(assets.DEFAULT_MODEL))
+    path = tmp_path_factory.mktemp("srctok") / "tiny-tok.gguf"
+    write_gguf(path, "llama", cfg, random_weights(cfg, 4), tokenizer_from=assets.fetch(assets.DEFAULT_MODEL))
+    return path
 
 
 @pytest.mark.parametrize("flags, written", [
@@ -305,6 +269,9 @@ def test_the_cli_writes_each_format_with_the_recipes_start_for_it(tmp_path, gguf
     else:  # the file is what was evaluated
         from awp_jax import data, perplexity
 
+        src, dst = gguf.GGUFReader(str(gguf_with_tokenizer)), gguf.GGUFReader(str(out / written))
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "llama.context_length"):
+            assert dst.fields[key].contents() == src.fields[key].contents(), key
         again, _ = checkpoints.load_model(out / written, with_tokenizer=False)
         tok = checkpoints.model_tokenizer(gguf_with_tokenizer)
         ev = data.eval_windows(data.tokenize(tok, data.load_text(text)), 64, 2)

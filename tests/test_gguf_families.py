@@ -29,7 +29,11 @@ _GEMMA = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_la
           "post_feedforward_layernorm": "post_ffw_norm"}
 
 
-def write_gguf(path, arch, cfg, weights):
+def write_gguf(path, arch, cfg, weights, tokenizer_from=None):
+    """``weights`` (HF names and layout) as a GGUF in llama.cpp's layout (llama's q/k rows permuted,
+    Gemma's norms as 1 + weight), F32; with the tokenizer metadata of the GGUF ``tokenizer_from``."""
+    from awp_jax.formats.gguf import _permute
+
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -56,7 +60,15 @@ def write_gguf(path, arch, cfg, weights):
             name = f"blk.{i}.{names['.'.join(rest[:-1])]}.{rest[-1]}"
         if arch == "gemma3" and k.endswith("norm.weight"):
             v = v + np.float32(1.0)  # llama.cpp's convert script stores Gemma's norm scales as 1 + weight
+        if arch == "llama" and (".q_proj." in k or ".k_proj." in k):
+            v = _permute(v, cfg.num_heads if ".q_proj." in k else cfg.num_kv_heads)  # llama.cpp's rotary row order
         w.add_tensor(name, np.ascontiguousarray(v, np.float32))
+    if tokenizer_from is not None:
+        src = gguf.GGUFReader(str(tokenizer_from))
+        for field in src.fields.values():
+            if field.name.startswith("tokenizer."):
+                sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+                w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

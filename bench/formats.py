@@ -1,8 +1,8 @@
 """The default model written as GGUF Q4_0: llama.cpp's own round to nearest against methods that
 optimise on the Q4_0 grid itself, every row evaluated from the written file.
 
-    python bench/gguf.py            # about 30 min on 2 cores
-    python bench/gguf.py --report   # rebuild gguf.md from the finished rows
+    python bench/formats.py            # about 30 min on 2 cores
+    python bench/formats.py --report   # rebuild gguf.md from the finished rows
 
 Protocol of ``bench/quality.py``: the default model (SmolLM2-135M, loaded in float32), calibration
 32 x 512 tokens of the Wikipedia leads (sequential), perplexity on the first 64 non-overlapping
@@ -99,7 +99,7 @@ def sizes_row(calib, ev, source):
 
 def write_report(store, path):
     lines = ["# GGUF Q4_0 on the default model: llama.cpp's rounding against methods on the Q4_0 grid", "",
-             "Command: `python bench/gguf.py`", "",
+             "Command: `python bench/formats.py`", "",
              "Protocol of bench/quality.py: SmolLM2-135M in float32, calibration 32 x 512 tokens of the Wikipedia leads "
              "(sequential), perplexity on 64 x 512-token windows of the Wikipedia articles, measured on the model loaded "
              "back from the written `model.gguf` (each written tensor is read back with `gguf` and checked bit for bit). "
