@@ -115,3 +115,39 @@ def test_group_size_must_divide_d_in_unless_partial_groups_allowed():
     # the last group (64 columns) is quantized on its own grid, exactly as if alone
     alone = rtn(w[:, 512:], QuantSpec(bits=4, group_size=None))
     np.testing.assert_allclose(dequantize(q, spec)[:, 512:], alone, rtol=1e-6)
+
+
+@SETTINGS
+@given(quant_case(), st.sampled_from(["float16", "bfloat16"]), st.booleans())
+def test_grids_for_storage_formats_hold_their_scales_exactly_and_are_recovered_from_their_values(case, scale_dtype, float_min):
+    """A grid made for a format's scale type (GGUF: float16; compressed-tensors: the model's dtype)
+    has scales (and a float minimum) of that type, ≤ 2^b levels per group, projects onto itself,
+    and its values give back the same codes and scales (the typed result of a projection)."""
+    import dataclasses
+
+    w, spec = case
+    spec = dataclasses.replace(spec, scale_dtype=scale_dtype, float_min=float_min and not spec.symmetric)
+    q = quantize(w, spec)
+    dt = {"float16": np.float16, "bfloat16": jnp.bfloat16}[scale_dtype]
+    for field in (q.scale,) + ((q.zero,) if spec.float_min else ()):
+        f = np.asarray(field, np.float32)
+        np.testing.assert_array_equal(np.asarray(jnp.asarray(f).astype(dt).astype(jnp.float32)), f)
+    vals = q.dense()
+    g = spec.group_size or w.shape[1]
+    for row in np.asarray(vals):
+        for i in range(0, row.size, g):
+            assert len(np.unique(row[i:i + g])) <= 2**spec.bits
+    np.testing.assert_array_equal(np.asarray(rtn(vals, spec)), np.asarray(vals))  # the projection's fixed point
+    again = quantize(vals, spec)
+    np.testing.assert_array_equal(np.asarray(again.dense()), np.asarray(vals))
+
+
+def test_grid_settings_are_checked():
+    with pytest.raises(ValueError, match="scale_dtype must be one of"):
+        QuantSpec(scale_dtype="float64")
+    with pytest.raises(ValueError, match="either symmetric or has a float minimum"):
+        QuantSpec(symmetric=True, float_min=True)
+    from awp_jax.methods import Constraint
+
+    with pytest.raises(ValueError, match="does not hold 0"):
+        Constraint(sparsity=0.5, bits=4, float_min=True)
