@@ -53,7 +53,7 @@ class Constraint:
     """What every layer is compressed to. Pruning: ``sparsity`` (fraction of each row) or ``nm``;
     quantization: ``bits`` (+ ``group_size``, ``symmetric``); both for joint compression.
     ``partial_groups`` defaults to True so group 128 applies to 576-wide layers (GPTQ's
-    convention: a shorter last group). ``scale_dtype`` and ``float_min`` choose the grid a storage
+    convention: a shorter last group). ``scale_dtype``, ``float_min`` and ``full_range`` choose the grid a storage
     format holds exactly (see :class:`~awp_jax.quantizers.QuantSpec`; the output formats set them)."""
 
     sparsity: float = 0.0
@@ -64,6 +64,7 @@ class Constraint:
     partial_groups: bool = True
     scale_dtype: str = "float32"
     float_min: bool = False
+    full_range: bool = False
 
     def __post_init__(self):
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
@@ -76,7 +77,7 @@ class Constraint:
                 raise ValueError(f"N:M needs integers 1 <= N <= M, got {self.nm!r}")
             if self.sparsity:
                 raise ValueError("give either a sparsity or an N:M pattern, not both")
-        for name in ("symmetric", "partial_groups", "float_min"):
+        for name in ("symmetric", "partial_groups", "float_min", "full_range"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be True or False", getattr(self, name))
         if self.bits is not None:
             self.quant  # validates bits and group size
@@ -105,7 +106,7 @@ class Constraint:
         if self.bits is None:
             return None
         return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, partial_groups=self.partial_groups,
-                         scale_dtype=self.scale_dtype, float_min=self.float_min)
+                         scale_dtype=self.scale_dtype, float_min=self.float_min, full_range=self.full_range)
 
     def describe(self) -> str:
         parts = []
@@ -114,7 +115,7 @@ class Constraint:
         elif self.sparsity:
             parts.append(f"{self.sparsity:.0%} sparse")
         if self.bits:
-            grid = " sym" if self.symmetric else " float-min" if self.float_min else ""
+            grid = " sym full-range" if self.full_range else " sym" if self.symmetric else " float-min" if self.float_min else ""
             scale = "" if self.scale_dtype == "float32" else f" {self.scale_dtype} scales"
             parts.append(f"int{self.bits} g{self.group_size or 'row'}{grid}{scale}")
         return " + ".join(parts)
@@ -488,6 +489,8 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
         raise ValueError(f"refit_iters is for pruning only (a refit would leave the {con.describe()} grid)")
     if opt.scope is not None and (con.nm is not None or not con.prunes):
         raise ValueError(f"scope is for unstructured pruning only, not {kind} ({con.describe()})")
+    if opt.scope == "layer" and con.bits is not None:
+        raise ValueError(f"scope='layer' projects without a quantization grid: it is for pruning alone, not {con.describe()}")
     over = {k: v for k, v in (("step_rule", opt.step_rule), ("step_scale", opt.step_scale), ("tol", opt.tol)) if v is not None}
     over.update(momentum=opt.momentum, matmul_dtype=opt.matmul_dtype, refit_iters=opt.refit_iters, refit_damping=opt.refit_damping)
     if opt.init is not None:
@@ -529,14 +532,19 @@ def _awp_stack(ws, cs, con, opt):
     if opt.init in ("sparsegpt", "awq", "gptq"):
         return [_awp(w, c, con, opt) for w, c in zip(ws, cs)]
     res = solver_lib.solve_pgd_stack(ws, cs, awp_config(con, opt))
-    return [_awp_result(res.theta[i], _awp_info(res, i), con) for i in range(ws.shape[0])]
+    return [_awp_result(res.theta[i], _awp_info(res, i), con, source=None if res.source is None else res.source[i])
+            for i in range(ws.shape[0])]
 
 
-def _awp_result(theta, info, con, col_scale_inv=None) -> LayerResult:
-    """AWP's result; a quantized one as the :class:`QArray` of its final projection's grid."""
+def _awp_result(theta, info, con, col_scale_inv=None, source=None) -> LayerResult:
+    """AWP's result; a quantized one as the :class:`QArray` of its final projection: the codes and
+    grid of the point the solver fitted that grid on (``PGDResult.source``)."""
     if con.bits is None:
         return LayerResult(theta, info)
-    return _quantized(_snap(theta, con.quant, col_scale_inv), info)
+    q = _snap(source, con.quant, col_scale_inv)
+    if not bool(jnp.array_equal(q.grid_values(), theta)):  # theta: the solver's iterate (in AWQ's coordinates there)
+        raise RuntimeError("AWP's result is not the grid values of its projection's source (a solver bug)")
+    return _quantized(q, info)
 
 
 @register("awp", {"prune", "nm", "quant", "joint"}, "activation-aware projected gradient descent (paper defaults)", AWPOptions,
@@ -562,9 +570,9 @@ def _awp(w, c, con, opt):
         if not float(res.obj_final) < float(res.obj_init):
             info = dataclasses.replace(info, best_iteration=0, note="kept the GPTQ start")
             return _quantized(q0, info)
-        return _awp_result(res.theta, info, con)
+        return _awp_result(res.theta, info, con, source=res.source)
     res = solver_lib.solve_pgd(w, c, cfg)
-    return _awp_result(res.theta, _awp_info(res), con)
+    return _awp_result(res.theta, _awp_info(res), con, source=res.source)
 
 
 def _awp_from_awq(w, c, con, cfg):
@@ -584,4 +592,4 @@ def _awp_from_awq(w, c, con, cfg):
     if not float(res.obj_final) < float(res.obj_init):
         info = dataclasses.replace(info, best_iteration=0, note="kept the AWQ start")
         return _quantized(q, info)
-    return _awp_result(res.theta, info, con, r)
+    return _awp_result(res.theta, info, con, r, source=res.source)

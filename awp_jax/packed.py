@@ -100,7 +100,7 @@ def encode(theta, *, q=None, pruned: bool = False, dtype: str = "float32") -> di
         spec = q.spec
         bits = spec.bits
         meta.update(kind="quant", bits=bits, group_size=spec.group_size, symmetric=spec.symmetric,
-                    float_min=spec.float_min, scale_dtype=spec.scale_dtype)
+                    float_min=spec.float_min, full_range=spec.full_range, scale_dtype=spec.scale_dtype)
         codes = np.asarray(q.codes, np.uint8)
         if codes.shape != (d_out, d_in):
             raise ValueError(f"codes of shape {codes.shape} for weights {theta.shape}")

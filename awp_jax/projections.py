@@ -200,7 +200,8 @@ def project(
     quantize_now=True,
     score: jax.Array | None = None,
     hint: jax.Array | None = None,
-) -> jax.Array:
+    with_source: bool = False,
+):
     """Prune-then-quantize-then-mask projection used by the PGD step.
 
     Args:
@@ -214,8 +215,10 @@ def project(
         largest ``|z|`` (used for Wanda-style initial points).
       hint: a guess of the row top-k mask (e.g. the previous iterate's support); it speeds up
         the search and never changes the result (see :func:`row_topk_mask`).
+      with_source: also return the pruned point the grid was fitted on (``mask ⊙ z``): the
+        result is ``rtn(source)``, so ``quantize(source)`` gives the result's codes and grid.
     Returns:
-      The projected ``[d_out, d_in]`` matrix; pruned entries are exactly zero.
+      The projected ``[d_out, d_in]`` matrix; pruned entries are exactly zero (and the source).
     """
     if k is not None and nm is not None:
         raise ValueError("give either k (row top-k) or nm (N:M), not both")
@@ -227,12 +230,14 @@ def project(
         mask = nm_mask(score, *nm)
     if mask is not None:
         z = jnp.where(mask, z, jnp.zeros_like(z))
+    out = (lambda x: (x, z)) if with_source else (lambda x: x)  # noqa: E731
     if quant is None:
-        return z
+        return out(z)
     if isinstance(quantize_now, bool):
         if not quantize_now:
-            return z
+            return out(z)
         q = rtn(z, quant)
     else:
         q = jax.lax.cond(quantize_now, lambda x: rtn(x, quant), lambda x: x, z)
-    return q if mask is None else jnp.where(mask, q, jnp.zeros_like(q))
+    # rtn keeps zeros at zero (0 is on every integer-zero grid); a float-minimum grid has no 0
+    return out(q if mask is None else jnp.where(mask, q, jnp.zeros_like(q)))

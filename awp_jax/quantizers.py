@@ -23,6 +23,12 @@ Float-minimum grid (``float_min=True``: llama.cpp's Q4_1 and K-quant convention;
     m = min(w),  scale = (max(w) - m) / (2**bits - 1)
     q = clip(round((w - m) / scale), 0, 2**bits - 1),   w_hat = q * scale + m
 
+Full-range symmetric grid (``full_range=True``, with ``symmetric``: llama.cpp's Q4_0 rule): the
+weight of largest magnitude ``m`` (with its sign) sits on the extra negative level, so all
+``2**bits`` levels are used::
+
+    scale = m / -2**(bits-1)   (negative when m > 0),   q = clip(round(w / scale) + 2**(bits-1), 0, 2**bits - 1)
+
 ``scale_dtype`` rounds the scale (and a float minimum) to float16 or bfloat16 when the grid is
 computed, so a format that stores them in that type (GGUF blocks: float16; compressed-tensors: the
 model's dtype) holds exactly the grid the method optimised on. The projection is then still the
@@ -61,8 +67,11 @@ class QuantSpec:
     partial_groups: bool = False
     scale_dtype: str = "float32"
     float_min: bool = False
+    full_range: bool = False
 
     def __post_init__(self):
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range is a kind of symmetric grid: set symmetric=True too")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.float_min and self.symmetric:
@@ -158,6 +167,10 @@ def _grid(wg: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
         return jnp.where(scale > 0, scale, jnp.ones_like(scale)), m
     if spec.symmetric:
         half = 2 ** (spec.bits - 1)
+        if spec.full_range:
+            i = jnp.argmax(jnp.abs(wg), axis=-1, keepdims=True)
+            scale = _round_scale(jnp.take_along_axis(wg, i, axis=-1) / -half, spec)
+            return jnp.where(scale != 0, scale, jnp.ones_like(scale)), jnp.full_like(scale, half)
         amax = jnp.max(jnp.abs(wg), axis=-1, keepdims=True)
         scale = _round_scale(amax / (half - 1), spec)
         zero = jnp.full_like(scale, half)

@@ -76,7 +76,8 @@ def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh):
     out_specs = solver_lib.PGDResult(
         theta=P("stack", "model", None), iterations=per, best_iteration=per, grad_norm=per, obj_init=per,
         obj_final=per, obj_dense=per, stop_reason=per, step_size=per,
-        trace_obj=P("stack", None) if config.trace else None, trace_grad=P("stack", None) if config.trace else None)
+        trace_obj=P("stack", None) if config.trace else None, trace_grad=P("stack", None) if config.trace else None,
+        source=P("stack", "model", None) if config.schedule.quant is not None else None)
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("stack", "model", None), P("stack", None, None)),
                                  out_specs=out_specs, check_vma=False))
 
@@ -112,7 +113,8 @@ def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh) -> solver_lib.
     # ambiguous under Explicit sharding)
     rep = NamedSharding(mesh, P())
     res = jax.tree.map(lambda x: jax.sharding.reshard(x, rep), res)
-    return jax.tree.map(lambda x: x[:n_layers], res)._replace(theta=res.theta[:n_layers, :d_out])
+    res = jax.tree.map(lambda x: x[:n_layers], res)._replace(theta=res.theta[:n_layers, :d_out])
+    return res if res.source is None else res._replace(source=res.source[:, :d_out])
 
 
 def solve_layers(layers: Sequence[tuple], config: solver_lib.PGDConfig, mesh: Mesh) -> list[solver_lib.PGDResult]:

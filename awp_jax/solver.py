@@ -262,6 +262,9 @@ class PGDResult(NamedTuple):
     step_size: jax.Array
     trace_obj: jax.Array | None = None
     trace_grad: jax.Array | None = None
+    # quantizing schedules: the pruned point the returned Θ's grid was fitted on (Θ = rtn(source)),
+    # so quantizers.quantize(source) is Θ's codes and grid as the solver made them
+    source: jax.Array | None = None
 
 
 class _State(NamedTuple):
@@ -280,6 +283,8 @@ class _State(NamedTuple):
     prev_theta: jax.Array | None  # momentum only: Θ_{t−1} and its (W − Θ) C
     prev_grad: jax.Array | None
     k: jax.Array | None  # momentum only: iterations since the last restart
+    source: jax.Array | None  # quantizing schedules: the point Θ's grid was fitted on (see PGDResult)
+    best_source: jax.Array | None
 
 
 # --- pieces ---------------------------------------------------------------------------------
@@ -322,20 +327,21 @@ def step_size(c: jax.Array, config: PGDConfig) -> jax.Array:
     return config.step_scale / jnp.maximum(denom, jnp.finfo(c.dtype).tiny)
 
 
-def initial_point(w: jax.Array, c: jax.Array, config: PGDConfig) -> jax.Array:
+def initial_point(w: jax.Array, c: jax.Array, config: PGDConfig, with_source: bool = False):
     """Θ0 for ``config.init``: the final phase's projection of W with a Wanda or magnitude mask,
-    RTN, W itself, or zeros."""
+    RTN, W itself, or zeros (``with_source``: and the point its grid was fitted on, as
+    :func:`awp_jax.projections.project`)."""
     s = config.schedule
-    if config.init == "dense":
-        return w
-    if config.init == "zeros":
-        return jnp.zeros_like(w)
+    if config.init in ("dense", "zeros"):
+        theta = w if config.init == "dense" else jnp.zeros_like(w)
+        return (theta, theta) if with_source else theta
     final = s.final
     k = None if final.sparsity is None else keep_count(final.sparsity, w.shape[-1])
     score = wanda_score(w, c) if config.init == "wanda" else magnitude_score(w)
     if config.scope == "layer":
-        return _layer_project(w, k * w.shape[-2], score)
-    return project(w, k=k, nm=s.nm, quant=s.quant, quantize_now=final.quantize, score=score)
+        theta = _layer_project(w, k * w.shape[-2], score)
+        return (theta, theta) if with_source else theta
+    return project(w, k=k, nm=s.nm, quant=s.quant, quantize_now=final.quantize, score=score, with_source=with_source)
 
 
 def _layer_project(z, k_total, score=None, hint=None):
@@ -400,7 +406,12 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_n
     # An initial point made by the final projection (Wanda, magnitude, RTN) is feasible, so it
     # competes for "best" too: the solve never returns something worse than where it started.
     init_feasible = theta0 is None and config.init in ("wanda", "magnitude", "rtn")
-    theta0 = initial_point(w, c, config) if theta0 is None else theta0.astype(dtype)
+    quantizes = s.quant is not None
+    if theta0 is None:
+        theta0, source0 = initial_point(w, c, config, with_source=True)
+    else:
+        theta0 = source0 = theta0.astype(dtype)
+    source0 = source0 if quantizes else None
     eta = step_size(c, config)
     wnorm = jnp.maximum(jnp.sqrt(_total(w * w, axis_name)), jnp.finfo(dtype).tiny)
 
@@ -422,15 +433,20 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_n
     if config.scope == "layer" and axis_name is not None:
         raise ValueError("scope='layer' needs the whole matrix on one device; use scope='row' with a sharded solve")
 
-    def proj(z, t, prev=None):
+    def proj_source(z, t, prev=None):
+        """``(Θ, source)``: the projection and, for quantizing schedules, the point its grid was fitted on."""
         k = keep_tab[t] if s.prunes_rows else None
         # the previous iterate's support narrows the top-k search (exact either way)
         hint = None if (prev is None or k is None) else prev != 0
         if config.scope == "layer":
-            return _layer_project(z, k * w.shape[-2], hint=hint)
+            return _layer_project(z, k * w.shape[-2], hint=hint), None
         mode = s.quant_mode
         qnow = quant_tab[t] if mode == "some" else (mode == "always")
-        return project(z, k=k, nm=s.nm, quant=s.quant, quantize_now=qnow, hint=hint)
+        theta, source = project(z, k=k, nm=s.nm, quant=s.quant, quantize_now=qnow, hint=hint, with_source=True)
+        return theta, source if quantizes else None
+
+    def proj(z, t, prev=None):
+        return proj_source(z, t, prev)[0]
 
     if with_path:
         if config.momentum:
@@ -462,6 +478,8 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_n
         prev_theta=theta0 if config.momentum else None,
         prev_grad=g0 if config.momentum else None,
         k=jnp.ones((), jnp.int32) if config.momentum else None,
+        source=source0,
+        best_source=source0,
     )
 
     def cond(st):
@@ -472,9 +490,9 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_n
             beta = ((st.k - 1) / (st.k + 2)).astype(dtype)
             y = st.theta + beta * (st.theta - st.prev_theta)
             g_y = (1 + beta) * st.grad - beta * st.prev_grad  # (W − Y) C, by linearity
-            theta_n = proj(y + eta * g_y, st.t, st.theta)
+            theta_n, source_n = proj_source(y + eta * g_y, st.t, st.theta)
         else:
-            theta_n = proj(st.theta + eta * st.grad, st.t, st.theta)
+            theta_n, source_n = proj_source(st.theta + eta * st.grad, st.t, st.theta)
         g_n, obj_n, gn_n = evaluate(theta_n)
         ok = jnp.isfinite(obj_n) & jnp.isfinite(gn_n)
         t_n = st.t + 1
@@ -507,12 +525,15 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_n
             prev_theta=None if st.prev_theta is None else sel(st.theta, st.prev_theta),
             prev_grad=None if st.prev_grad is None else sel(st.grad, st.prev_grad),
             k=None if st.k is None else jnp.where(ok & (obj_n <= st.obj), st.k + 1, 1).astype(jnp.int32),
+            source=None if st.source is None else sel(source_n, st.source),
+            best_source=None if st.best_source is None else pick(source_n, st.best_source),
         )
 
     st = jax.lax.while_loop(cond, body, state)
     # No final-phase iterate accepted (non-finite at once): fall back to the last finite iterate.
     have_best = jnp.isfinite(st.best_obj)
     theta = jnp.where(have_best, st.best_theta, st.theta)
+    source = None if st.source is None else jnp.where(have_best, st.best_source, st.source)
     obj_final = jnp.where(have_best, st.best_obj, st.obj)
     gnorm_final = jnp.where(have_best, st.best_gnorm, st.gnorm)
     if config.matmul_dtype != "float32":  # report float32 figures, not the loop's bf16 estimates
@@ -540,6 +561,7 @@ def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_n
         step_size=eta,
         trace_obj=st.trace_obj,
         trace_grad=st.trace_grad,
+        source=source,
     )
 
 

@@ -194,6 +194,10 @@ def test_methods_optimise_on_the_q4_0_grid_itself(gguf_source):
     awp = methods.compress_layer("awp", w, c, con)
     awp_gptq = methods.compress_layer("awp", w, c, con, methods.AWPOptions(init="gptq", step_rule="lambda_max", step_scale=1.0,
                                                                             max_iter=50))
+    # the grid is llama.cpp's own (d = m / -8 for the weight m of largest magnitude): round to nearest on
+    # it is llama-quantize's Q4_0 but for ties (half to even here, half up there)
+    ref = gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0), gguf.GGMLQuantizationType.Q4_0)
+    assert np.mean(np.asarray(rtn.theta) == ref) > 0.999
     obj = {k: float(objective(w, r.theta, c)) for k, r in (("rtn", rtn), ("gptq", gptq), ("awp", awp), ("awp_gptq", awp_gptq))}
     assert obj["awp"] < obj["rtn"] and obj["awp_gptq"] < obj["gptq"] < 0.9 * obj["rtn"], obj
     # all on the Q4_0 grid: symmetric codes around 8, float16 scales, as the file stores them

@@ -70,8 +70,9 @@ def constrain(constraint, method: str, options, model, *, source=None):
     if constraint.bits not in BITS:
         raise FormatError(f"--format compressed-tensors stores {' or '.join(map(str, BITS))}-bit weights (what vLLM serves), "
                           f"not {constraint.bits}-bit; use --bits 4 or 8, or --format hf / orbax for other widths")
-    if constraint.float_min:
-        raise FormatError("--format compressed-tensors has integer zero points; a float-minimum grid cannot be stored")
+    if constraint.float_min or constraint.full_range:
+        raise FormatError("--format compressed-tensors stores integer zero points and positive scales: a float-minimum or "
+                          "full-range (GGUF Q4_0) grid cannot be stored")
     if methods.column_scales(method, options):
         raise FormatError(f"--method {method}{' --init awq' if method == 'awp' else ''} keeps per-layer column scales (AWQ's) "
                           "that compressed-tensors has no place for; use --method awp (from RTN), gptq or rtn")

@@ -3,8 +3,8 @@ block types, holding exactly the weights the method optimised.
 
 | ``--gguf-type`` | llama.cpp block (32 weights) | grid the method projects onto |
 |---|---|---|
-| ``Q8_0`` | float16 ``d``, int8 ``q``: ``d·q`` | 8 bits, group 32, symmetric, float16 scales |
-| ``Q4_0`` | float16 ``d``, 4-bit ``q``: ``d·(q − 8)`` | 4 bits, group 32, symmetric, float16 scales |
+| ``Q8_0`` | float16 ``d``, int8 ``q``: ``d·q`` | 8 bits, group 32, symmetric (``d = max|w| / 127``, llama.cpp's), float16 scales |
+| ``Q4_0`` | float16 ``d``, 4-bit ``q``: ``d·(q − 8)`` | 4 bits, group 32, full-range symmetric (``d = m / −8`` for the weight ``m`` of largest magnitude: llama.cpp's rule, all 16 levels), float16 scales |
 | ``Q4_1`` | float16 ``d`` and ``m``, 4-bit ``q``: ``d·q + m`` | 4 bits, group 32, float minimum (``float_min``), float16 scale and minimum |
 | ``F32``, ``F16``, ``BF16`` | dense | pruning only (the values must be exact in that type) |
 
@@ -36,9 +36,9 @@ from awp_jax.models import weights_of
 BLOCK = 32
 #: grid fields of the constraint for each block type; ``None``: a dense type (pruning only)
 GRIDS = {
-    "Q8_0": {"bits": 8, "group_size": BLOCK, "symmetric": True, "float_min": False, "scale_dtype": "float16"},
-    "Q4_0": {"bits": 4, "group_size": BLOCK, "symmetric": True, "float_min": False, "scale_dtype": "float16"},
-    "Q4_1": {"bits": 4, "group_size": BLOCK, "symmetric": False, "float_min": True, "scale_dtype": "float16"},
+    "Q8_0": {"bits": 8, "group_size": BLOCK, "symmetric": True, "full_range": False, "float_min": False, "scale_dtype": "float16"},
+    "Q4_0": {"bits": 4, "group_size": BLOCK, "symmetric": True, "full_range": True, "float_min": False, "scale_dtype": "float16"},
+    "Q4_1": {"bits": 4, "group_size": BLOCK, "symmetric": False, "full_range": False, "float_min": True, "scale_dtype": "float16"},
     "F32": None, "F16": None, "BF16": None,
 }
 _DENSE_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
