@@ -4,6 +4,11 @@ optimise on the Q4_0 grid itself, every row evaluated from the written file.
     python bench/formats.py            # about 30 min on 2 cores
     python bench/formats.py --report   # rebuild gguf.md from the finished rows
 
+With ``llama-cpp-python`` importable (``pip install llama-cpp-python``: it builds llama.cpp from
+source), every written GGUF's perplexity is measured by llama.cpp itself too, on the same token
+windows (each window evaluated from an empty cache, all positions' logits), beside ours. The GGUFs
+are kept in ``~/.cache/awp_jax/bench_gguf/`` for that.
+
 Protocol of ``bench/quality.py``: the default model (SmolLM2-135M, loaded in float32), calibration
 32 x 512 tokens of the Wikipedia leads (sequential), perplexity on the first 64 non-overlapping
 512-token windows of the Wikipedia articles. Every compressed row is written with
@@ -37,6 +42,7 @@ from awp_jax.cli import matmul_gflops  # noqa: E402
 from awp_jax.models import weights_of  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+KEEP = pathlib.Path.home() / ".cache" / "awp_jax" / "bench_gguf"
 ROWS = {
     "llama.cpp Q4_0 (round to nearest, no calibration)": None,
     "rtn on the Q4_0 grid": ("rtn", {}),
@@ -44,6 +50,25 @@ ROWS = {
     "gptq on the Q4_0 grid": ("gptq", {}),
     "awp (GPTQ start, 50 iterations, η = 1/λmax)": ("awp", {"init": "gptq", "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50}),
 }
+
+
+def llama_cpp_perplexity(path, windows) -> float:
+    """Perplexity of a GGUF by llama.cpp itself (llama-cpp-python) on ``windows [N, L]``: each window
+    from an empty cache, the mean next-token NLL over all windows' positions (our protocol)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=windows.shape[1], logits_all=True, n_batch=windows.shape[1],
+                          n_threads=os.cpu_count(), verbose=False)
+    total, count = 0.0, 0
+    for win in windows:
+        llm.reset()
+        llm.eval([int(t) for t in win])
+        logits = np.asarray(llm.scores[: len(win) - 1], np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        total -= float(logp[np.arange(len(win) - 1), win[1:]].sum())
+        count += len(win) - 1
+    return float(np.exp(total / count))
 
 
 def llama_cpp_q4_0(cfg, dense):
@@ -59,7 +84,34 @@ def llama_cpp_q4_0(cfg, dense):
     return models.build(cfg, out)
 
 
-def run_row(cfg, dense, calib, ev, source, method, opts):
+def llama_cpp_q4_0_file(source, keep: pathlib.Path):
+    """The source GGUF with every block matrix re-quantized to Q4_0 by ``gguf.quants.quantize`` (the
+    reference rule llama-quantize applies without an importance matrix), other tensors as they are."""
+    import gguf
+
+    keep.mkdir(parents=True, exist_ok=True)
+    reader = gguf.GGUFReader(str(source))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(keep / "model.gguf"), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    writer.add_file_type(2)
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and t.data.ndim == 2 and "norm" not in t.name:
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+            writer.add_tensor(t.name, gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        else:
+            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def run_row(cfg, dense, calib, ev, source, method, opts, keep: pathlib.Path):
     model = models.build(cfg, dense)
     options = methods.make_options(method, **opts)
     con = formats.constrain("gguf", methods.Constraint(bits=4), method, options, model, source=source, gguf_type="Q4_0")
@@ -67,10 +119,9 @@ def run_row(cfg, dense, calib, ev, source, method, opts):
     enc = {}
     compress.compress_model(model, calib, method, con, options, progress=True, encoded=enc)
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-    with tempfile.TemporaryDirectory() as d:
-        out = formats.save(model, pathlib.Path(d) / "out", format="gguf", encoded=enc, source=source, gguf_type="Q4_0")
-        size = (out / "model.gguf").stat().st_size
-        again, _ = checkpoints.load_model(out / "model.gguf", with_tokenizer=False)
+    out = formats.save(model, keep, format="gguf", encoded=enc, source=source, gguf_type="Q4_0", overwrite=True)
+    size = (out / "model.gguf").stat().st_size
+    again, _ = checkpoints.load_model(out / "model.gguf", with_tokenizer=False)
     ppl = perplexity.perplexity(again, ev, batch_size=8).perplexity
     return {"perplexity": ppl, "compress_seconds": round(secs, 1), "compress_cpu_seconds": round(cpu, 1), "gguf_bytes": size,
             "constraint": con.describe()}
@@ -110,16 +161,19 @@ def write_report(store, path):
     if "dense" in store:
         lines += [f"Dense perplexity: **{store['dense']:.2f}**", ""]
     ref = store.get("gptq on the Q4_0 grid")
-    lines += ["| row | perplexity | CPU s | CPU / GPTQ | file MB |", "|---|---|---|---|---|"]
+    lines += ["'llama.cpp': the same file's perplexity measured by llama.cpp itself (llama-cpp-python "
+              f"{store.get('llama_cpp_version', '?')}, CPU) on the same windows.", "",
+              "| row | perplexity | llama.cpp | CPU s | CPU / GPTQ | file MB |", "|---|---|---|---|---|---|"]
     for label in ROWS:
         r = store.get(label)
         if r is None:
-            lines.append(f"| {label} | not run | | | |")
+            lines.append(f"| {label} | not run | | | | |")
             continue
         cpu = r.get("compress_cpu_seconds")
         ratio = f"{cpu / ref['compress_cpu_seconds']:.2f}" if cpu is not None and ref else ""
         size = f"{r['gguf_bytes'] / 1e6:.1f}" if "gguf_bytes" in r else ""
-        lines.append(f"| {label} | {r['perplexity']:.2f} | {'' if cpu is None else f'{cpu:.0f}'} | {ratio} | {size} |")
+        lcpp = f"{r['llama_cpp_perplexity']:.2f}" if "llama_cpp_perplexity" in r else ""
+        lines.append(f"| {label} | {r['perplexity']:.2f} | {lcpp} | {'' if cpu is None else f'{cpu:.0f}'} | {ratio} | {size} |")
     lines.append("")
     r = store.get(SIZES_ROW)
     if r is not None:
@@ -164,13 +218,28 @@ def main(argv=None):
             if label in store:
                 continue
             print(f"== {label}", file=sys.stderr, flush=True)
+            keep = KEEP / "".join(ch if ch.isalnum() else "_" for ch in label)[:60]
             if row is None:
                 store[label] = {"perplexity": perplexity.perplexity(llama_cpp_q4_0(cfg, dense), ev, batch_size=8).perplexity}
+                llama_cpp_q4_0_file(source, keep)
             else:
-                store[label] = {"method": row[0], "options": row[1], **run_row(cfg, dense, calib, ev, source, *row)}
+                store[label] = {"method": row[0], "options": row[1], **run_row(cfg, dense, calib, ev, source, *row, keep)}
+            store[label]["file"] = str(keep / "model.gguf")
             save()
             write_report(store, RESULTS / "gguf.md")
             print(f"   perplexity {store[label]['perplexity']:.3f}", file=sys.stderr, flush=True)
+        try:
+            import llama_cpp
+
+            store["llama_cpp_version"] = llama_cpp.__version__
+            for label in ROWS:
+                r = store.get(label)
+                if r is not None and "llama_cpp_perplexity" not in r and pathlib.Path(r.get("file", "")).is_file():
+                    print(f"== llama.cpp: {label}", file=sys.stderr, flush=True)
+                    r["llama_cpp_perplexity"] = llama_cpp_perplexity(r["file"], ev)
+                    save()
+        except ImportError:
+            print("llama-cpp-python is not installed: the llama.cpp column stays empty", file=sys.stderr)
         if SIZES_ROW not in store:
             print(f"== {SIZES_ROW}", file=sys.stderr, flush=True)
             store[SIZES_ROW] = sizes_row(calib, ev, source)
