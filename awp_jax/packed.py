@@ -131,7 +131,7 @@ def grid_values(enc: dict[str, Any]) -> np.ndarray:
     before AWQ's column scales: ``(codes − zero)·scale``, or ``codes·scale + min``."""
     meta = enc["meta"]
     d_out, d_in = meta["shape"]
-    bits, g = meta["bits"], meta["group_size"] or d_in
+    g = meta["group_size"] or d_in
     codes = unpacked_codes(enc)
     cg = _groups(codes.astype(np.float32), g)
     scale = np.asarray(enc["scale"], np.float32)[..., None]

@@ -12,8 +12,8 @@ file that says ``sparsity: 0.6``). Three are built in, all for AWP:
 
 Output formats that cannot store AWQ's per-layer column scales (compressed-tensors, GGUF) take the
 ``quant_no_column_scales`` / ``joint_no_column_scales`` entries instead where a recipe has them:
-for ``fast`` and ``best``, GPTQ's result as the start (η = 1/λmax, 50 iterations; never worse than
-GPTQ) for quantization, and the Wanda start for joint compression.
+for ``fast`` and ``best``, the paper's RTN start for quantization and the Wanda start for joint
+compression.
 
 Why these (``bench/results/quality.md``, ``bench/results/recipes.md``): ``fast`` at 50 % has a
 lower perplexity than ``paper`` in less than half its time, so it is the default; ``best`` is the
@@ -109,11 +109,11 @@ _FAST_PRUNE = {"momentum": True, "step_rule": "lambda_max", "step_scale": 1.0, "
 _BEST_PRUNE = {"init": "sparsegpt", "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50,
                "refit_iters": 50, "refit_damping": 0.1}
 _AWQ_START = {"init": "awq"}
-# formats that cannot store AWQ's per-layer column scales: GPTQ's result on the same grid as the start
-# (bench/results/gguf.md); for joint compression the Wanda start (bench/results/quality.md, table 4:
-# 80.71 against the paper's 97.90 at 50 % + INT4 g128; only the AWQ start was lower)
-_NO_SCALES = {"quant_no_column_scales": {"init": "gptq", "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50},
-              "joint_no_column_scales": {"init": "wanda"}}
+# formats that cannot store AWQ's per-layer column scales: the paper's RTN start for quantization
+# (bench/results/gguf.md has it ahead of GPTQ and of AWP from GPTQ's result on the Q4_0 grid); for joint
+# compression the Wanda start (bench/results/quality.md, table 4: 80.71 against the paper's 97.90 at
+# 50 % + INT4 g128; only the AWQ start was lower)
+_NO_SCALES = {"quant_no_column_scales": {"init": "rtn"}, "joint_no_column_scales": {"init": "wanda"}}
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe(name="paper", doc="the AWP paper's settings (for reproduction; the slowest)"),

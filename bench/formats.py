@@ -127,8 +127,8 @@ def run_row(cfg, dense, calib, ev, source, method, opts, keep: pathlib.Path):
             "constraint": con.describe()}
 
 
-SIZES_ROW = "awp (GPTQ start) INT4 g64, bf16 model: every format"
-SIZES_OPTS = {"init": "gptq", "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50}
+SIZES_ROW = "awp (RTN start) INT4 g64, bf16 model: every format"
+SIZES_OPTS = {"init": "rtn"}
 
 
 def sizes_row(calib, ev, source):
@@ -179,7 +179,7 @@ def write_report(store, path):
     if r is not None:
         mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
         lines += ["## Sizes of the outputs", "",
-                  f"One compression of the default model in bf16 ({r['constraint']}, AWP from GPTQ's result; perplexity "
+                  f"One compression of the default model in bf16 ({r['constraint']}, AWP from RTN, the paper's setting; perplexity "
                   f"{r['perplexity']:.2f} on the windows above) written in each format that holds it. The input GGUF "
                   f"(Q4_1 blocks, Q8_0 embedding) is {mb(r['input_gguf_bytes'])}; the Q4_0 GGUFs are in the table above. "
                   "The embedding (49152 x 576, tied) is not compressed and is 57 MB of every bf16 output.", "",

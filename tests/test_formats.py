@@ -262,8 +262,8 @@ def test_the_cli_writes_each_format_with_the_recipes_start_for_it(tmp_path, gguf
     assert rc == 0 and (out / written).is_file() and not (out / "compressed").exists()
     report = json.loads((out / "awp_report.json").read_text())
     # the default recipe (fast) starts quantization from AWQ, whose column scales neither format stores:
-    # its no-column-scales entry (GPTQ start) is used, and the report says so
-    assert report["options"]["init"] == "gptq" and report["format"]["name"] == flags[1]
+    # its no-column-scales entry (the RTN start) is used, and the report says so
+    assert report["options"]["init"] == "rtn" and report["format"]["name"] == flags[1]
     assert report["sizes"][written] == (out / written).stat().st_size
     ppl = report["perplexity"]["compressed"]
     assert np.isfinite(ppl)

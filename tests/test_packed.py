@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from awp_jax import checkpoints, compress, methods, packed
-from awp_jax.cli import main, synthetic_layer
+from awp_jax.cli import synthetic_layer
 from awp_jax.export import save_hf_dir
 from awp_jax.models import Llama, random_weights, weights_of
 from tests.test_pipeline import SMALL, _windows
