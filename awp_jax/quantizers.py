@@ -152,9 +152,18 @@ def _ungrouped(wg: jax.Array, d_in: int) -> jax.Array:
 
 
 def _round_scale(x: jax.Array, spec: QuantSpec) -> jax.Array:
+    """``x`` rounded to ``spec.scale_dtype`` (to nearest even), kept in ``x``'s dtype.
+
+    ``lax.reduce_precision``, not a float32 → float16 → float32 round trip: XLA may drop such a pair
+    of converts inside a fused computation (it allows excess precision by default), which would leave
+    scales a file cannot store. float16's subnormals (below 2**-14) are multiples of 2**-24."""
     if spec.scale_dtype == "float32":
         return x
-    return x.astype(jnp.dtype(spec.scale_dtype)).astype(x.dtype)
+    if spec.scale_dtype == "bfloat16":
+        return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+    normal = jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
+    sub = jnp.round(x * 2.0**24) * 2.0**-24
+    return jnp.where(jnp.abs(x) < 2.0**-14, sub, normal)
 
 
 def _grid(wg: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:

@@ -159,3 +159,25 @@ def test_grid_settings_are_checked():
 
     with pytest.raises(ValueError, match="does not hold 0"):
         Constraint(sparsity=0.5, bits=4, float_min=True)
+
+
+def test_scales_are_rounded_like_a_cast_even_inside_a_fused_computation():
+    """The scales' rounding survives XLA's fusion: a float32 → bfloat16 → float32 pair of converts is
+    dropped inside a jitted ``quantize`` (every scale of this matrix came out unrounded that way);
+    ``reduce_precision`` is kept. float16 subnormals are rounded as a cast rounds them."""
+    import ml_dtypes
+
+    from awp_jax.quantizers import _round_scale
+
+    r = np.random.default_rng(0)
+    w = (r.standard_normal((576, 1536)) * 0.05).astype(np.float32)
+    for name, dt in (("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16)):
+        spec = QuantSpec(bits=4, group_size=64, scale_dtype=name)
+        s = np.asarray(jax.jit(lambda v: quantize(v, spec))(w).scale)
+        np.testing.assert_array_equal(s.astype(dt).astype(np.float32), s)
+        x = (r.standard_normal(20000) * 10.0 ** r.uniform(-9, 4, 20000)).astype(np.float32)
+        got = np.asarray(jax.jit(lambda v: _round_scale(v, spec))(x))
+        with np.errstate(over="ignore"):
+            ref = x.astype(dt).astype(np.float32)
+        ok = np.isfinite(ref)
+        np.testing.assert_array_equal(got[ok], ref[ok])
