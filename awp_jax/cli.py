@@ -191,13 +191,13 @@ def _resolve_run(args):
             if k in given and given[k] != grid[k]:
                 raise ValueError(f"--gguf-type {args.gguf_type} is {grid['bits']}-bit, group {grid['group_size']}, "
                                  f"{'symmetric' if grid['symmetric'] else 'asymmetric'}: {_flag(k)} {given[k]} does not fit it")
-        if not {"sparsity", "nm", "bits"} & set(given):
-            fields = {k: v for k, v in fields.items() if k not in ("sparsity", "nm", "bits")}
-        fields.setdefault("bits", grid["bits"])
-    if {"sparsity", "nm", "bits"} & set(given):  # the flags say what to compress to: none of the recipe's targets stays
+    if {"sparsity", "nm", "bits"} & set(given) or grid is not None:
+        # the flags (or the block type) say what to compress to: none of the recipe's targets stays
         for k in ("sparsity", "nm", "bits"):
             fields.pop(k, None)
     fields.update(given)
+    if grid is not None:  # quantized on the block type's grid, pruned too where asked
+        fields.setdefault("bits", grid["bits"])
     if not any(fields.get(k) for k in ("sparsity", "nm", "bits")):
         fields["sparsity"] = 0.5
     if grid is not None and fields.get("bits") is not None:

@@ -233,7 +233,7 @@ def compress_model(
             t0 = time.perf_counter()
             theta = np.asarray(res.theta)
             if not np.all(np.isfinite(theta)):
-                raise FloatingPointError(f"block {i} {name}: {method} produced non-finite weights ({res.info})")
+                raise FloatingPointError(f"block {i} {name}: {method} produced non-finite weights ({res.info.as_dict()})")
             try:
                 enc = packed.encode(theta, q=res.q, pruned=constraint.prunes, dtype=dtype)
             except packed.NotLosslessError as e:

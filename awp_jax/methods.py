@@ -243,10 +243,10 @@ def _quantized(q: QArray, info: LayerInfo) -> LayerResult:
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _snap(theta, spec, col_scale_inv=None):
-    """The :class:`QArray` of a matrix that a projection put on ``spec``'s grid (its own grid,
-    recovered from the grid values: see :func:`awp_jax.quantizers.quantize`)."""
-    q = quantize(theta, spec)
+def _snap(source, spec, col_scale_inv=None):
+    """The :class:`QArray` of the solver's last projection: the codes and grid of the point it
+    fitted that grid on (``PGDResult.source``; the projection is ``rtn(source)``)."""
+    q = quantize(source, spec)
     return q if col_scale_inv is None else dataclasses.replace(q, col_scale_inv=col_scale_inv)
 
 
@@ -494,7 +494,7 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
     over = {k: v for k, v in (("step_rule", opt.step_rule), ("step_scale", opt.step_scale), ("tol", opt.tol)) if v is not None}
     over.update(momentum=opt.momentum, matmul_dtype=opt.matmul_dtype, refit_iters=opt.refit_iters, refit_damping=opt.refit_damping)
     if opt.init is not None:
-        # "sparsegpt"/"awq": the method passes that method's result as theta0; SparseGPT's mask holds
+        # "sparsegpt"/"awq"/"gptq": the method passes that method's result as theta0; SparseGPT's mask holds
         # a per-layer, not a per-row, count, so the projection's scope is the layer
         over["init"] = "dense" if opt.init in ("sparsegpt", "awq", "gptq") else opt.init
         if opt.init == "sparsegpt" and kind == "prune":
@@ -543,6 +543,9 @@ def _awp_result(theta, info, con, col_scale_inv=None, source=None) -> LayerResul
         return LayerResult(theta, info)
     q = _snap(source, con.quant, col_scale_inv)
     if not bool(jnp.array_equal(q.grid_values(), theta)):  # theta: the solver's iterate (in AWQ's coordinates there)
+        if info.stop == "nonfinite":  # the fallback iterate is from before the grid phase
+            raise FloatingPointError(f"AWP's updates became non-finite before any iterate on the {con.describe()} grid was "
+                                     "accepted; try a smaller --step-scale")
         raise RuntimeError("AWP's result is not the grid values of its projection's source (a solver bug)")
     return _quantized(q, info)
 
@@ -563,7 +566,8 @@ def _awp(w, c, con, opt):
     if opt.init == "awq":
         return _awp_from_awq(w, c, con, cfg)
     if opt.init == "gptq":
-        q0, _, _ = _gptq_jit(w, c, con, GPTQOptions())
+        q0, damp, ok = _gptq_jit(w, c, con, GPTQOptions())
+        _damping_info(c, GPTQOptions().percdamp, damp, ok)  # a failed factorisation is an error here too
         res = solver_lib.solve_pgd(w, c, cfg, theta0=q0.dense())
         info = _awp_info(res)
         # GPTQ's point is feasible: it competes, so the result is never worse than GPTQ's

@@ -76,6 +76,9 @@ class QuantSpec:
             raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.float_min and self.symmetric:
             raise ValueError("a grid is either symmetric or has a float minimum (float_min), not both")
+        if self.float_min and self.partial_groups:
+            raise ValueError("a float-minimum grid does not contain 0, so a shorter last group (zero-padded) would change "
+                             "its minimum: use a group size that divides the layers' width")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
         if self.group_size is not None and (
@@ -132,7 +135,7 @@ class QArray:
         """The dense matrix: grid values in the original column order, times ``col_scale_inv``."""
         out = self.grid_values(dtype)
         if self.perm is not None:
-            out = out[..., jnp.argsort(self.perm)]
+            out = jnp.take_along_axis(out, jnp.argsort(self.perm)[..., None, :], axis=-1)
         if self.col_scale_inv is not None:
             out = out * self.col_scale_inv.astype(dtype)[..., None, :]
         return out

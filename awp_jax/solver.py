@@ -154,6 +154,8 @@ class PGDConfig:
             raise ValueError(f"scope must be 'row' or 'layer', got {self.scope!r}")
         if self.scope == "layer" and not s.prunes_rows:
             raise ValueError("scope='layer' applies to unstructured pruning schedules only")
+        if self.scope == "layer" and s.quant is not None:
+            raise ValueError("scope='layer' projects without a quantization grid: it is for pruning alone")
         if isinstance(self.refit_iters, bool) or not isinstance(self.refit_iters, int) or self.refit_iters < 0:
             raise ValueError(f"refit_iters must be an integer >= 0, got {self.refit_iters!r}")
         if not (np.isfinite(self.refit_damping) and self.refit_damping >= 0):

@@ -283,3 +283,23 @@ def test_the_cli_writes_each_format_with_the_recipes_start_for_it(tmp_path, gguf
     with pytest.raises(SystemExit):  # a format option of another format is refused by name
         main(["compress", "--model", str(gguf_with_tokenizer), "--calib", str(text), "--out", str(tmp_path / "x"),
               "--format", "hf", "--gguf-type", "Q4_0"])
+
+
+def test_a_block_type_with_pruning_flags_is_joint_compression_with_the_joint_recipe(tmp_path, gguf_source):
+    """--format gguf --gguf-type Q4_0 --sparsity 0.5 resolves, before any work, to 50 % + Q4_0 with the
+    recipe's joint options (no column scales: the Wanda start), not pruning options."""
+    import argparse
+
+    from awp_jax import cli
+
+    def resolve(*flags):
+        ns = argparse.Namespace(recipe=None, method=None, format="gguf", gguf_type="Q4_0", **dict(flags))
+        return cli._resolve_run(ns)
+
+    _, method, con, opts = resolve(("sparsity", 0.5))
+    assert con.kind == "joint" and con.bits == 4 and con.full_range and con.group_size == 32
+    assert opts.init == "wanda"
+    _, _, con, opts = resolve()
+    assert con.kind == "quant" and opts.init == "rtn"
+    with pytest.raises(ValueError, match="4-bit type; --bits 8"):
+        resolve(("bits", 8))

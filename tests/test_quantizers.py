@@ -125,7 +125,7 @@ def test_grids_for_storage_formats_hold_their_scales_exactly(case, scale_dtype, 
     import dataclasses
 
     w, spec = case
-    spec = dataclasses.replace(spec, scale_dtype=scale_dtype, float_min=float_min and not spec.symmetric,
+    spec = dataclasses.replace(spec, scale_dtype=scale_dtype, float_min=float_min and not spec.symmetric and not spec.partial_groups,
                                full_range=float_min and spec.symmetric)
     q = quantize(w, spec)
     dt = {"float16": np.float16, "bfloat16": jnp.bfloat16}[scale_dtype]
@@ -158,7 +158,9 @@ def test_grid_settings_are_checked():
     from awp_jax.methods import Constraint
 
     with pytest.raises(ValueError, match="does not hold 0"):
-        Constraint(sparsity=0.5, bits=4, float_min=True)
+        Constraint(sparsity=0.5, bits=4, float_min=True, partial_groups=False)
+    with pytest.raises(ValueError, match="shorter last group"):
+        QuantSpec(float_min=True, partial_groups=True)
 
 
 def test_scales_are_rounded_like_a_cast_even_inside_a_fused_computation():

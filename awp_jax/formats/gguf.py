@@ -36,9 +36,9 @@ from awp_jax.models import weights_of
 BLOCK = 32
 #: grid fields of the constraint for each block type; ``None``: a dense type (pruning only)
 GRIDS = {
-    "Q8_0": {"bits": 8, "group_size": BLOCK, "symmetric": True, "full_range": False, "float_min": False, "scale_dtype": "float16"},
-    "Q4_0": {"bits": 4, "group_size": BLOCK, "symmetric": True, "full_range": True, "float_min": False, "scale_dtype": "float16"},
-    "Q4_1": {"bits": 4, "group_size": BLOCK, "symmetric": False, "full_range": False, "float_min": True, "scale_dtype": "float16"},
+    "Q8_0": {"partial_groups": False, "bits": 8, "group_size": BLOCK, "symmetric": True, "full_range": False, "float_min": False, "scale_dtype": "float16"},
+    "Q4_0": {"partial_groups": False, "bits": 4, "group_size": BLOCK, "symmetric": True, "full_range": True, "float_min": False, "scale_dtype": "float16"},
+    "Q4_1": {"partial_groups": False, "bits": 4, "group_size": BLOCK, "symmetric": False, "full_range": False, "float_min": True, "scale_dtype": "float16"},
     "F32": None, "F16": None, "BF16": None,
 }
 _DENSE_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -99,7 +99,7 @@ def constrain(constraint, method: str, options, model, *, source=None, gguf_type
     if t == "Q4_1" and constraint.prunes:
         raise FormatError("--gguf-type Q4_1 has no zero code, so it cannot hold pruned weights; use Q4_0 or Q8_0 for "
                           "pruning + quantization")
-    return dataclasses.replace(constraint, partial_groups=False, **grid)
+    return dataclasses.replace(constraint, **grid)
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -120,7 +120,8 @@ def blocks(enc: dict, gguf_type: str, rows: np.ndarray | None = None) -> np.ndar
     the row order to write (llama.cpp's q/k permutation)."""
     meta = enc["meta"]
     want = GRIDS[gguf_type]
-    if meta.get("kind") != "quant" or any(meta.get(k) != v for k, v in want.items()) or "perm" in enc or "col_scale_inv" in enc:
+    if (meta.get("kind") != "quant" or any(meta.get(k) != v for k, v in want.items() if k != "partial_groups")
+            or "perm" in enc or "col_scale_inv" in enc):
         raise FormatError(f"a layer quantized as {meta} is not on the {gguf_type} grid")
     d_out, d_in = meta["shape"]
     rows = np.arange(d_out) if rows is None else rows
