@@ -33,15 +33,10 @@ import numpy as np
 from flax import nnx
 
 
-__all__ = ["block_statistics", "MIN_EXPERT_TOKENS"]
+__all__ = ["block_statistics", "run_block", "MIN_EXPERT_TOKENS"]
 
 # an expert that fewer calibration tokens are routed to is calibrated on all tokens (see block_statistics)
 MIN_EXPERT_TOKENS = 16
-
-
-@functools.partial(jax.jit, static_argnums=0)  # one compilation per model structure, not per call
-def _embed(graphdef, state, tokens):
-    return nnx.merge(graphdef, state).embed(tokens)
 
 
 def _routed_grams(v, mask):
@@ -116,6 +111,15 @@ def _block_fns(graphdef):
     return stats, grams_only, run
 
 
+def run_block(block, hidden: list, ctx: tuple) -> list:
+    """Each batch of ``hidden`` through ``block`` (its sown inputs dropped). Waits for the results:
+    dispatch is asynchronous, and a caller that builds the next block while this one still runs
+    would hold several blocks at once."""
+    run_fn = _block_fns(nnx.graphdef(block))[2]
+    state = nnx.state(block)
+    return jax.block_until_ready([run_fn(state, x, ctx) for x in hidden])
+
+
 def block_statistics(
     model,
     windows: np.ndarray,
@@ -156,17 +160,14 @@ def block_statistics(
     n_tokens = n * seqlen
     ctx = model.context(seqlen)
     batches = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
-    graphdef, state = nnx.split(model)
-    hidden = [_embed(graphdef, state, jnp.asarray(b)) for b in batches]
+    hidden = [model.embed(jnp.asarray(b)) for b in batches]  # the model is never split whole: its blocks may live on disk
     recompute = mode == "sequential" and on_block is not None
     kept: list | None = [] if on_block is None else None
     def fns(li):  # blocks may differ in structure (e.g. sliding-window and global attention)
         return _block_fns(nnx.graphdef(model.layers[li]))
 
     for li in range(start_block):
-        state = nnx.state(model.layers[li])
-        run_fn = fns(li)[2]
-        hidden = [run_fn(state, x, ctx) for x in hidden]
+        hidden = run_block(model.layers[li], hidden, ctx)
     if after_prefix is not None:
         after_prefix()
 

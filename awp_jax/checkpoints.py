@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -254,13 +254,93 @@ def load_tokenizer(path: os.PathLike):
         raise CheckpointError(f"cannot build a tokenizer from {path}: {e}") from e
 
 
-def load_hf_dir(path: os.PathLike, *, with_tokenizer: bool = True):
-    """Config, weights and tokenizer from a Hugging Face model directory (safetensors)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+class SafetensorsSource(Mapping):
+    """The tensors of a Hugging Face directory (``model.safetensors`` or the shards its
+    ``model.safetensors.index.json`` lists), read one at a time in their stored dtype: nothing is
+    held in memory but the tensor asked for. A shard that is missing, truncated or corrupt is named
+    (:class:`CheckpointError`) when it is first opened; :meth:`check` opens them all up front."""
+
+    def __init__(self, path: os.PathLike):
+        path = pathlib.Path(path)
+        self.path = path
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                self._where = dict(json.loads(index.read_text())["weight_map"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a readable safetensors index: {e}") from e
+            self.shards = sorted(set(self._where.values()))
+        elif (path / "model.safetensors").is_file():
+            self.shards = ["model.safetensors"]
+            self._where = {k: "model.safetensors" for k in self._header("model.safetensors")}
+        else:
+            raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+        self._headers: dict[str, dict] = {}
+
+    def _open(self, shard: str):
+        from safetensors import SafetensorError, safe_open
+
+        f = self.path / shard
+        if not f.is_file():
+            raise CheckpointError(f"missing shard {f} listed in the index")
+        try:
+            return safe_open(str(f), framework="numpy")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+    def _header(self, shard: str) -> dict:
+        """``{name: (shape, numpy dtype)}`` of one shard, without reading its data."""
+        with self._open(shard) as f:
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+            return out
+
+    def check(self) -> "SafetensorsSource":
+        """Open every shard (naming the first bad one); every indexed tensor must be in its shard."""
+        for shard in self.shards:
+            head = self._headers.setdefault(shard, self._header(shard))
+            absent = [k for k, s in self._where.items() if s == shard and k not in head]
+            if absent:
+                raise CheckpointError(f"{self.path / shard} lacks {len(absent)} tensor(s) the index places there, e.g. {absent[:2]}")
+        return self
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], Any]:
+        """Shape and numpy dtype of tensor ``name``, from its shard's header."""
+        shard = self._where[name]
+        if shard not in self._headers:
+            self._headers[shard] = self._header(shard)
+        return self._headers[shard][name]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from safetensors import SafetensorError
+
+        shard = self._where[name]
+        try:
+            with self._open(shard) as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {name} from {self.path / shard} (truncated or corrupt?): {e}") from e
+
+    def __contains__(self, name) -> bool:  # from the index: Mapping's default would read the tensor
+        return name in self._where
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _hf_config(path: pathlib.Path):
+    """The family config of a Hugging Face directory (refusing quantized checkpoints by name)."""
     from transformers import AutoConfig
 
-    path = pathlib.Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
@@ -273,43 +353,46 @@ def load_hf_dir(path: os.PathLike, *, with_tokenizer: bool = True):
         raise CheckpointError(f"{path} holds quantized weights ({method}), which awp_jax does not read as a model; compress the "
                               "original checkpoint (transformers loads this directory, vLLM serves it)")
     try:
-        cfg = models.config_from_hf(hf_cfg)
+        return models.config_from_hf(hf_cfg)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-    weights: dict[str, Any] = {}
-    for shard in shards:
-        f = path / shard
-        if not f.is_file():
-            raise CheckpointError(f"missing shard {f} listed in the index")
-        try:
-            tensors = load_file(str(f))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-        weights.update(tensors)
-    cfg = dataclasses.replace(cfg, storage_dtype=_storage_dtype(weights, path))
+
+
+def open_hf_dir(path: os.PathLike):
+    """``(config, source)`` of a Hugging Face directory without reading its weights: ``source`` a
+    :class:`SafetensorsSource` (every shard's header checked), the config's ``storage_dtype`` the
+    dtype its linear layers are stored in."""
+    path = pathlib.Path(path)
+    cfg = _hf_config(path)
+    source = SafetensorsSource(path).check()
+    found = {str(source.spec(k)[1]) for k in source if k.endswith("_proj.weight")}
+    return dataclasses.replace(cfg, storage_dtype=_dtype_name(found, path)), source
+
+
+def load_hf_dir(path: os.PathLike, *, with_tokenizer: bool = True):
+    """Config, weights and tokenizer from a Hugging Face model directory (safetensors)."""
+    path = pathlib.Path(path)
+    cfg, source = open_hf_dir(path)
+    weights: dict[str, Any] = {k: source[k] for k in source}
     tok = None
     if with_tokenizer and any((path / n).exists() for n in _TOKENIZER_FILES):
         tok = load_tokenizer(path)
     return cfg, weights, tok
 
 
-def _storage_dtype(weights: dict, where) -> str:
-    """The dtype the checkpoint stores its linear layers in (float32, bfloat16 or float16)."""
+def _dtype_name(found: set[str], where) -> str:
     from awp_jax import dtypes
 
-    found = {str(np.asarray(v).dtype) for k, v in weights.items() if k.endswith("_proj.weight")}
     names = {dtypes.name_of(d) for d in found}
     if len(names) != 1 or None in names:
         raise CheckpointError(f"{where}: the linear weights are stored as {', '.join(sorted(found)) or 'nothing'}; "
                               "expected one of float32, bfloat16, float16 for all of them")
     return names.pop()
+
+
+def _storage_dtype(weights: dict, where) -> str:
+    """The dtype the checkpoint stores its linear layers in (float32, bfloat16 or float16)."""
+    return _dtype_name({str(np.asarray(v).dtype) for k, v in weights.items() if k.endswith("_proj.weight")}, where)
 
 
 def load_orbax_dir(path: os.PathLike, *, with_tokenizer: bool = True, sharding=None):

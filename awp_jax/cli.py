@@ -250,8 +250,18 @@ def _compress(args) -> int:
     from awp_jax import checkpoints, compress, data, formats, perplexity
 
     recipe, method, constraint, options = _resolve_run(args)
-    fmt_options = {"gguf_type": args.gguf_type}
+    fmt_options = {"gguf_type": args.gguf_type, "max_shard_size": args.max_shard_size}
     formats.get_format(args.format)
+    if args.max_shard_size is not None:
+        from awp_jax.formats.hf import parse_size
+
+        parse_size(args.max_shard_size)
+    if args.stream:
+        if args.dtype != "auto":
+            raise ValueError(f"--stream keeps the checkpoint's dtype; --dtype {args.dtype} is not supported with it")
+        if args.num_processes > 1:
+            raise ValueError("--stream with --num-processes > 1 is not supported yet")
+        formats.check_streams(args.format, True)
     if args.gguf_type is not None and args.format != "gguf":
         raise ValueError(f"--gguf-type is an option of --format gguf, not --format {args.format}")
     dtype = args.dtype
@@ -282,7 +292,12 @@ def _compress(args) -> int:
     ppl = {}
     if args.eval_windows and rank == 0:
         eval_windows = data.eval_windows(data.tokenize(tok, data.load_text(args.eval_text)), args.eval_seqlen, args.eval_windows)
-    model, _ = checkpoints.load_model(args.model, storage_dtype=dtype, with_tokenizer=False)
+    if args.stream:
+        from awp_jax import streaming
+
+        model = streaming.open_model(args.model)
+    else:
+        model, _ = checkpoints.load_model(args.model, storage_dtype=dtype, with_tokenizer=False)
     source = checkpoints.model_source(args.model)
     # what the output format can hold is settled before any calibration
     constraint = formats.constrain(args.format, constraint, method, options, model, source=source, **fmt_options)
@@ -295,7 +310,9 @@ def _compress(args) -> int:
     # finished blocks are kept here until the output is written, so a killed run resumes
     run_dir = out.parent / f".{out.name}.run"
     weights_settings = {"model": str(args.model or "default"), "awp_jax_version": awp_jax.__version__}
-    encoded: dict = {}
+    encoded: dict | None = None if args.stream else {}
+    if args.stream and args.format == "hf":
+        print("note: --stream writes the dense weights; the lossless compressed/ form is not written in this mode yet", file=sys.stderr)
     layers = compress.compress_model(model, calib, method, constraint, options, mode=args.mode, batch_size=args.batch_size,
                                      progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings,
                                      encoded=encoded)
@@ -390,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
                       "needs --gguf-type and a .gguf source model) (default hf)")
     comp.add_argument("--gguf-type", default=None, help="with --format gguf: Q8_0, Q4_0, Q4_1 (the method optimises on that "
                       "block grid: group 32, float16 scales; no other flag needed) or F32, F16, BF16 (dense, for pruning)")
+    comp.add_argument("--max-shard-size", default=None, help="with --format hf: largest safetensors shard, e.g. 5GB or "
+                      "500MB; a larger model is written as shards with model.safetensors.index.json (default 50GB, as transformers)")
+    comp.add_argument("--stream", action="store_true", help="keep one block in memory at a time: blocks are read from the "
+                      "checkpoint when needed, compressed blocks kept on disk, the output written tensor by tensor (a Hugging "
+                      "Face directory in, --format hf out; weights keep the checkpoint's dtype)")
     comp.add_argument("-v", "--verbose", action="store_true", help="one line per layer")
     _add_option_flags(comp)
 

@@ -23,6 +23,7 @@ bit-identical to an uninterrupted run. A ``run_dir`` holding a run with other se
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -73,21 +74,37 @@ def _write_block(run_dir: pathlib.Path, i: int, blk, rows: list[dict], enc: dict
         tmp.unlink(missing_ok=True)
 
 
-def _load_block(run_dir: pathlib.Path, i: int, blk) -> tuple[list[dict], dict[str, dict]]:
+def _load_block(run_dir: pathlib.Path, i: int, blk, with_encoded: bool = True) -> tuple[list[dict], dict[str, dict]]:
     from safetensors import safe_open
 
     with safe_open(str(_block_file(run_dir, i)), framework="numpy") as f:
         md = f.metadata()
         rows = json.loads(md["rows"])
-        enc = {n: {"meta": m} for n, m in json.loads(md["encoded"]).items()}
+        enc = {n: {"meta": m} for n, m in json.loads(md["encoded"]).items()} if with_encoded else {}
         for key in f.keys():
-            if "::" in key:
+            if "::" in key and with_encoded:
                 n, field = key.split("::")
                 enc[n][field] = f.get_tensor(key)
+    _load_linears(run_dir, i, blk)
+    return rows, enc
+
+
+def _load_linears(run_dir: pathlib.Path, i: int, blk) -> None:
+    """Block ``i``'s compressed linear layers from its block file, into ``blk``."""
+    from safetensors import safe_open
+
+    with safe_open(str(_block_file(run_dir, i)), framework="numpy") as f:
         for name in blk.LINEARS:
             lin = blk.linear(name)
             lin.weight[...] = jnp.asarray(f.get_tensor(name), lin.weight[...].dtype)
-    return rows, enc
+
+
+def _mark_stored(model, run_dir: pathlib.Path, i: int) -> None:
+    """A model whose blocks live on disk (:mod:`awp_jax.streaming`) reads block ``i``'s compressed
+    layers back from the run directory from now on."""
+    stored = getattr(model.layers, "stored", None)
+    if stored is not None:
+        stored(i, functools.partial(_load_linears, run_dir, i))
 
 
 def _allgather(x: np.ndarray) -> np.ndarray:
@@ -154,8 +171,11 @@ def compress_model(
     """Compress ``model`` in place; returns one report row per layer (see the module docstring).
 
     ``encoded``: a dict to fill with the lossless compressed form of every layer
-    (:func:`awp_jax.packed.encode`), keyed by the weight's Hugging Face name. The weights written
-    into the model are exactly ``packed.decode`` of it.
+    (:func:`awp_jax.packed.encode`), keyed by the weight's Hugging Face name (``None``: not kept).
+    The weights written into the model are exactly ``packed.decode`` of it.
+
+    A model whose blocks live on disk (:class:`awp_jax.streaming.StreamedModel`) needs ``run_dir``:
+    each compressed block is read back from there when it is next needed.
 
     ``vmap_groups``: solve the layers of a block that have the same shape and input (k/v under
     GQA, gate/up, the experts of a mixture) as one vmapped stack, for methods that offer it (AWP);
@@ -189,13 +209,20 @@ def compress_model(
         if start and progress:
             print(f"resuming: blocks 0..{start - 1} already compressed in {run_dir}", file=sys.stderr)
 
-    encoded = {} if encoded is None else encoded
+    streamed = hasattr(model.layers, "stored")
+    if streamed and run_dir is None:
+        raise ValueError("a model whose blocks live on disk (streaming) needs run_dir: compressed blocks are kept there")
+    if streamed and n_proc > 1:
+        raise ValueError("streaming with several processes is not supported yet; load the model whole")
+    keep = encoded is not None
 
     def load_done():
         for i in range(start):
-            rows, enc = _load_block(run_dir, i, model.layers[i])
+            rows, enc = _load_block(run_dir, i, model.layers[i], with_encoded=keep)
+            _mark_stored(model, run_dir, i)
             report.extend(rows)
-            encoded.update({model.linear_key(i, n): e for n, e in enc.items()})
+            if keep:
+                encoded.update({model.linear_key(i, n): e for n, e in enc.items()})
 
     if mode == "sequential":
         load_done()  # later blocks are calibrated on the compressed ones
@@ -271,8 +298,10 @@ def compress_model(
                 print(f"  block {i:2d} {name:<9} {str(tuple(w.shape)):<12} rel.obj {rel:.4g}  {secs:6.2f}s  {extra}", file=sys.stderr)
         if run_dir is not None and rank == 0:
             _save_block(run_dir, i, blk, rows, enc_block)
+            _mark_stored(model, run_dir, i)
         report.extend(rows)
-        encoded.update({model.linear_key(i, n): e for n, e in enc_block.items()})
+        if keep:
+            encoded.update({model.linear_key(i, n): e for n, e in enc_block.items()})
         memory.trim()  # the block's statistics and solver buffers are freed
 
     calibration.block_statistics(model, windows, mode=mode, batch_size=batch_size, on_block=on_block, progress=progress,

@@ -37,28 +37,62 @@ class PerplexityResult(NamedTuple):
 HEAD_TOKENS = 1024
 
 
+def _head_nll(model, x, tokens):
+    """Summed next-token NLL per window ``[B]`` from the last block's output ``x [B, L, D]``; the
+    head runs over ``HEAD_TOKENS`` positions at a time."""
+    x = x[:, :-1]  # positions that predict a next token
+    B, P, D = x.shape
+    c = max(1, min(P, HEAD_TOKENS // B))
+    n = -(-P // c)
+    x = jnp.pad(x, ((0, 0), (0, n * c - P), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)  # [n, B, c, D]
+    target = jnp.pad(tokens[:, 1:], ((0, 0), (0, n * c - P))).reshape(B, n, c).swapaxes(0, 1)
+
+    def chunk(args):
+        xc, tc = args
+        logits = model.head(xc).astype(jnp.float32)  # [B, c, V]
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - picked  # [B, c]
+
+    per_pos = jax.lax.map(chunk, (x, target)).swapaxes(0, 1).reshape(B, n * c)[:, :P]
+    return jnp.sum(per_pos, axis=-1)
+
+
 @functools.lru_cache(maxsize=8)  # one compiled function per model structure, not per call
 def _nll_fn(graphdef):
     @jax.jit
     def nll(state, tokens):  # tokens [B, L] -> summed NLL per window [B]
         model = nnx.merge(graphdef, state)
-        x = model.hidden(tokens)[:, :-1]  # positions that predict a next token
-        B, P, D = x.shape
-        c = max(1, min(P, HEAD_TOKENS // B))
-        n = -(-P // c)
-        x = jnp.pad(x, ((0, 0), (0, n * c - P), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)  # [n, B, c, D]
-        target = jnp.pad(tokens[:, 1:], ((0, 0), (0, n * c - P))).reshape(B, n, c).swapaxes(0, 1)
-
-        def chunk(args):
-            xc, tc = args
-            logits = model.head(xc).astype(jnp.float32)  # [B, c, V]
-            picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-            return jax.nn.logsumexp(logits, axis=-1) - picked  # [B, c]
-
-        per_pos = jax.lax.map(chunk, (x, target)).swapaxes(0, 1).reshape(B, n * c)[:, :P]
-        return jnp.sum(per_pos, axis=-1)
+        return _head_nll(model, model.hidden(tokens), tokens)
 
     return nll
+
+
+@functools.lru_cache(maxsize=8)
+def _head_fn(graphdef):
+    @jax.jit
+    def nll(state, x, tokens):
+        return _head_nll(nnx.merge(graphdef, state), x, tokens)
+
+    return nll
+
+
+def _streamed_nll(model, batches: list[np.ndarray], progress: bool) -> list[np.ndarray]:
+    """A model whose blocks live on disk (:mod:`awp_jax.streaming`): every batch's hidden states
+    are carried through one block at a time, so one block is in memory at once."""
+    from awp_jax.calibration import run_block
+
+    ctx = model.context(batches[0].shape[1])
+    hidden = [model.embed(jnp.asarray(b)) for b in batches]
+    layers = range(len(model.layers))
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc=f"perplexity (seqlen {batches[0].shape[1]}, block by block)", unit="block", leave=False)
+    for i in layers:
+        hidden = run_block(model.layers[i], hidden, ctx)
+    graphdef, state = nnx.split(model.outer)
+    fn = _head_fn(graphdef)
+    return [np.asarray(fn(state, x, jnp.asarray(b)), np.float64) for x, b in zip(hidden, batches)]
 
 
 def window_nll(model: Llama, windows: np.ndarray, batch_size: int = 8, progress: bool = True) -> np.ndarray:
@@ -66,26 +100,31 @@ def window_nll(model: Llama, windows: np.ndarray, batch_size: int = 8, progress:
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [N, seqlen >= 2], got shape {windows.shape}")
+    n = len(windows)
+    batches = []
+    for i in range(0, n, batch_size):
+        batch = windows[i : i + batch_size]
+        if len(batch) < batch_size:  # pad to the compiled shape; padded rows are dropped
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
+        batches.append(batch)
+    if getattr(model, "streamed", False):
+        out = _streamed_nll(model, batches, progress)
+        return np.concatenate(out)[:n]
     graphdef, state = nnx.split(model)
     fn = _nll_fn(graphdef)
     out = []
-    n = len(windows)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=f"perplexity (seqlen {windows.shape[1]})", unit="win", leave=False)
-    for i in range(0, n, batch_size):
-        batch = windows[i : i + batch_size]
-        real = len(batch)
-        if real < batch_size:  # pad to the compiled shape; padded rows are dropped
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
-        out.append(np.asarray(fn(state, jnp.asarray(batch)), np.float64)[:real])
+    for batch in batches:
+        out.append(np.asarray(fn(state, jnp.asarray(batch)), np.float64))
         if bar:
-            bar.update(real)
+            bar.update(len(batch))
     if bar:
         bar.close()
-    return np.concatenate(out)
+    return np.concatenate(out)[:n]
 
 
 def perplexity(model: Llama, windows: np.ndarray, batch_size: int = 8, progress: bool = True) -> PerplexityResult:

@@ -45,7 +45,8 @@ class Format:
     not hold the model's weights; ``constrain(constraint, method, options, model, source=,
     **format_options) -> Constraint`` runs before calibration (see the module docstring);
     ``options``: the format's own option names (e.g. ``gguf_type``); ``column_scales``: whether it
-    stores AWQ's per-layer column scales (recipes choose another start where it does not)."""
+    stores AWQ's per-layer column scales (recipes choose another start where it does not);
+    ``streams``: whether it writes a streamed model (:mod:`awp_jax.streaming`) tensor by tensor."""
 
     name: str
     doc: str
@@ -54,6 +55,7 @@ class Format:
     constrain: Callable[..., Any] | None = None
     options: tuple[str, ...] = ()
     column_scales: bool = True
+    streams: bool = False  # writes a model whose blocks live on disk (awp_jax.streaming) tensor by tensor
 
 
 def _registry() -> dict[str, Format]:
@@ -81,10 +83,20 @@ def _check_options(fmt: Format, options: dict) -> dict:
     return given
 
 
+def check_streams(name: str, streamed: bool) -> None:
+    """Refuse a format that would need a streamed model (:mod:`awp_jax.streaming`) whole."""
+    fmt = get_format(name)
+    if streamed and not fmt.streams:
+        able = ", ".join(f.name for f in FORMATS.values() if f.streams)
+        raise FormatError(f"--format {fmt.name} does not write a streamed model yet (it needs the whole model in memory); "
+                          f"streaming writes: {able}; or run without --stream")
+
+
 def constrain(name: str, constraint, method: str, options, model, *, source=None, **format_options):
     """The constraint the method must meet for format ``name`` (see the module docstring)."""
     fmt = get_format(name)
     opts = _check_options(fmt, format_options)
+    check_streams(name, getattr(model, "streamed", False))
     if fmt.constrain is None:
         return constraint
     return fmt.constrain(constraint, method, options, model, source=source, **opts)
@@ -110,6 +122,7 @@ def save(model, out: os.PathLike, *, format: str = "hf", encoded: dict | None = 
     size, reported beside the outputs'. An existing non-empty ``out`` is refused unless ``overwrite``."""
     fmt = get_format(format)
     opts = _check_options(fmt, format_options)
+    check_streams(fmt.name, getattr(model, "streamed", False))
     out = pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(f"output {out} already exists and is not empty; choose another --out or pass --overwrite")

@@ -32,7 +32,7 @@ from flax import nnx
 from awp_jax import dtypes
 from awp_jax.models.layers import Linear, RMSNorm, causal_attention, rotary, rotate_half
 
-__all__ = ["DecoderConfig", "LlamaConfig", "Llama", "Block", "QKNormBlock", "HF_ARCHITECTURES"]
+__all__ = ["DecoderConfig", "LlamaConfig", "Llama", "Block", "QKNormBlock", "HF_ARCHITECTURES", "block_weights"]
 
 # Hugging Face architecture of each model type this file ports
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
@@ -153,8 +153,10 @@ class Block(nnx.Module):
     Norm = RMSNorm
 
     def __init__(self, cfg: LlamaConfig, w: Mapping[str, Any], i: int):
+        """``w``: block ``i``'s tensors, named relative to ``model.layers.{i}.`` (:func:`block_weights`).
+        The block does not keep ``i``: blocks of one structure share one graph definition, so the
+        pipeline's jitted block functions compile once, not once per block."""
         self.cfg = cfg
-        self.index = i
         for name in self.NORMS:
             setattr(self, name, self.Norm(self._get(w, f"{name}.weight"), cfg.rms_norm_eps))
         for name in self.LINEARS:
@@ -163,10 +165,10 @@ class Block(nnx.Module):
             setattr(self, name, Linear(self._get(w, key + ".weight"), bias))
 
     def _has(self, w, key):
-        return f"model.layers.{self.index}.{key}" in w
+        return key in w
 
     def _get(self, w, key):
-        return jnp.asarray(w[f"model.layers.{self.index}.{key}"], self.cfg.jnp_dtype)
+        return jnp.asarray(w[key], self.cfg.jnp_dtype)
 
     @classmethod
     def key(cls, i: int, name: str) -> str:
@@ -176,13 +178,13 @@ class Block(nnx.Module):
     def linear(self, name: str) -> Linear:
         return getattr(self, name)
 
-    def tensors(self) -> dict[str, np.ndarray]:
-        """This block's weights under their Hugging Face names."""
-        p = f"model.layers.{self.index}."
+    def tensors(self, i: int) -> dict[str, np.ndarray]:
+        """This block's weights under their Hugging Face names, as block ``i``."""
+        p = f"model.layers.{i}."
         out = {f"{p}{name}.weight": np.asarray(getattr(self, name).weight[...]) for name in self.NORMS}
         for name in self.LINEARS:
             lin = self.linear(name)
-            out[self.key(self.index, name)] = np.asarray(lin.weight[...])
+            out[self.key(i, name)] = np.asarray(lin.weight[...])
             if lin.bias is not None:
                 out[f"{p}{self.PREFIX[name]}.{name}.bias"] = np.asarray(lin.bias[...])
         return out
@@ -260,9 +262,9 @@ class QKNormBlock(Block):
     def qk(self, q, k):
         return self.q_norm(q), self.k_norm(k)
 
-    def tensors(self):
-        out = super().tensors()
-        out.update({f"model.layers.{self.index}.self_attn.{n}.weight": np.asarray(getattr(self, n).weight[...]) for n in self.QK_NORMS})
+    def tensors(self, i):
+        out = super().tensors(i)
+        out.update({f"model.layers.{i}.self_attn.{n}.weight": np.asarray(getattr(self, n).weight[...]) for n in self.QK_NORMS})
         return out
 
     @classmethod
@@ -285,7 +287,7 @@ class Llama(nnx.Module):
         dt = cfg.jnp_dtype
         self.cfg = cfg
         self.embed_tokens = nnx.Param(jnp.asarray(weights["model.embed_tokens.weight"], dt))
-        self.layers = nnx.List([self.Block(cfg, weights, i) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([self.Block(cfg, block_weights(weights, i), i) for i in range(cfg.num_layers)])
         self.norm = self.Block.Norm(jnp.asarray(weights["model.norm.weight"], dt), cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(jnp.asarray(weights["lm_head.weight"], dt))
 
@@ -308,8 +310,8 @@ class Llama(nnx.Module):
         out = {"model.embed_tokens.weight": np.asarray(self.embed_tokens[...]), "model.norm.weight": np.asarray(self.norm.weight[...])}
         if self.lm_head is not None:
             out["lm_head.weight"] = np.asarray(self.lm_head[...])
-        for blk in self.layers:
-            out.update(blk.tensors())
+        for i, blk in enumerate(self.layers):
+            out.update(blk.tensors(i))
         return out
 
     def embed(self, tokens):
@@ -336,6 +338,25 @@ class Llama(nnx.Module):
         for layer in self.layers:
             x = layer(x, *ctx)
         return x
+
+
+class block_weights(Mapping):  # noqa: N801 (used like a function)
+    """Block ``i``'s tensors of ``weights`` (Hugging Face names), named relative to ``model.layers.{i}.``."""
+
+    def __init__(self, weights: Mapping[str, Any], i: int):
+        self._w, self._p = weights, f"model.layers.{i}."
+
+    def __getitem__(self, key):
+        return self._w[self._p + key]
+
+    def __contains__(self, key):
+        return self._p + key in self._w
+
+    def __iter__(self):
+        return (k[len(self._p):] for k in self._w if k.startswith(self._p))
+
+    def __len__(self):
+        return sum(1 for _ in self)
 
 
 def _check_shapes(shapes, weights):

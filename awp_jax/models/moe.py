@@ -113,7 +113,6 @@ class MoEBlock(llama.Block):
 
     def __init__(self, cfg: MoEConfig, w, i: int):
         self.cfg = cfg
-        self.index = i
         for name in self.NORMS:
             setattr(self, name, self.Norm(self._get(w, f"{name}.weight"), cfg.rms_norm_eps))
         for name in self.ATTENTION:
@@ -147,13 +146,13 @@ class MoEBlock(llama.Block):
             return f"model.layers.{i}.{cls.MOE}.{name}.weight"
         return super().key(i, name)
 
-    def tensors(self) -> dict[str, np.ndarray]:
-        p = f"model.layers.{self.index}."
+    def tensors(self, i: int) -> dict[str, np.ndarray]:
+        p = f"model.layers.{i}."
         out = {f"{p}{name}.weight": np.asarray(getattr(self, name).weight[...]) for name in self.NORMS}
         out[f"{p}{self.MOE}.gate.weight"] = np.asarray(self.router.weight[...])
         for name in self.LINEARS:
             lin = self.linear(name)
-            out[self.key(self.index, name)] = np.asarray(lin.weight[...])
+            out[self.key(i, name)] = np.asarray(lin.weight[...])
             if lin.bias is not None:
                 out[f"{p}self_attn.{name}.bias"] = np.asarray(lin.bias[...])
         return out

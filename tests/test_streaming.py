@@ -1,0 +1,168 @@
+"""Streaming (``--stream``): one block in memory at a time, the same model as the in-memory path,
+sharded output that transformers loads, resumable, bad shards named."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from awp_jax import assets, checkpoints, compress, dtypes, methods, streaming
+from awp_jax.cli import main
+from awp_jax.export import save_hf_dir
+from awp_jax.models import Llama, LlamaConfig, random_weights
+
+
+def _config(num_layers, hidden=128, inter=256, heads=4, kv=2):
+    return LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=inter, num_layers=num_layers, num_heads=heads,
+                       num_kv_heads=kv, head_dim=hidden // heads, tie_word_embeddings=True, max_position_embeddings=512,
+                       storage_dtype="bfloat16")
+
+
+def _write_model(path, cfg, seed=4, tokenizer=True):
+    w = {k: dtypes.round_to(v, "bfloat16") for k, v in random_weights(cfg, seed).items()}
+    tok = checkpoints.load_tokenizer(assets.fetch(assets.DEFAULT_MODEL)) if tokenizer else None
+    save_hf_dir(Llama(cfg, w), path, tokenizer=tok)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    """A 3-block bf16 model with the default model's tokenizer, and a text."""
+    d = tmp_path_factory.mktemp("stream")
+    _write_model(d / "model", _config(3))
+    rng = np.random.default_rng(0)
+    words = "the of and a in to is was for on as with by he at from his an were are which this".split()
+    (d / "text.jsonl").write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, 400))}) for _ in range(30)))
+    return d
+
+
+def _cmd(d, out, *extra):
+    text = str(d / "text.jsonl")
+    return ["compress", "--model", str(d / "model"), "--method", "awp", "--sparsity", "0.5", "--max-iter", "10",
+            "--calib", text, "--nsamples", "4", "--seqlen", "64", "--eval-text", text, "--eval-seqlen", "64",
+            "--eval-windows", "4", "--out", str(out), *extra]
+
+
+def test_streamed_run_equals_the_in_memory_run_and_its_shards_load_in_transformers(bf16_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    assert main(_cmd(bf16_dir, tmp_path / "mem")) == 0
+    assert main(_cmd(bf16_dir, tmp_path / "stream", "--stream", "--max-shard-size", "400KB")) == 0
+    a, b = checkpoints.load_hf_dir(tmp_path / "mem")[1], checkpoints.load_hf_dir(tmp_path / "stream")[1]
+    assert set(a) == set(b)
+    for k in a:  # same tensors, bit for bit, in the checkpoint's dtype
+        assert a[k].dtype == b[k].dtype == dtypes.np_dtype("bfloat16") and np.array_equal(a[k], b[k]), k
+    ra, rb = (json.loads((tmp_path / n / "awp_report.json").read_text()) for n in ("mem", "stream"))
+    assert ra["perplexity"] == rb["perplexity"]
+    assert [r["rel_objective"] for r in ra["layers"]] == [r["rel_objective"] for r in rb["layers"]]
+    index = json.loads((tmp_path / "stream" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "stream").glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards and set(index["weight_map"]) == set(b)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in b.values())
+    for s in shards[1:]:  # at most the shard size, except a tensor larger than it (the embedding)
+        assert (tmp_path / "stream" / s).stat().st_size <= 400_000 + 4096
+
+    tokens = np.random.default_rng(1).integers(0, 2000, (2, 32))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "stream"), dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens)).logits.numpy()
+    model, _ = checkpoints.load_model(tmp_path / "stream", with_tokenizer=False)
+    ours = np.asarray(model(tokens))
+    assert np.max(np.abs(ours - theirs)) < 1e-3 * max(1.0, np.max(np.abs(theirs)))
+
+
+def test_streamed_resume_after_failure_is_bit_identical(bf16_dir, tmp_path, monkeypatch):
+    spec, opts = methods.Constraint(sparsity=0.5), methods.AWPOptions(max_iter=10)
+    windows = np.random.default_rng(0).integers(0, 2000, (4, 64)).astype(np.int32)
+    ref, _ = checkpoints.load_model(bf16_dir / "model", storage_dtype="auto", with_tokenizer=False)
+    compress.compress_model(ref, windows, "awp", spec, opts, progress=False)
+
+    real = methods.compress_layers
+    calls = {"n": 0}
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # block 1's second group
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*a, **k)
+
+    monkeypatch.setattr(methods, "compress_layers", failing)
+    with pytest.raises(KeyboardInterrupt):
+        compress.compress_model(streaming.open_model(bf16_dir / "model"), windows, "awp", spec, opts, progress=False,
+                                run_dir=tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").glob("block_*")) == ["block_0000.safetensors"]
+    monkeypatch.setattr(methods, "compress_layers", real)
+    model = streaming.open_model(bf16_dir / "model")
+    compress.compress_model(model, windows, "awp", spec, opts, progress=False, run_dir=tmp_path / "run")
+    want = ref.weights()
+    for k in model.tensor_names():
+        assert np.array_equal(model.tensor(k).astype(np.float32), want[k]), k
+    with pytest.raises(ValueError, match="needs run_dir"):
+        compress.compress_model(streaming.open_model(bf16_dir / "model"), windows, "awp", spec, opts, progress=False)
+
+
+def test_streamed_peak_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
+    """Peak RSS of a whole ``--stream`` run (calibration, compression, evaluation, writing) with 2
+    and with 8 blocks of 50 MB (float32) each: the 6 extra blocks may not add half of one block."""
+    text = tmp_path / "text.jsonl"
+    rng = np.random.default_rng(0)
+    words = "the of and a in to is was for on as with by he at from his an were are which this".split()
+    text.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, 400))}) for _ in range(10)))
+    peaks = {}
+    for n in (2, 8):
+        cfg = _config(n, hidden=1024, inter=2816, heads=8, kv=8)
+        block = sum(np.prod(s) for k, s in Llama.Block.shapes(cfg, 0).items()) * 4
+        _write_model(tmp_path / f"m{n}", cfg)
+        args = ["compress", "--stream", "--model", str(tmp_path / f"m{n}"), "--method", "wanda", "--calib", str(text),
+                "--nsamples", "4", "--seqlen", "64", "--eval-text", str(text), "--eval-seqlen", "64", "--eval-windows", "2",
+                "--out", str(tmp_path / f"o{n}")]
+        # VmHWM (memory.peak_rss_mb), not getrusage: a child's ru_maxrss can start at its parent's size
+        code = ("import sys; from awp_jax.cli import main; from awp_jax.memory import peak_rss_mb; rc = main(sys.argv[1:]); "
+                "print('MAXRSS', peak_rss_mb()); sys.exit(rc)")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        peaks[n] = float(res.stdout.split("MAXRSS")[1].split()[0]) * 2**20
+    grew = peaks[8] - peaks[2]
+    assert grew < block / 2, f"peak RSS {peaks}: 6 more blocks of {block / 1e6:.0f} MB added {grew / 1e6:.0f} MB"
+
+
+def test_a_missing_or_truncated_shard_is_named(bf16_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "sharded"
+    shutil.copytree(bf16_dir / "model", d)
+    (d / "model.safetensors").unlink()
+    m = streaming.open_model(bf16_dir / "model")
+    from awp_jax.formats.hf import write_safetensors
+
+    specs = {k: (m.source.spec(k)[0], m.tensor_dtype(k)) for k in m.tensor_names()}
+    write_safetensors(d, specs, m.tensor, max_shard_size="300KB")
+    shards = sorted(d.glob("model-*.safetensors"))
+    (shards[-1]).unlink()
+    with pytest.raises(checkpoints.CheckpointError, match=f"missing shard .*{shards[-1].name}"):
+        streaming.open_model(d)
+    shards[-2].write_bytes(shards[-2].read_bytes()[:1000])
+    shutil.copy(shards[0], shards[-1])  # present again, but not holding what the index places there
+    with pytest.raises(checkpoints.CheckpointError, match=f"{shards[-2].name}.*truncated or corrupt"):
+        streaming.open_model(d)
+
+
+def test_stream_refusals(bf16_dir, tmp_path, capsys):
+    with pytest.raises(checkpoints.CheckpointError, match="streaming reads a Hugging Face directory"):
+        streaming.open_model(assets.fetch(assets.DEFAULT_MODEL))
+    for extra, message in [
+        (["--stream", "--format", "compressed-tensors", "--bits", "4"], "--format compressed-tensors does not write a streamed model"),
+        (["--stream", "--dtype", "float32"], "--dtype float32 is not supported with it"),
+        (["--max-shard-size", "lots"], "max shard size must be"),
+        (["--format", "orbax", "--max-shard-size", "1GB"], "--max-shard-size is an option of another output format"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(_cmd(bf16_dir, tmp_path / "x", *extra))
+        assert e.value.code == 2 and message in capsys.readouterr().err, extra
+    assert not (tmp_path / "x").exists()
