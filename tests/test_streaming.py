@@ -3,7 +3,6 @@ sharded output that transformers loads, resumable, bad shards named."""
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 

@@ -340,7 +340,7 @@ class Llama(nnx.Module):
         return x
 
 
-class block_weights(Mapping):  # noqa: N801 (used like a function)
+class block_weights(Mapping):  # named like the function it stands for
     """Block ``i``'s tensors of ``weights`` (Hugging Face names), named relative to ``model.layers.{i}.``."""
 
     def __init__(self, weights: Mapping[str, Any], i: int):

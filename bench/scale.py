@@ -1,0 +1,207 @@
+"""Host memory and time of a streamed run on Llama-2-7B-shaped blocks, against the number of blocks.
+
+    python bench/scale.py                       # about 30 minutes on 2 cores; needs ~5 GB of disk
+    python bench/scale.py --blocks 4 --methods wanda
+
+A synthetic Llama checkpoint with Llama-2-7B's block shapes (hidden 4096, intermediate 11008, 32
+heads; the default model's tokenizer and vocabulary, 49152) and random weights is written to disk
+in bfloat16 with 4 and with 8 blocks. Each setting runs ``awp-jax compress --stream`` in a child
+process (calibration 8 x 512 tokens of the Wikipedia leads, sequential; no evaluation) — Wanda on
+both, AWP with a few iterations on the smaller — and reports:
+
+* peak resident memory (``VmHWM``) of the whole run, next to the bound it must stay under: twice
+  one block in float32 plus its C matrices and the calibration activations, plus the outer tensors
+  (embedding) in float32 and the process's own baseline (the interpreter, jax and the tokenizer,
+  measured by the same child exiting before it loads the model);
+* wall seconds per block and the split of the run: loading blocks from disk, the calibration
+  forward (with the C accumulation), the solves, writing the output.
+
+Results: bench/results/scale.md. The float32 matmul rate of this machine is measured at the start
+and printed beside the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128)
+
+# runs in the child: the CLI with timers around loading, solving and writing
+CHILD = r"""
+import json, sys, time
+from awp_jax import compress, formats, memory, methods, streaming
+times = {"load": 0.0, "solve": 0.0, "write": 0.0}
+def timed(key, fn):
+    def wrapped(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            times[key] += time.perf_counter() - t
+    return wrapped
+streaming.StreamedModel._build = timed("load", streaming.StreamedModel._build)
+compress._load_linears = timed("load", compress._load_linears)
+methods.compress_layer = timed("solve", methods.compress_layer)
+methods.compress_layers = timed("solve", methods.compress_layers)
+formats.save = timed("write", formats.save)
+if sys.argv[1] == "--baseline":
+    from awp_jax import checkpoints, data
+    from awp_jax.cli import main  # noqa: F401 (the imports a run has)
+    tok = checkpoints.model_tokenizer(sys.argv[2])
+    data.calibration_windows(data.tokenize(tok, data.load_text("calibration")), 8, 512, 0)
+    print("RESULT", json.dumps({"peak_mb": memory.peak_rss_mb()}))
+    sys.exit(0)
+from awp_jax.cli import main
+t0 = time.perf_counter()
+rc = main(sys.argv[1:])
+print("RESULT", json.dumps({"peak_mb": memory.peak_rss_mb(), "seconds": time.perf_counter() - t0, **times}))
+sys.exit(rc)
+"""
+
+
+def write_checkpoint(path: pathlib.Path, blocks: int, seed: int = 0) -> None:
+    """A random bf16 Llama with 7B-shaped blocks, written block by block (never whole in memory)."""
+    from awp_jax import assets, checkpoints, dtypes
+    from awp_jax.formats.hf import write_safetensors
+    from awp_jax.models import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, num_layers=blocks, tie_word_embeddings=True, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, storage_dtype="bfloat16", **SHAPE)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    shapes = Llama.shapes(cfg)
+    rng = np.random.default_rng(seed)
+
+    def get(name):
+        shp = shapes[name]
+        if name.endswith("norm.weight"):
+            x = 1.0 + 0.1 * rng.standard_normal(shp, np.float32)
+        else:  # scaled like a trained model's: unit-variance outputs for unit-variance inputs
+            x = rng.standard_normal(shp, np.float32) / np.sqrt(shp[-1])
+        return x.astype(dtypes.np_dtype("bfloat16"))
+
+    write_safetensors(path, {k: (s, "bfloat16") for k, s in shapes.items()}, get, max_shard_size="2GB")
+    checkpoints.load_tokenizer(assets.fetch(assets.DEFAULT_MODEL)).save_pretrained(str(path))
+
+
+def child(args: list[str]) -> dict:
+    res = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"child failed ({res.returncode}): {res.stderr[-3000:]}")
+    return json.loads(res.stdout.split("RESULT", 1)[1].strip().splitlines()[0])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", default="4,8")
+    ap.add_argument("--methods", default="wanda,awp")
+    ap.add_argument("--awp-iters", type=int, default=5)
+    ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
+    args = ap.parse_args(argv)
+    from awp_jax.cli import matmul_gflops
+    from awp_jax.models import Llama, LlamaConfig
+
+    gflops = matmul_gflops()
+    print(f"float32 matmul: {gflops:.0f} GFLOP/s", flush=True)
+    work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="awp-scale-"))
+    cfg1 = LlamaConfig(vocab_size=49152, num_layers=1, tie_word_embeddings=True, **SHAPE)
+    block = sum(int(np.prod(s)) for s in Llama.Block.shapes(cfg1, 0).values()) * 4 / 2**20
+    D, F, T = SHAPE["hidden_size"], SHAPE["intermediate_size"], 8 * 512
+    stats = (3 * D * D + F * F) * 4 / 2**20
+    acts = 2 * T * D * 4 / 2**20
+    outer = 49152 * D * 4 / 2**20
+    store = RESULTS / "scale_runs.json"
+    rows = json.loads(store.read_text())["rows"] if store.exists() else []  # finished rows are kept: resumable
+    base = json.loads(store.read_text()).get("baseline_mb") if store.exists() else None
+    try:
+        for n in [int(b) for b in args.blocks.split(",")]:
+            ckpt = work / f"llama7b-shaped-{n}"
+            if not ckpt.exists():
+                t = time.perf_counter()
+                write_checkpoint(ckpt, n)
+                print(f"wrote {ckpt} ({n} blocks) in {time.perf_counter() - t:.0f} s", flush=True)
+            if base is None:
+                base = child(["--baseline", str(ckpt)])["peak_mb"]
+            for method in args.methods.split(","):
+                if method == "awp" and n != min(int(b) for b in args.blocks.split(",")):
+                    continue  # AWP's iterations cost the same per block: run on the smallest checkpoint only
+                if any(r["blocks"] == n and r["method"] == method for r in rows):
+                    continue
+                out = work / f"out-{n}-{method}"
+                shutil.rmtree(out, ignore_errors=True)
+                cmd = ["compress", "--stream", "--model", str(ckpt), "--method", method, "--sparsity", "0.5",
+                       "--nsamples", "8", "--seqlen", "512", "--eval-windows", "0", "--out", str(out)]
+                if method == "awp":
+                    cmd += ["--max-iter", str(args.awp_iters)]
+                r = child(cmd)
+                r.update(blocks=n, method=method, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops)
+                rows.append(r)
+                RESULTS.mkdir(exist_ok=True)
+                store.write_text(json.dumps({"baseline_mb": base, "rows": rows}, indent=2))
+                print(json.dumps(r), flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    bound = base + outer + 2 * block + stats + acts
+    lines = [
+        "# Streaming on Llama-2-7B-shaped blocks",
+        "",
+        "Command: `python bench/scale.py` (see its docstring). Random bf16 checkpoints with Llama-2-7B's block "
+        f"shapes (hidden {D}, intermediate {F}, 32 heads) and the default model's vocabulary (49152), with "
+        f"{args.blocks.replace(',', ' and ')} blocks; `awp-jax compress --stream --sparsity 0.5`, calibration 8 x 512 "
+        "tokens, sequential, no evaluation; each run in its own process, one after another.",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; float32 1024x1024 matmul measured at the start of "
+        "each session of rows (last column). Rows are kept in scale_runs.json and skipped when the script runs again.",
+        "",
+        "## Peak resident memory",
+        "",
+        f"One block in float32: {block:.0f} MB. Its C matrices: {stats:.0f} MB. Calibration hidden states (inputs and "
+        f"outputs): {acts:.0f} MB. Embedding in float32: {outer:.0f} MB. The process before loading any weight "
+        f"(interpreter, jax, tokenizer, tokenized calibration text): {base:.0f} MB.",
+        "",
+        f"Bound: baseline + embedding + 2 x block + C + activations = **{bound:.0f} MB**.",
+        "",
+        "| blocks | method | peak MB | within bound | wall s | s / block | load | forward | solve | write | matmul GFLOP/s at its start |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = r["seconds"]
+        lines.append(f"| {r['blocks']} | {r['method']}{' (' + str(args.awp_iters) + ' iterations)' if r['method'] == 'awp' else ''} "
+                     f"| {r['peak_mb']:.0f} | {'yes' if r['peak_mb'] <= bound else 'NO'} | {s:.0f} | {s / r['blocks']:.0f} | "
+                     + " | ".join(f"{100 * r[k] / s:.0f} %" for k in ("load", "forward", "solve", "write")) + f" | {r['gflops']:.0f} |")
+    by = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[r["blocks"]] = r
+    lines += ["", "Peak growth with the number of blocks (same method):", ""]
+    for m, d in by.items():
+        ks = sorted(d)
+        if len(ks) > 1:
+            lines.append(f"- {m}: {ks[0]} → {ks[-1]} blocks: {d[ks[-1]]['peak_mb'] - d[ks[0]]['peak_mb']:+.0f} MB "
+                         f"(one block in float32 is {block:.0f} MB)")
+    lines += ["", "`forward` is the rest of the run: the calibration forward and C accumulation, tokenizing, starting up. "
+              "`load` reads a block from disk and builds it in float32 (bf16 → float32), `write` the whole output "
+              "(sharded safetensors, tensor by tensor)."]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+    store.write_text(json.dumps({"baseline_mb": base, "bound_mb": bound, "rows": rows}, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
