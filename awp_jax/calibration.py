@@ -68,7 +68,9 @@ def _finish(totals: dict, n_tokens: int, routed: tuple, min_expert_tokens: int) 
     out = {}
     for k, v in totals.items():
         if k not in routed:
-            out[k] = np.asarray(v / n_tokens)
+            a = np.array(v)  # one host copy, divided in place (no second [d, d] array)
+            a /= a.dtype.type(n_tokens)
+            out[k] = a
             continue
         tokens = np.asarray(v["tokens"])
         for e, n_e in enumerate(tokens):
@@ -191,6 +193,7 @@ def block_statistics(
                 grams = jax.tree.map(lambda v: np.asarray(v, np.float64), grams)
             totals = grams if totals is None else jax.tree.map(lambda a, b: a + b, totals, grams)
         c = _finish(totals, n_tokens, tuple(getattr(model.layers[li], "ROUTED", ())), min_expert_tokens)
+        totals = grams = None  # the sums on the device are freed before the block is compressed
         if on_block is None:
             kept.append(c)
         else:

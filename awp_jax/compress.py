@@ -229,7 +229,6 @@ def compress_model(
 
     def on_block(i: int, stats: dict[str, np.ndarray]):
         blk = model.layers[i]
-        rows = []
         enc_block = {}
         # layers of equal shape that share an input (k/v under GQA, gate/up) are solved as one stack;
         # so are the experts of a mixture (statistics ``expert_in.0``, ``expert_in.1``, ...: one per expert)
@@ -237,26 +236,10 @@ def compress_model(
         for name, stat in blk.LINEARS.items():
             key = (tuple(blk.linear(name).weight[...].shape), stat.split(".")[0]) if vmap_groups else name
             groups.setdefault(key, []).append(name)
-        results = {}
-        for g, names in enumerate(groups.values()):
-            ws = [jnp.asarray(blk.linear(n).weight[...], jnp.float32) for n in names]
-            cs = [jnp.asarray(stats[blk.LINEARS[n]], jnp.float32) for n in names]
-            owner = g % n_proc  # several processes: the groups of a block are dealt out among them
-            out = None
-            if owner == rank:
-                t0 = time.perf_counter()
-                out = (methods.compress_layers(method, ws, cs, constraint, options) if len(names) > 1
-                       else [methods.compress_layer(method, ws[0], cs[0], constraint, options)])
-                jnp.stack([r.theta for r in out]).block_until_ready()
-                secs = (time.perf_counter() - t0) / len(names)
-                out = [methods.LayerResult(np.asarray(r.theta), r.info, None if r.q is None else jax.device_get(r.q)) for r in out]
-            if n_proc > 1:
-                out, secs = _exchange(None if out is None else (out, secs), owner, f"block {i} {'/'.join(names)}")
-            for n, w, c, res in zip(names, ws, cs, out):
-                results[n] = (w, c, res, secs, len(names))
-        for name in blk.LINEARS:
+
+        def finish(name, w, c, res, secs, lanes):
+            """Check, encode and write one layer's result into the block; its report row."""
             lin = blk.linear(name)
-            w, c, res, secs, lanes = results[name]
             t0 = time.perf_counter()
             theta = np.asarray(res.theta)
             if not np.all(np.isfinite(theta)):
@@ -286,7 +269,7 @@ def compress_model(
                           f"(fewer than {min_expert_tokens}): calibrated on all tokens instead", file=sys.stderr)
             row = {"block": i, "layer": name, "method": method, "shape": list(w.shape), "rel_objective": rel,
                    "seconds": round(secs, 4), "stacked": lanes, **routed, **rounding, **res.info.as_dict()}
-            rows.append(row)
+            rows[name] = row
             if res.info.stop == "nonfinite":
                 print(f"warning: block {i} {name}: an AWP update became non-finite; the last finite feasible iterate "
                       "was kept (see the report's stop column)", file=sys.stderr)
@@ -296,6 +279,26 @@ def compress_model(
             if verbose:
                 extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.info.as_dict().items())
                 print(f"  block {i:2d} {name:<9} {str(tuple(w.shape)):<12} rel.obj {rel:.4g}  {secs:6.2f}s  {extra}", file=sys.stderr)
+
+        rows: dict[str, dict] = {}
+        for g, names in enumerate(groups.values()):
+            ws = [jnp.asarray(blk.linear(n).weight[...], jnp.float32) for n in names]
+            cs = [jnp.asarray(stats[blk.LINEARS[n]], jnp.float32) for n in names]
+            owner = g % n_proc  # several processes: the groups of a block are dealt out among them
+            out = None
+            if owner == rank:
+                t0 = time.perf_counter()
+                out = (methods.compress_layers(method, ws, cs, constraint, options) if len(names) > 1
+                       else [methods.compress_layer(method, ws[0], cs[0], constraint, options)])
+                jnp.stack([r.theta for r in out]).block_until_ready()
+                secs = (time.perf_counter() - t0) / len(names)
+                out = [methods.LayerResult(np.asarray(r.theta), r.info, None if r.q is None else jax.device_get(r.q)) for r in out]
+            if n_proc > 1:
+                out, secs = _exchange(None if out is None else (out, secs), owner, f"block {i} {'/'.join(names)}")
+            for n, w, c, res in zip(names, ws, cs, out):
+                finish(n, w, c, res, secs, len(names))
+            del ws, cs, out, w, c, res  # one group's weights, statistics and results at a time
+        rows = [rows[n] for n in blk.LINEARS]  # in the block's order
         if run_dir is not None and rank == 0:
             _save_block(run_dir, i, blk, rows, enc_block)
             _mark_stored(model, run_dir, i)

@@ -333,25 +333,31 @@ def compress_layers(name: str, ws, cs, constraint: Constraint, options=None) -> 
                    constraint, options)
 
 
+@jax.jit
+def _layer_stats(w, c):
+    """Scalars :func:`check_layer` judges, in one fused pass (no [d, d] temporaries on the host)."""
+    diag = jnp.diagonal(c)
+    return {"bad_w": jnp.sum(~jnp.isfinite(w)), "bad_c": jnp.sum(~jnp.isfinite(c)), "min_diag": jnp.min(diag),
+            "scale": jnp.maximum(jnp.max(jnp.abs(diag)), jnp.finfo(jnp.float32).tiny), "asym": jnp.max(jnp.abs(c - c.T))}
+
+
 def check_layer(w, c) -> None:
     """Reject what no method can compress meaningfully, naming the problem: shapes, non-finite
     weights or statistics, a C that is not a covariance (asymmetric, negative diagonal)."""
-    w, c = np.asarray(w), np.asarray(c)
-    if w.ndim != 2:
-        raise ValueError(f"weights must be a 2-D [d_out, d_in] matrix, got shape {w.shape}")
-    if c.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"C must be [d_in, d_in] = {(w.shape[1], w.shape[1])} for weights {w.shape}, got {c.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError(f"weights contain NaN or Inf ({int(np.sum(~np.isfinite(w)))} entries)")
-    if not np.all(np.isfinite(c)):
-        raise ValueError(f"calibration statistics C contain NaN or Inf ({int(np.sum(~np.isfinite(c)))} entries): "
+    if np.ndim(w) != 2:
+        raise ValueError(f"weights must be a 2-D [d_out, d_in] matrix, got shape {np.shape(w)}")
+    if np.shape(c) != (np.shape(w)[1], np.shape(w)[1]):
+        raise ValueError(f"C must be [d_in, d_in] = {(np.shape(w)[1], np.shape(w)[1])} for weights {np.shape(w)}, got {np.shape(c)}")
+    st = {k: v.item() for k, v in jax.device_get(_layer_stats(jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32))).items()}
+    if st["bad_w"]:
+        raise ValueError(f"weights contain NaN or Inf ({st['bad_w']} entries)")
+    if st["bad_c"]:
+        raise ValueError(f"calibration statistics C contain NaN or Inf ({st['bad_c']} entries): "
                          "the activations overflowed or the checkpoint is broken")
-    diag = np.diagonal(c)
-    scale = max(float(np.max(np.abs(diag))), np.finfo(np.float32).tiny)
-    if np.min(diag) < -1e-6 * scale:
-        raise ValueError(f"C is not a covariance: negative diagonal entry {float(np.min(diag)):.3g}")
-    if np.max(np.abs(c - c.T)) > 1e-4 * scale:
-        raise ValueError(f"C is not symmetric (max |C - Cᵀ| = {float(np.max(np.abs(c - c.T))):.3g})")
+    if st["min_diag"] < -1e-6 * st["scale"]:
+        raise ValueError(f"C is not a covariance: negative diagonal entry {st['min_diag']:.3g}")
+    if st["asym"] > 1e-4 * st["scale"]:
+        raise ValueError(f"C is not symmetric (max |C - Cᵀ| = {st['asym']:.3g})")
 
 
 def compress_layer(name: str, w, c, constraint: Constraint, options=None) -> LayerResult:
