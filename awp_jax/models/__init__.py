@@ -12,6 +12,7 @@ Hugging Face names → ``[out, in]`` arrays — that offers what the pipeline us
 | ``Block.ROUTED`` (optional) | statistics taken per expert over the tokens routed to it: the block also sows ``routing`` ``[B, L, E]`` (mixtures of experts, :mod:`awp_jax.models.moe`) |
 | ``block.linear(name)``, ``model.linear_key(i, name)`` | the layer (``.weight [out, in]``) and its Hugging Face name |
 | ``model.weights()``, ``Model.shapes(config)`` | every tensor under its Hugging Face name; the shapes a config needs |
+| ``Block(config, block_weights(weights, i), i)``, ``block.tensors(i)`` | a block from its own tensors (named relative to ``model.layers.{i}.``) and back; a block does not keep ``i``, so blocks of one structure share one graph definition and the pipeline compiles its block functions once (:mod:`awp_jax.streaming` builds blocks one at a time this way) |
 | ``model.cfg`` | ``family`` (the registry key), ``to_hf_dict()``, ``dtype``, ``storage_dtype`` |
 
 Adding a family: a file here with its model class (usually a block that overrides what differs
