@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from awp_jax import calibration, memory, methods, packed
+from awp_jax import calibration, dtypes, memory, methods, packed
 from awp_jax.models import Llama
 from awp_jax.solver import objective
 
@@ -251,7 +251,8 @@ def compress_model(
             except ValueError as e:  # e.g. values beyond float16's range
                 raise ValueError(f"block {i} {name}: cannot store {method}'s result as {dtype}: {e}") from e
             exact = theta
-            theta = jnp.asarray(packed.decode(enc))  # in ``dtype``'s values: what is exported and evaluated
+            # what is exported and evaluated: ``dtype``'s values, which encode has just checked its stored form decodes to
+            theta = jnp.asarray(dtypes.round_to(exact, dtype))
             secs += time.perf_counter() - t0
             rel = float(_relative_objective(w, theta, c))
             rounding = {}
