@@ -113,13 +113,17 @@ def _block_fns(graphdef):
     return stats, grams_only, run
 
 
-def run_block(block, hidden: list, ctx: tuple) -> list:
+def run_block(block, hidden: list, ctx: tuple, layout=None) -> list:
     """Each batch of ``hidden`` through ``block`` (its sown inputs dropped). Waits for the results:
     dispatch is asynchronous, and a caller that builds the next block while this one still runs
-    would hold several blocks at once."""
+    would hold several blocks at once. ``layout``: see :func:`block_statistics`."""
     run_fn = _block_fns(nnx.graphdef(block))[2]
-    state = nnx.state(block)
+    state = _placed(nnx.state(block), layout)
     return jax.block_until_ready([run_fn(state, x, ctx) for x in hidden])
+
+
+def _placed(state, layout):
+    return state if layout is None else layout.block(state)
 
 
 def block_statistics(
@@ -134,6 +138,7 @@ def block_statistics(
     start_block: int = 0,
     after_prefix: Callable[[], None] | None = None,
     min_expert_tokens: int = MIN_EXPERT_TOKENS,
+    layout=None,
 ) -> list[dict[str, np.ndarray]] | None:
     """Second moments ``C`` (``{name: [d, d]}``, divided by the token count) for every block.
 
@@ -150,6 +155,10 @@ def block_statistics(
 
     ``start_block`` resumes a run: blocks before it only carry the hidden states forward (with the
     weights they have at that moment), then ``after_prefix()`` is called, then statistics start.
+
+    ``layout`` (a :class:`awp_jax.sharding.ForwardLayout`): run the forward on its device mesh, each
+    block's parameters and the batches placed as it says; the statistics are the same up to the
+    order of floating-point sums. ``None``: the default device.
     """
     if mode not in ("sequential", "parallel"):
         raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
@@ -163,13 +172,15 @@ def block_statistics(
     ctx = model.context(seqlen)
     batches = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
     hidden = [model.embed(jnp.asarray(b)) for b in batches]  # the model is never split whole: its blocks may live on disk
+    if layout is not None:
+        hidden, ctx = [layout.batch(x) for x in hidden], layout.replicate(ctx)
     recompute = mode == "sequential" and on_block is not None
     kept: list | None = [] if on_block is None else None
     def fns(li):  # blocks may differ in structure (e.g. sliding-window and global attention)
         return _block_fns(nnx.graphdef(model.layers[li]))
 
     for li in range(start_block):
-        hidden = run_block(model.layers[li], hidden, ctx)
+        hidden = run_block(model.layers[li], hidden, ctx, layout)
     if after_prefix is not None:
         after_prefix()
 
@@ -179,7 +190,7 @@ def block_statistics(
 
         layers = tqdm(layers, desc=f"calibration ({mode})", unit="block")
     for li in layers:
-        state = nnx.state(model.layers[li])
+        state = _placed(nnx.state(model.layers[li]), layout)
         stats_fn, grams_fn, run_fn = fns(li)
         totals = None
         outs = []
@@ -199,7 +210,7 @@ def block_statistics(
         else:
             on_block(li, c)
             if recompute:  # sequential: the next block sees the compressed block's output
-                state = nnx.state(model.layers[li])
+                state = _placed(nnx.state(model.layers[li]), layout)
                 outs = [run_fn(state, x, ctx) for x in hidden]
         hidden = outs
     return kept

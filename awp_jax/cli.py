@@ -281,6 +281,11 @@ def _compress(args) -> int:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout)
         rank = jax.process_index()
+    from awp_jax import execution, sharding
+
+    # the mesh is checked against the devices before any work
+    mesh = None if args.num_processes > 1 and args.mesh == "auto" else sharding.parse_mesh(args.mesh)
+    executor = execution.choose(mesh)
     t_start = time.perf_counter()
     # the texts are tokenized before the weights are loaded: tokenizing a million tokens briefly takes
     # ~0.7 GB, which should not add to the model's memory
@@ -306,7 +311,8 @@ def _compress(args) -> int:
         print(f"dense perplexity {ppl['dense']:.4f}", file=sys.stderr)
     opts = dataclasses.asdict(options)
     print(f"compressing with {method} ({constraint.describe()}; recipe {recipe.name}: {opts or 'no options'}), "
-          f"{args.mode} calibration on {args.nsamples} x {args.seqlen} tokens, weights in {model.cfg.storage_dtype}", file=sys.stderr)
+          f"{args.mode} calibration on {args.nsamples} x {args.seqlen} tokens, weights in {model.cfg.storage_dtype}, "
+          f"on {executor.name}", file=sys.stderr)
     # finished blocks are kept here until the output is written, so a killed run resumes
     run_dir = out.parent / f".{out.name}.run"
     weights_settings = {"model": str(args.model or "default"), "awp_jax_version": awp_jax.__version__}
@@ -315,7 +321,10 @@ def _compress(args) -> int:
         print("note: --stream writes the dense weights; the lossless compressed/ form is not written in this mode yet", file=sys.stderr)
     layers = compress.compress_model(model, calib, method, constraint, options, mode=args.mode, batch_size=args.batch_size,
                                      progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings,
-                                     encoded=encoded)
+                                     encoded=encoded, executor=executor)
+    if getattr(executor.layout, "replicated", None):
+        print("note: kept whole on every device in the calibration forward (the model axis does not divide their split "
+              "dimension): " + ", ".join(sorted(executor.layout.replicated)), file=sys.stderr)
     if rank != 0:  # process 0 evaluates and writes
         return 0
     if eval_windows is not None:
@@ -323,7 +332,7 @@ def _compress(args) -> int:
     gflops = matmul_gflops()
     report = {
         "awp_jax_version": awp_jax.__version__, "jax_version": jax.__version__, "python": platform.python_version(),
-        "devices": [str(d) for d in jax.devices()], "matmul_gflops_float32": round(gflops, 1), "command": sys.argv,
+        "devices": [str(d) for d in jax.devices()], "executor": executor.name, "matmul_gflops_float32": round(gflops, 1), "command": sys.argv,
         "model": str(args.model or "default"), "dtype": model.cfg.storage_dtype,
         "recipe": recipe.to_dict(), "method": method, "constraint": dataclasses.asdict(constraint), "options": opts,
         "calibration": {"text": str(args.calib), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "mode": args.mode},
@@ -398,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--num-processes", type=int, default=1, help="compress with this many processes (jax.distributed; default 1)")
     comp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, with --num-processes > 1")
     comp.add_argument("--process-id", type=int, default=None, help="this process's index, with --num-processes > 1")
+    comp.add_argument("--mesh", default="auto", help="device mesh for the calibration forward and the solves: model=M,stack=S "
+                      "(M x S must equal the device count; rows of W and the model's tensor-parallel split over model, "
+                      "layer stacks and calibration batches over stack), auto (every local device on model; one device: "
+                      "none) or none (one device). Default auto")
     comp.add_argument("--heartbeat-timeout", type=int, default=100, help="seconds before a silent process fails the run (default 100)")
     comp.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

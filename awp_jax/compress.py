@@ -7,11 +7,12 @@
 report: method, shape, relative layer objective ``tr((W−Θ)C(W−Θ)ᵀ) / tr(W C Wᵀ)`` of the result
 (and of the method's starting point where it has one), method details, seconds.
 
-Several processes (``jax.distributed``, ``jax.process_count() > 1``): every process calibrates
-(the same windows, the same bits), the groups of layers of each block are dealt out among the
-processes, and each result is sent to all (``multihost_utils.process_allgather``), so every
-process holds the same compressed model — identical to a one-process run. Only process 0 writes
-the run directory, which must be on storage all processes see.
+Where the work runs is the executor's choice (:mod:`awp_jax.execution`: one device, a device
+mesh, or several ``jax.distributed`` processes); this module only walks the blocks. With several
+processes every process calibrates (the same windows, the same bits), the groups of layers of each
+block are dealt out among them and each result is sent to all, so every process holds the same
+compressed model — identical to a one-process run. Only process 0 writes the run directory, which
+must be on storage all processes see.
 
 Resuming: with ``run_dir`` every finished block is written there at once (its seven compressed
 matrices and its report rows, in one safetensors file renamed into place, so a block file is
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from awp_jax import calibration, dtypes, memory, methods, packed
+from awp_jax import calibration, dtypes, execution, memory, methods, packed
 from awp_jax.models import Llama
 from awp_jax.solver import objective
 
@@ -107,25 +108,6 @@ def _mark_stored(model, run_dir: pathlib.Path, i: int) -> None:
         stored(i, functools.partial(_load_linears, run_dir, i))
 
 
-def _allgather(x: np.ndarray) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x))
-
-
-def _exchange(payload, owner: int, what: str):
-    """Every process gets ``owner``'s (picklable) ``payload``; the others pass ``None``."""
-    import pickle
-
-    data = b"" if payload is None else pickle.dumps(payload, protocol=5)
-    sizes = _allgather(np.asarray([len(data)], np.int32)).ravel()
-    if sizes[owner] == 0:
-        raise RuntimeError(f"{what}: process {owner} sent no result")
-    buf = np.zeros(int(sizes.max()), np.uint8)
-    buf[: len(data)] = np.frombuffer(data, np.uint8)
-    return pickle.loads(_allgather(buf)[owner, : sizes[owner]].tobytes())
-
-
 def _open_run(run_dir: pathlib.Path, settings: dict, n_blocks: int, write: bool = True) -> int:
     """Create or check ``run_dir``; returns how many leading blocks are already done."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +149,7 @@ def compress_model(
     encoded: dict | None = None,
     vmap_groups: bool = True,
     min_expert_tokens: int = calibration.MIN_EXPERT_TOKENS,
+    executor: execution.Executor | None = None,
 ) -> list[dict]:
     """Compress ``model`` in place; returns one report row per layer (see the module docstring).
 
@@ -184,12 +167,20 @@ def compress_model(
     Mixtures of experts: each expert is compressed against the tokens routed to it; one that fewer
     than ``min_expert_tokens`` calibration tokens reach is calibrated on all tokens (see
     :func:`awp_jax.calibration.block_statistics`). Its report rows say which (``statistic``) and
-    how many tokens it got (``routed_tokens``); the router stays dense."""
+    how many tokens it got (``routed_tokens``); the router stays dense.
+
+    ``executor``: where the layers are compressed and the calibration forward runs
+    (:mod:`awp_jax.execution`); ``None``: :func:`awp_jax.execution.choose` without a mesh (one
+    device, or the processes of ``jax.distributed``)."""
     import jax
 
     rank, n_proc = jax.process_index(), jax.process_count()
     progress = progress and rank == 0
     _, options = methods.resolve(method, constraint, options)
+    executor = execution.choose() if executor is None else executor
+    if rank == 0:
+        for line in executor.notes(method, constraint, options):
+            print(line, file=sys.stderr)
     dtype = model.cfg.storage_dtype
     report: list[dict] = []
     start = 0
@@ -202,7 +193,7 @@ def compress_model(
             full["min_expert_tokens"] = min_expert_tokens
         start = _open_run(run_dir, full, len(model.layers), write=rank == 0)
         if n_proc > 1:
-            starts = _allgather(np.asarray([start], np.int32))
+            starts = execution._allgather(np.asarray([start], np.int32))
             if len(set(starts.ravel().tolist())) != 1:
                 raise RunMismatchError(f"the processes see different finished blocks in {run_dir} ({starts.ravel().tolist()}): "
                                        "is the run directory on storage they all share?")
@@ -285,17 +276,7 @@ def compress_model(
         for g, names in enumerate(groups.values()):
             ws = [jnp.asarray(blk.linear(n).weight[...], jnp.float32) for n in names]
             cs = [jnp.asarray(stats[blk.LINEARS[n]], jnp.float32) for n in names]
-            owner = g % n_proc  # several processes: the groups of a block are dealt out among them
-            out = None
-            if owner == rank:
-                t0 = time.perf_counter()
-                out = (methods.compress_layers(method, ws, cs, constraint, options) if len(names) > 1
-                       else [methods.compress_layer(method, ws[0], cs[0], constraint, options)])
-                jnp.stack([r.theta for r in out]).block_until_ready()
-                secs = (time.perf_counter() - t0) / len(names)
-                out = [methods.LayerResult(np.asarray(r.theta), r.info, None if r.q is None else jax.device_get(r.q)) for r in out]
-            if n_proc > 1:
-                out, secs = _exchange(None if out is None else (out, secs), owner, f"block {i} {'/'.join(names)}")
+            out, secs = executor.run_group(g, method, ws, cs, constraint, options, f"block {i} {'/'.join(names)}")
             for n, w, c, res in zip(names, ws, cs, out):
                 finish(n, w, c, res, secs, len(names))
             del ws, cs, out, w, c, res  # one group's weights, statistics and results at a time
@@ -310,5 +291,5 @@ def compress_model(
 
     calibration.block_statistics(model, windows, mode=mode, batch_size=batch_size, on_block=on_block, progress=progress,
                                  start_block=start, after_prefix=None if mode == "sequential" else load_done,
-                                 min_expert_tokens=min_expert_tokens)
+                                 min_expert_tokens=min_expert_tokens, layout=executor.layout)
     return report

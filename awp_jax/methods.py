@@ -39,14 +39,15 @@ import numpy as np
 
 from awp_jax import awq as awq_lib
 from awp_jax import hwpq as hwpq_lib
-from awp_jax import obs
+from awp_jax import obs, sharding
 from awp_jax import solver as solver_lib
 from awp_jax.projections import keep_count, nm_mask, row_topk_mask
 from awp_jax.quantizers import QArray, QuantSpec, quantize
 from awp_jax.saliency import wanda_score
 
 __all__ = ["Constraint", "AWPOptions", "SparseGPTOptions", "GPTQOptions", "NoOptions", "LayerResult", "LayerInfo", "METHODS",
-           "get_method", "make_options", "settings", "compress_layer", "compress_layers", "awp_config", "column_scales"]
+           "get_method", "make_options", "settings", "compress_layer", "compress_layers", "compress_on_mesh", "mesh_reason",
+           "awp_config", "column_scales"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Constraint:
@@ -257,14 +258,18 @@ class Method(NamedTuple):
     options: type = NoOptions
     # optional: compress a stack of equal-shape layers at once (vmapped); same results as ``fn`` per lane
     stack: Callable[[jax.Array, jax.Array, Constraint, Any], list[LayerResult]] | None = None
+    # optional: compress a stack of equal-shape layers on a device mesh (``fn(ws, cs, con, opt, mesh)``),
+    # and why a given setting cannot (``mesh_reason(con, opt)``: ``None`` when it can)
+    mesh: Callable[..., list[LayerResult]] | None = None
+    mesh_reason: Callable[[Constraint, Any], str | None] | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, kinds, doc: str, options: type = NoOptions, stack=None):
+def register(name: str, kinds, doc: str, options: type = NoOptions, stack=None, mesh=None, mesh_reason=None):
     def deco(fn):
-        METHODS[name] = Method(fn, frozenset(kinds), doc, options, stack)
+        METHODS[name] = Method(fn, frozenset(kinds), doc, options, stack, mesh, mesh_reason)
         return fn
 
     return deco
@@ -331,6 +336,32 @@ def compress_layers(name: str, ws, cs, constraint: Constraint, options=None) -> 
         check_layer(w, c)
     return m.stack(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]),
                    constraint, options)
+
+
+def mesh_reason(name: str, constraint: Constraint, options=None) -> str | None:
+    """Why method ``name`` cannot compress ``constraint`` on a device mesh (``None``: it can; see
+    :func:`compress_on_mesh`)."""
+    m, options = resolve(name, constraint, options)
+    if m.mesh is None:
+        return f"{name} has no sharded form (its layers are cheap next to the calibration forward)"
+    return m.mesh_reason(constraint, options) if m.mesh_reason is not None else None
+
+
+def compress_on_mesh(name: str, ws, cs, constraint: Constraint, options, mesh) -> list[LayerResult]:
+    """Compress layers of equal shape with method ``name`` on ``mesh``
+    (:mod:`awp_jax.sharding`): AWP's solves with rows over ``"model"`` and layers over ``"stack"``,
+    SparseGPT's and GPTQ's sweeps with rows over every device. Same results as
+    :func:`compress_layer` per layer, up to the order of floating-point sums (tested)."""
+    reason = mesh_reason(name, constraint, options)
+    if reason is not None:
+        raise ValueError(f"cannot compress on a mesh: {reason}")
+    m, options = resolve(name, constraint, options)
+    if len({tuple(np.shape(w)) for w in ws}) != 1:
+        raise ValueError(f"layers solved together on a mesh must have one shape, got {sorted({tuple(np.shape(w)) for w in ws})}")
+    for w, c in zip(ws, cs):
+        check_layer(w, c)
+    return m.mesh(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]),
+                  constraint, options, mesh)
 
 
 @jax.jit
@@ -420,7 +451,21 @@ def _sparsegpt_jit(w, c, con, opt):
     return obs.sparsegpt(w, c, sparsity=con.sparsity, nm=con.nm, blocksize=opt.blocksize, percdamp=opt.percdamp)
 
 
-@register("sparsegpt", {"prune", "nm"}, "SparseGPT OBS sweep (blocksize 128, damping 0.01)", SparseGPTOptions)
+def _sparsegpt_rows(w, c, *, n_rows, con, opt):
+    return obs.sparsegpt(w, c, sparsity=con.sparsity, nm=con.nm, blocksize=opt.blocksize, percdamp=opt.percdamp,
+                         axis_name=sharding.ROWS, n_rows=n_rows)
+
+
+def _sparsegpt_mesh(ws, cs, con, opt, mesh):
+    out = []
+    for w, c in zip(ws, cs):
+        theta, damp, ok = sharding.rows_on_mesh(_sparsegpt_rows, w, c, mesh, con=con, opt=opt)
+        out.append(LayerResult(theta, _damping_info(c, opt.percdamp, damp, ok)))
+    return out
+
+
+@register("sparsegpt", {"prune", "nm"}, "SparseGPT OBS sweep (blocksize 128, damping 0.01)", SparseGPTOptions,
+          mesh=_sparsegpt_mesh)
 def _sparsegpt(w, c, con, opt):
     theta, damp, ok = _sparsegpt_jit(w, c, con, opt)
     return LayerResult(theta, _damping_info(c, opt.percdamp, damp, ok))
@@ -431,7 +476,19 @@ def _gptq_jit(w, c, con, opt):
     return obs.gptq(w, c, con.quant, blocksize=opt.blocksize, percdamp=opt.percdamp, act_order=opt.act_order)
 
 
-@register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)", GPTQOptions)
+def _gptq_rows(w, c, *, n_rows, con, opt):
+    return obs.gptq(w, c, con.quant, blocksize=opt.blocksize, percdamp=opt.percdamp, act_order=opt.act_order)
+
+
+def _gptq_mesh(ws, cs, con, opt, mesh):
+    out = []
+    for w, c in zip(ws, cs):
+        q, damp, ok = sharding.rows_on_mesh(_gptq_rows, w, c, mesh, con=con, opt=opt)
+        out.append(_quantized(q, _damping_info(c, opt.percdamp, damp, ok)))
+    return out
+
+
+@register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)", GPTQOptions, mesh=_gptq_mesh)
 def _gptq(w, c, con, opt):
     q, damp, ok = _gptq_jit(w, c, con, opt)
     return _quantized(q, _damping_info(c, opt.percdamp, damp, ok))
@@ -542,6 +599,20 @@ def _awp_stack(ws, cs, con, opt):
             for i in range(ws.shape[0])]
 
 
+def _awp_mesh_reason(con, opt):
+    if opt.init in ("sparsegpt", "awq", "gptq"):
+        return f"AWP from the {opt.init} start runs that method on each layer first; it is solved on one device"
+    if awp_config(con, opt).scope == "layer":
+        return "AWP with scope='layer' ranks a whole layer at once; it is solved on one device"
+    return None
+
+
+def _awp_mesh(ws, cs, con, opt, mesh):
+    res = sharding.solve_sharded(ws, cs, awp_config(con, opt), mesh)
+    return [_awp_result(res.theta[i], _awp_info(res, i), con, source=None if res.source is None else res.source[i])
+            for i in range(ws.shape[0])]
+
+
 def _awp_result(theta, info, con, col_scale_inv=None, source=None) -> LayerResult:
     """AWP's result; a quantized one as the :class:`QArray` of its final projection: the codes and
     grid of the point the solver fitted that grid on (``PGDResult.source``)."""
@@ -557,7 +628,7 @@ def _awp_result(theta, info, con, col_scale_inv=None, source=None) -> LayerResul
 
 
 @register("awp", {"prune", "nm", "quant", "joint"}, "activation-aware projected gradient descent (paper defaults)", AWPOptions,
-          stack=_awp_stack)
+          stack=_awp_stack, mesh=_awp_mesh, mesh_reason=_awp_mesh_reason)
 def _awp(w, c, con, opt):
     cfg = awp_config(con, opt)
     if opt.init == "sparsegpt":

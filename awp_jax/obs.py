@@ -100,8 +100,14 @@ def _sweep(w, u, blocksize: int, column_fn, block_init):
     return w, auxes
 
 
-def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01):
+def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
+              axis_name: str | None = None, n_rows: int | None = None):
     """SparseGPT pruning of ``w`` (unstructured at ``sparsity`` per 128-column block, or N:M).
+
+    ``axis_name``: ``w`` holds some of the layer's rows (in a ``shard_map`` over that axis, the
+    rows in device order, the last padded with zero rows up to ``n_rows`` real ones): the unstructured
+    threshold, taken over every row of a column block, gathers that block's scores; everything else
+    is row-local.
 
     Returns ``(theta, damp_used, ok)``.
     """
@@ -113,8 +119,13 @@ def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
 
         def block_mask(w1, u1):
             score = (w1 / jnp.diagonal(u1)[None, :]) ** 2
-            flat = jnp.sort(score.reshape(-1))
-            thresh = flat[int(score.size * sparsity)]
+            if axis_name is None:
+                every, total = score, score.size
+            else:  # padding rows sort last and are not counted
+                row = jax.lax.axis_index(axis_name) * d_out + jnp.arange(d_out)
+                every = jax.lax.all_gather(jnp.where((row < n_rows)[:, None], score, jnp.inf), axis_name, tiled=True)
+                total = n_rows * score.shape[1]
+            thresh = jnp.sort(every.reshape(-1))[int(total * sparsity)]
             return score <= thresh  # True = pruned
 
         def column(ig, i, w1, u1, mask):

@@ -16,6 +16,20 @@ test and keep-best) — checked from the compiled HLO in the tests.
 (zero rows have zero gradient and stay zero; padded layers are zero and stop at once), and the
 padding is removed from the results. Layers of different shapes are grouped by shape
 (:func:`solve_layers`).
+
+The calibration forward (:class:`ForwardLayout`) uses the same mesh: a block's parameters are laid
+out by one rules table, :data:`FORWARD_RULES` (Megatron's tensor parallelism over ``"model"``:
+q/k/v/gate/up split by output rows, o/down by input columns), and the calibration windows are split
+by batch over ``"stack"``. The compiler inserts what that layout needs: an all-reduce of the
+block's output after o_proj and down_proj (row-parallel), an all-gather of o_proj's and
+down_proj's inputs for their statistics (their features are split over ``"model"``), and an
+all-reduce of every statistic's partial sums over ``"stack"`` (the batch). Parameters are never
+gathered (tested from the compiled HLO).
+
+SparseGPT and GPTQ (:func:`rows_on_mesh`): the rows of W are independent once ``H⁻¹`` is known,
+so W's rows are split over all devices and C replicated (each device factorises it); SparseGPT's
+unstructured mask, whose threshold is taken over a whole 128-column block of every row, gathers
+only those scores.
 """
 
 from __future__ import annotations
@@ -32,7 +46,8 @@ from jax.sharding import PartitionSpec as P
 
 from awp_jax import solver as solver_lib
 
-__all__ = ["make_mesh", "placements", "solve_sharded", "solve_layers"]
+__all__ = ["make_mesh", "parse_mesh", "placements", "solve_sharded", "solve_layers", "FORWARD_RULES", "ForwardLayout",
+           "rows_on_mesh"]
 
 
 def make_mesh(model: int | None = None, stack: int = 1, *, devices=None, explicit: bool = False) -> Mesh:
@@ -44,6 +59,41 @@ def make_mesh(model: int | None = None, stack: int = 1, *, devices=None, explici
         raise ValueError(f"mesh {stack} (stack) x {model} (model) does not match {len(devices)} devices")
     kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
     return jax.make_mesh((stack, model), ("stack", "model"), axis_types=(kind, kind), devices=devices)
+
+
+def parse_mesh(text: str, devices=None) -> Mesh | None:
+    """``--mesh``: ``"model=M,stack=S"`` (either may be left out: the other axis takes the rest of
+    the devices), ``"auto"`` (all devices on ``"model"``; ``None`` when there is one device) or
+    ``"none"`` (``None``: one device). A mesh that does not match the devices is an error naming both."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    text = text.strip().lower()
+    if text == "none":
+        return None
+    if text == "auto":
+        return make_mesh(devices=devices) if n > 1 else None
+    axes = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or key not in ("model", "stack") or key in axes:
+            raise ValueError(f"--mesh must look like model=M,stack=S (or auto, none), got {text!r}")
+        try:
+            axes[key] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh: {key} must be a whole number, got {value.strip()!r}") from None
+        if axes[key] < 1:
+            raise ValueError(f"--mesh: {key} must be at least 1, got {axes[key]}")
+    for given, other in (("stack", "model"), ("model", "stack")):
+        if other not in axes:
+            if n % axes[given]:
+                raise ValueError(f"--mesh {given}={axes[given]} does not divide the {n} {devices[0].platform} devices")
+            axes[other] = n // axes[given]
+    stack = axes["stack"]
+    if axes["model"] * stack != n:
+        raise ValueError(f"--mesh {stack} (stack) x {axes['model']} (model) = {axes['model'] * stack} devices, but there are {n} "
+                         f"({devices[0].platform}); the product must equal the device count")
+    return make_mesh(axes["model"], stack, devices=devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,3 +179,111 @@ def solve_layers(layers: Sequence[tuple], config: solver_lib.PGDConfig, mesh: Me
         for j, i in enumerate(idx):
             out[i] = jax.tree.map(lambda x: x[j], res)
     return out
+
+
+# --------------------------------------------------------------------------- the calibration forward
+
+# how a block's parameters lie on the ("stack", "model") mesh during the calibration forward:
+# (linear layers named, layout) -- "column": output rows split over "model" (the layer's output is
+# split by heads / hidden units); "row": input columns split (its output is a partial sum). A
+# parameter no rule names (norms, routers) is replicated.
+FORWARD_RULES = (
+    (("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3"), "column"),
+    (("o_proj", "down_proj", "w2"), "row"),
+)
+
+
+def forward_spec(path: tuple, shape: tuple[int, ...], n_model: int) -> P:
+    """The partition of one block parameter (its nnx state ``path``) under :data:`FORWARD_RULES`; a
+    dimension the model axis does not divide stays whole (see :class:`ForwardLayout`)."""
+    names = [str(k) for k in path]
+    layout = next((lay for layer, lay in FORWARD_RULES if any(n in layer for n in names)), None)
+    if layout is None or names[-1] not in ("weight", "bias") or not shape:
+        return P()
+    if names[-1] == "bias":
+        axis = len(shape) - 1 if layout == "column" else None
+    else:  # weights [..., out, in] (experts stacked in front)
+        axis = len(shape) - 2 if layout == "column" else len(shape) - 1
+    if axis is None or shape[axis] % n_model:
+        return P()
+    return P(*([None] * axis), "model")
+
+
+class ForwardLayout:
+    """Where the calibration forward's inputs lie on ``mesh``: block parameters by
+    :data:`FORWARD_RULES`, hidden states ``[B, L, D]`` split by batch over ``"stack"`` (a batch the
+    axis does not divide, e.g. the last, is replicated), the rest replicated. A parameter whose
+    split dimension the model axis does not divide is replicated and listed in ``replicated``."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.replicated: set[str] = set()
+
+    def _put(self, x, spec):
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def block(self, state):
+        n_model = self.mesh.shape["model"]
+
+        def put(path, x):
+            spec = forward_spec(path, x.shape, n_model)
+            if spec == P() and forward_spec(path, (n_model,) * x.ndim, n_model) != P():
+                self.replicated.add("/".join(map(str, path)))
+            return self._put(x, spec)
+
+        def names(path):  # nnx state paths end in the variable's ``value``
+            keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+            return keys[:-1] if keys and keys[-1] == "value" else keys
+
+        return jax.tree_util.tree_map_with_path(lambda p, x: put(names(p), x), state)
+
+    def batch(self, x):
+        return self._put(x, P("stack") if x.shape[0] % self.mesh.shape["stack"] == 0 else P())
+
+    def replicate(self, tree):
+        return jax.tree.map(lambda x: self._put(x, P()), tree)
+
+
+# --------------------------------------------------------------------------- row-parallel OBS solves
+
+ROWS = "rows"
+
+
+def _row_specs(fn, rows: int, d_in: int, dtype):
+    """Which outputs of ``fn(w [rows, d_in], c)`` are indexed by W's rows: traced with two row
+    counts, the leaves whose leading dimension follows are."""
+    c = jax.ShapeDtypeStruct((d_in, d_in), dtype)
+    bound = jax.vmap(fn, in_axes=(0, None), axis_name=ROWS)  # binds the axis ``fn``'s collectives name
+
+    def shapes(r):
+        return jax.tree.flatten(jax.eval_shape(bound, jax.ShapeDtypeStruct((1, r, d_in), dtype), c))
+
+    (a, tree), (b, _) = shapes(rows), shapes(rows + 1)
+    return jax.tree.unflatten(tree, [P(ROWS) if x.ndim > 1 and x.shape[1] == rows and y.shape[1] == rows + 1 else P()
+                                     for x, y in zip(a, b, strict=True)])
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_fn(fn, flat: Mesh, d_out: int, local: int, d_in: int, dtype, static: tuple):
+    body = functools.partial(fn, n_rows=d_out, **dict(static))
+    specs = _row_specs(body, local, d_in, dtype)
+    return jax.jit(jax.shard_map(body, mesh=flat, in_specs=(P(ROWS, None), P()), out_specs=specs, check_vma=False)), specs
+
+
+def rows_on_mesh(fn, w, c, mesh: Mesh, **static):
+    """``fn(w, c, n_rows=..., **static)`` with W's rows split over every device of ``mesh`` and C
+    replicated: ``fn`` sees its local rows and may name the axis :data:`ROWS` in collectives;
+    ``n_rows`` is the true row count (W is padded with zero rows to a multiple of the device count;
+    the padding is removed from the row-indexed outputs). ``static`` (hashable) and ``fn`` key the
+    compiled function's cache."""
+    flat = Mesh(mesh.devices.reshape(-1), (ROWS,))
+    d_out, d_in = w.shape
+    wp = _pad_to(jnp.asarray(w), 0, flat.size)
+    run, specs = _rows_fn(fn, flat, d_out, wp.shape[0] // flat.size, d_in, wp.dtype, tuple(sorted(static.items())))
+    out = run(jax.device_put(wp, NamedSharding(flat, P(ROWS, None))), jax.device_put(jnp.asarray(c), NamedSharding(flat, P())))
+    if wp.shape[0] == d_out:
+        return out
+    rep = NamedSharding(flat, P())
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    leaves, tree = jax.tree.flatten(out)
+    return jax.tree.unflatten(tree, [jax.device_put(x, rep)[:d_out] if s == P(ROWS) else x for x, s in zip(leaves, flat_specs, strict=True)])

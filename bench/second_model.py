@@ -163,7 +163,7 @@ def main(argv=None):
     ap.add_argument("--model", default="qwen2.5-coder-0.5b", choices=list(assets.MODELS))
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true", help="do not run the transformers check")
-    ap.add_argument("--columns", default=",".join(ORDER), help="comma-separated subset of: " + ", ".join(ORDER))
+    ap.add_argument("--columns", default=",".join(ORDER), help="comma-separated subset of: " + ", ".join(ORDER).replace("%", "%%"))
     args = ap.parse_args(argv)
     slug = args.model.replace(".", "").replace("-", "_")
     store_file = RESULTS / f"second_model_{slug}_runs.json"

@@ -1,0 +1,125 @@
+"""Where a compression run's work executes: one place that chooses, three placements of the same jobs.
+
+The pipeline (:func:`awp_jax.compress.compress_model`) hands every group of layers it compresses
+together (the layers of a block with one shape and one input: k/v under GQA, gate/up, a mixture's
+experts) to an executor, and asks it where the calibration forward runs. The jobs are the same
+code in every case; only their placement differs.
+
+| executor | chosen when | a group of layers | the calibration forward |
+|---|---|---|---|
+| :class:`Local` | one process, one device | solved on the default device | on the default device |
+| :class:`MultiProcess` | ``jax.distributed`` with several processes | groups dealt out among the processes in turn, each result sent to all (pickled all-gather) | every process runs it whole (the same windows, the same bits) |
+| :class:`OnMesh` | a device mesh (``--mesh``, or several local devices) | the method's sharded form (:func:`awp_jax.methods.compress_on_mesh`): AWP rows over ``"model"``, layers over ``"stack"``; SparseGPT/GPTQ rows over every device | parameters laid out by :data:`awp_jax.sharding.FORWARD_RULES`, batches over ``"stack"`` |
+
+:func:`choose` picks one from the mesh and the process count. A method (or setting) without a
+sharded form runs on one device under :class:`OnMesh`, and :meth:`Executor.notes` says so before
+any work (e.g. magnitude and Wanda, whose layers cost next to nothing, or AWP from GPTQ's start).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from awp_jax import methods, sharding
+
+__all__ = ["Executor", "Local", "MultiProcess", "OnMesh", "choose"]
+
+
+def _to_host(out: list[methods.LayerResult]) -> list[methods.LayerResult]:
+    return [methods.LayerResult(np.asarray(r.theta), r.info, None if r.q is None else jax.device_get(r.q)) for r in out]
+
+
+class Executor:
+    """Runs groups of layer compressions; says where the calibration forward runs (``layout``)."""
+
+    name = "executor"
+    layout: sharding.ForwardLayout | None = None  # None: the default device
+
+    def notes(self, method: str, constraint: methods.Constraint, options) -> list[str]:
+        """What the user should know before the run about where ``method``'s work runs."""
+        return []
+
+    def solve(self, method: str, ws: list, cs: list, constraint: methods.Constraint, options) -> list[methods.LayerResult]:
+        """Compress the layers of one group (equal shapes when several) where this executor puts them."""
+        if len(ws) > 1:
+            return methods.compress_layers(method, ws, cs, constraint, options)
+        return [methods.compress_layer(method, ws[0], cs[0], constraint, options)]
+
+    def run_group(self, g: int, method: str, ws: list, cs: list, constraint, options, what: str):
+        """Group ``g`` of a block: ``(results on the host, seconds per layer)``; ``what`` names it in errors."""
+        t0 = time.perf_counter()
+        out = self.solve(method, ws, cs, constraint, options)
+        jax.block_until_ready([r.theta for r in out])
+        return _to_host(out), (time.perf_counter() - t0) / len(ws)
+
+
+class Local(Executor):
+    """One process, one device."""
+
+    name = "one device"
+
+
+class MultiProcess(Executor):
+    """Several processes (``jax.distributed``): group ``g`` is solved by process ``g mod n`` and its
+    result sent to every process, so all hold the same compressed model (identical to one process)."""
+
+    def __init__(self):
+        self.rank, self.n = jax.process_index(), jax.process_count()
+        self.name = f"{self.n} processes"
+
+    def run_group(self, g, method, ws, cs, constraint, options, what):
+        owner = g % self.n
+        payload = super().run_group(g, method, ws, cs, constraint, options, what) if owner == self.rank else None
+        return _exchange(payload, owner, what)
+
+
+class OnMesh(Executor):
+    """A device mesh of one process (:func:`awp_jax.sharding.make_mesh`)."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self.layout = sharding.ForwardLayout(mesh)
+        self.name = f"mesh {mesh.shape['stack']} (stack) x {mesh.shape['model']} (model) of {mesh.devices.size} {mesh.devices.flat[0].platform} devices"
+
+    def notes(self, method, constraint, options):
+        reason = methods.mesh_reason(method, constraint, options)
+        return [] if reason is None else [f"note: {reason}: its layers are compressed on one device; the calibration forward "
+                                          "still runs on the mesh"]
+
+    def solve(self, method, ws, cs, constraint, options):
+        if methods.mesh_reason(method, constraint, options) is not None:
+            return super().solve(method, ws, cs, constraint, options)
+        return methods.compress_on_mesh(method, ws, cs, constraint, options, self.mesh)
+
+
+def choose(mesh=None) -> Executor:
+    """The executor for this run: :class:`MultiProcess` when ``jax.distributed`` runs several
+    processes, :class:`OnMesh` for a ``mesh`` (:func:`awp_jax.sharding.parse_mesh`), else :class:`Local`."""
+    if jax.process_count() > 1:
+        if mesh is not None:
+            raise ValueError("a device mesh across several processes is not supported yet: with several processes, "
+                             "leave --mesh out (each process compresses its share of the layers on its own device)")
+        return MultiProcess()
+    return Local() if mesh is None else OnMesh(mesh)
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
+def _exchange(payload, owner: int, what: str):
+    """Every process gets ``owner``'s (picklable) ``payload``; the others pass ``None``."""
+    import pickle
+
+    data = b"" if payload is None else pickle.dumps(payload, protocol=5)
+    sizes = _allgather(np.asarray([len(data)], np.int32)).ravel()
+    if sizes[owner] == 0:
+        raise RuntimeError(f"{what}: process {owner} sent no result")
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: len(data)] = np.frombuffer(data, np.uint8)
+    return pickle.loads(_allgather(buf)[owner, : sizes[owner]].tobytes())
