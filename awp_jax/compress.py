@@ -14,9 +14,13 @@ block are dealt out among them and each result is sent to all, so every process 
 compressed model — identical to a one-process run. Only process 0 writes the run directory, which
 must be on storage all processes see.
 
+The jobs around the walk live in their own modules: where the work runs in
+:mod:`awp_jax.execution`, the run directory in :mod:`awp_jax.runstore`, the report rows and the
+messages in :class:`Reporter` below.
+
 Resuming: with ``run_dir`` every finished block is written there at once (its seven compressed
 matrices and its report rows, in one safetensors file renamed into place, so a block file is
-complete or absent). A run started again with the same ``settings`` loads the finished blocks,
+complete or absent; :class:`awp_jax.runstore.RunStore`). A run started again with the same ``settings`` loads the finished blocks,
 recomputes the hidden states at the first missing block (through the compressed blocks in
 sequential mode, the dense ones in parallel mode) and continues; on CPU the result is
 bit-identical to an uninterrupted run. A ``run_dir`` holding a run with other settings is refused.
@@ -24,11 +28,8 @@ bit-identical to an uninterrupted run. A ``run_dir`` holding a run with other se
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
 import os
-import pathlib
 import sys
 import time
 from typing import Literal
@@ -39,91 +40,10 @@ import numpy as np
 
 from awp_jax import calibration, dtypes, execution, memory, methods, packed
 from awp_jax.models import Llama
+from awp_jax.runstore import RunMismatchError, RunStore
 from awp_jax.solver import objective
 
-__all__ = ["compress_model", "RunMismatchError"]
-
-
-class RunMismatchError(ValueError):
-    """The run directory holds a run made with other settings."""
-
-
-def _block_file(run_dir: pathlib.Path, i: int) -> pathlib.Path:
-    return run_dir / f"block_{i:04d}.safetensors"
-
-
-def _save_block(run_dir: pathlib.Path, i: int, blk, rows: list[dict], enc: dict[str, dict]) -> None:
-    try:
-        _write_block(run_dir, i, blk, rows, enc)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot save block {i} in {run_dir} ({e.strerror or e}); blocks 0..{i - 1} are kept there: "
-                      "free space (or fix the problem) and run the same command again to resume") from e
-
-
-def _write_block(run_dir: pathlib.Path, i: int, blk, rows: list[dict], enc: dict[str, dict]) -> None:
-    from safetensors.numpy import save_file
-
-    tensors = {name: np.asarray(blk.linear(name).weight[...]) for name in blk.LINEARS}
-    for name, e in enc.items():
-        tensors.update({f"{name}::{k}": np.ascontiguousarray(v) for k, v in e.items() if k != "meta"})
-    meta = {"rows": json.dumps(rows), "encoded": json.dumps({n: e["meta"] for n, e in enc.items()})}
-    tmp = run_dir / f".block_{i:04d}.tmp"
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, _block_file(run_dir, i))
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _load_block(run_dir: pathlib.Path, i: int, blk, with_encoded: bool = True) -> tuple[list[dict], dict[str, dict]]:
-    from safetensors import safe_open
-
-    with safe_open(str(_block_file(run_dir, i)), framework="numpy") as f:
-        md = f.metadata()
-        rows = json.loads(md["rows"])
-        enc = {n: {"meta": m} for n, m in json.loads(md["encoded"]).items()} if with_encoded else {}
-        for key in f.keys():
-            if "::" in key and with_encoded:
-                n, field = key.split("::")
-                enc[n][field] = f.get_tensor(key)
-    _load_linears(run_dir, i, blk)
-    return rows, enc
-
-
-def _load_linears(run_dir: pathlib.Path, i: int, blk) -> None:
-    """Block ``i``'s compressed linear layers from its block file, into ``blk``."""
-    from safetensors import safe_open
-
-    with safe_open(str(_block_file(run_dir, i)), framework="numpy") as f:
-        for name in blk.LINEARS:
-            lin = blk.linear(name)
-            lin.weight[...] = jnp.asarray(f.get_tensor(name), lin.weight[...].dtype)
-
-
-def _mark_stored(model, run_dir: pathlib.Path, i: int) -> None:
-    """A model whose blocks live on disk (:mod:`awp_jax.streaming`) reads block ``i``'s compressed
-    layers back from the run directory from now on."""
-    stored = getattr(model.layers, "stored", None)
-    if stored is not None:
-        stored(i, functools.partial(_load_linears, run_dir, i))
-
-
-def _open_run(run_dir: pathlib.Path, settings: dict, n_blocks: int, write: bool = True) -> int:
-    """Create or check ``run_dir``; returns how many leading blocks are already done."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta = run_dir / "run.json"
-    text = json.dumps(settings, sort_keys=True, default=str)
-    if meta.exists():
-        if meta.read_text() != text:
-            raise RunMismatchError(f"{run_dir} holds a run with other settings; remove it or choose another output")
-    elif write:
-        tmp = run_dir / ".run.json.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, meta)
-    done = 0
-    while done < n_blocks and _block_file(run_dir, done).exists():
-        done += 1
-    return done
+__all__ = ["compress_model", "RunMismatchError", "Reporter"]
 
 
 @jax.jit
@@ -131,6 +51,40 @@ def _relative_objective(w, theta, c):
     """``tr((W−Θ)C(W−Θ)ᵀ) / tr(W C Wᵀ)`` in one compiled call (0 for a layer whose dense objective is 0)."""
     dense = objective(w, jnp.zeros_like(w), c)
     return jnp.where(dense > 0, objective(w, theta, c) / jnp.where(dense > 0, dense, 1.0), 0.0)
+
+
+class Reporter:
+    """The report rows of a run and what it tells the user about each layer (process 0 prints)."""
+
+    def __init__(self, method: str, min_expert_tokens: int, verbose: bool = False, rank: int = 0):
+        self.method, self.min_expert_tokens, self.verbose, self.speaks = method, min_expert_tokens, verbose, rank == 0
+
+    def _say(self, text: str) -> None:
+        if self.speaks:
+            print(text, file=sys.stderr)
+
+    def row(self, i: int, name: str, shape, res: methods.LayerResult, rel: float, secs: float, lanes: int,
+            stats: dict, stat: str, rounding: dict) -> dict:
+        """Layer ``name`` of block ``i``'s row; its notes and warnings are printed."""
+        routed = {}
+        if f"{stat}#tokens" in stats:  # an expert of a mixture: how many calibration tokens reached it
+            routed = {"routed_tokens": int(stats[f"{stat}#tokens"]), "statistic": "all tokens (fallback)"
+                      if bool(stats[f"{stat}#fallback"]) else "routed tokens"}
+            if routed["statistic"] != "routed tokens" and name.endswith(("gate_proj", "w1")):
+                self._say(f"note: block {i} {name.rsplit('.', 1)[0]}: {routed['routed_tokens']} calibration token(s) routed to it "
+                          f"(fewer than {self.min_expert_tokens}): calibrated on all tokens instead")
+        row = {"block": i, "layer": name, "method": self.method, "shape": list(shape), "rel_objective": rel,
+               "seconds": round(secs, 4), "stacked": lanes, **routed, **rounding, **res.info.as_dict()}
+        if res.info.stop == "nonfinite":
+            print(f"warning: block {i} {name}: an AWP update became non-finite; the last finite feasible iterate "
+                  "was kept (see the report's stop column)", file=sys.stderr)
+        if res.info.damping_retries:
+            print(f"note: block {i} {name}: Cholesky failed at the base damping; succeeded after "
+                  f"{res.info.damping_retries} retries with 10x damping ({res.info.damping:.3g})", file=sys.stderr)
+        if self.verbose:
+            extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.info.as_dict().items())
+            print(f"  block {i:2d} {name:<9} {str(tuple(shape)):<12} rel.obj {rel:.4g}  {secs:6.2f}s  {extra}", file=sys.stderr)
+        return row
 
 
 def compress_model(
@@ -172,8 +126,6 @@ def compress_model(
     ``executor``: where the layers are compressed and the calibration forward runs
     (:mod:`awp_jax.execution`); ``None``: :func:`awp_jax.execution.choose` without a mesh (one
     device, or the processes of ``jax.distributed``)."""
-    import jax
-
     rank, n_proc = jax.process_index(), jax.process_count()
     progress = progress and rank == 0
     _, options = methods.resolve(method, constraint, options)
@@ -182,26 +134,27 @@ def compress_model(
         for line in executor.notes(method, constraint, options):
             print(line, file=sys.stderr)
     dtype = model.cfg.storage_dtype
+    reporter = Reporter(method, min_expert_tokens, verbose, rank)
     report: list[dict] = []
-    start = 0
+    store = None
     if run_dir is not None:
-        run_dir = pathlib.Path(run_dir)
         full = {"method": method, "constraint": repr(constraint), "options": repr(options), "dtype": dtype, "mode": mode, "batch_size": batch_size,
                 "windows_sha": hashlib.sha256(np.ascontiguousarray(windows, np.int32).tobytes()).hexdigest(),
                 **(settings or {})}
         if any(getattr(b, "ROUTED", ()) for b in model.layers):
             full["min_expert_tokens"] = min_expert_tokens
-        start = _open_run(run_dir, full, len(model.layers), write=rank == 0)
+        store = RunStore(run_dir, full, len(model.layers), write=rank == 0)
         if n_proc > 1:
-            starts = execution._allgather(np.asarray([start], np.int32))
+            starts = execution._allgather(np.asarray([store.done], np.int32))
             if len(set(starts.ravel().tolist())) != 1:
-                raise RunMismatchError(f"the processes see different finished blocks in {run_dir} ({starts.ravel().tolist()}): "
+                raise RunMismatchError(f"the processes see different finished blocks in {store.path} ({starts.ravel().tolist()}): "
                                        "is the run directory on storage they all share?")
-        if start and progress:
-            print(f"resuming: blocks 0..{start - 1} already compressed in {run_dir}", file=sys.stderr)
+        if store.done and progress:
+            print(f"resuming: blocks 0..{store.done - 1} already compressed in {store.path}", file=sys.stderr)
+    start = 0 if store is None else store.done
 
     streamed = hasattr(model.layers, "stored")
-    if streamed and run_dir is None:
+    if streamed and store is None:
         raise ValueError("a model whose blocks live on disk (streaming) needs run_dir: compressed blocks are kept there")
     if streamed and n_proc > 1:
         raise ValueError("streaming with several processes is not supported yet; load the model whole")
@@ -209,8 +162,8 @@ def compress_model(
 
     def load_done():
         for i in range(start):
-            rows, enc = _load_block(run_dir, i, model.layers[i], with_encoded=keep)
-            _mark_stored(model, run_dir, i)
+            rows, enc = store.load(i, model.layers[i], with_encoded=keep)
+            store.mark_stored(model, i)
             report.extend(rows)
             if keep:
                 encoded.update({model.linear_key(i, n): e for n, e in enc.items()})
@@ -218,72 +171,50 @@ def compress_model(
     if mode == "sequential":
         load_done()  # later blocks are calibrated on the compressed ones
 
+    def finish(i, blk, name, w, c, res, secs, lanes, stats) -> tuple[dict, dict]:
+        """Check, encode and write one layer's result into the block: its encoded form and report row."""
+        lin = blk.linear(name)
+        t0 = time.perf_counter()
+        theta = np.asarray(res.theta)
+        if not np.all(np.isfinite(theta)):
+            raise FloatingPointError(f"block {i} {name}: {method} produced non-finite weights ({res.info.as_dict()})")
+        try:
+            enc = packed.encode(theta, q=res.q, pruned=constraint.prunes, dtype=dtype)
+        except packed.NotLosslessError as e:
+            raise RuntimeError(f"block {i} {name}: {method}'s result is not on its {constraint.describe()} grid: {e}") from e
+        except ValueError as e:  # e.g. values beyond float16's range
+            raise ValueError(f"block {i} {name}: cannot store {method}'s result as {dtype}: {e}") from e
+        exact = theta
+        # what is exported and evaluated: ``dtype``'s values, which encode has just checked its stored form decodes to
+        theta = jnp.asarray(dtypes.round_to(exact, dtype))
+        secs += time.perf_counter() - t0
+        rel = float(_relative_objective(w, theta, c))
+        rounding = {}
+        if dtype != "float32":  # what rounding the result to the checkpoint's dtype did to the layer objective
+            rounding = {"rel_objective_float32": float(_relative_objective(w, jnp.asarray(exact), c))}
+        lin.weight[...] = theta.astype(lin.weight[...].dtype)
+        return enc, reporter.row(i, name, w.shape, res, rel, secs, lanes, stats, blk.LINEARS[name], rounding)
+
     def on_block(i: int, stats: dict[str, np.ndarray]):
         blk = model.layers[i]
-        enc_block = {}
+        enc_block, rows = {}, {}
         # layers of equal shape that share an input (k/v under GQA, gate/up) are solved as one stack;
         # so are the experts of a mixture (statistics ``expert_in.0``, ``expert_in.1``, ...: one per expert)
         groups: dict = {}
         for name, stat in blk.LINEARS.items():
             key = (tuple(blk.linear(name).weight[...].shape), stat.split(".")[0]) if vmap_groups else name
             groups.setdefault(key, []).append(name)
-
-        def finish(name, w, c, res, secs, lanes):
-            """Check, encode and write one layer's result into the block; its report row."""
-            lin = blk.linear(name)
-            t0 = time.perf_counter()
-            theta = np.asarray(res.theta)
-            if not np.all(np.isfinite(theta)):
-                raise FloatingPointError(f"block {i} {name}: {method} produced non-finite weights ({res.info.as_dict()})")
-            try:
-                enc = packed.encode(theta, q=res.q, pruned=constraint.prunes, dtype=dtype)
-            except packed.NotLosslessError as e:
-                raise RuntimeError(f"block {i} {name}: {method}'s result is not on its {constraint.describe()} grid: {e}") from e
-            except ValueError as e:  # e.g. values beyond float16's range
-                raise ValueError(f"block {i} {name}: cannot store {method}'s result as {dtype}: {e}") from e
-            exact = theta
-            # what is exported and evaluated: ``dtype``'s values, which encode has just checked its stored form decodes to
-            theta = jnp.asarray(dtypes.round_to(exact, dtype))
-            secs += time.perf_counter() - t0
-            rel = float(_relative_objective(w, theta, c))
-            rounding = {}
-            if dtype != "float32":  # what rounding the result to the checkpoint's dtype did to the layer objective
-                rounding = {"rel_objective_float32": float(_relative_objective(w, jnp.asarray(exact), c))}
-            enc_block[name] = enc
-            lin.weight[...] = theta.astype(lin.weight[...].dtype)
-            routed = {}
-            stat = blk.LINEARS[name]
-            if f"{stat}#tokens" in stats:  # an expert of a mixture: how many calibration tokens reached it
-                routed = {"routed_tokens": int(stats[f"{stat}#tokens"]), "statistic": "all tokens (fallback)"
-                          if bool(stats[f"{stat}#fallback"]) else "routed tokens"}
-                if routed["statistic"] != "routed tokens" and name.endswith(("gate_proj", "w1")) and rank == 0:
-                    print(f"note: block {i} {name.rsplit('.', 1)[0]}: {routed['routed_tokens']} calibration token(s) routed to it "
-                          f"(fewer than {min_expert_tokens}): calibrated on all tokens instead", file=sys.stderr)
-            row = {"block": i, "layer": name, "method": method, "shape": list(w.shape), "rel_objective": rel,
-                   "seconds": round(secs, 4), "stacked": lanes, **routed, **rounding, **res.info.as_dict()}
-            rows[name] = row
-            if res.info.stop == "nonfinite":
-                print(f"warning: block {i} {name}: an AWP update became non-finite; the last finite feasible iterate "
-                      "was kept (see the report's stop column)", file=sys.stderr)
-            if res.info.damping_retries:
-                print(f"note: block {i} {name}: Cholesky failed at the base damping; succeeded after "
-                      f"{res.info.damping_retries} retries with 10x damping ({res.info.damping:.3g})", file=sys.stderr)
-            if verbose:
-                extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.info.as_dict().items())
-                print(f"  block {i:2d} {name:<9} {str(tuple(w.shape)):<12} rel.obj {rel:.4g}  {secs:6.2f}s  {extra}", file=sys.stderr)
-
-        rows: dict[str, dict] = {}
         for g, names in enumerate(groups.values()):
             ws = [jnp.asarray(blk.linear(n).weight[...], jnp.float32) for n in names]
             cs = [jnp.asarray(stats[blk.LINEARS[n]], jnp.float32) for n in names]
             out, secs = executor.run_group(g, method, ws, cs, constraint, options, f"block {i} {'/'.join(names)}")
             for n, w, c, res in zip(names, ws, cs, out):
-                finish(n, w, c, res, secs, len(names))
+                enc_block[n], rows[n] = finish(i, blk, n, w, c, res, secs, len(names), stats)
             del ws, cs, out, w, c, res  # one group's weights, statistics and results at a time
         rows = [rows[n] for n in blk.LINEARS]  # in the block's order
-        if run_dir is not None and rank == 0:
-            _save_block(run_dir, i, blk, rows, enc_block)
-            _mark_stored(model, run_dir, i)
+        if store is not None and rank == 0:
+            store.save(i, blk, rows, enc_block)
+            store.mark_stored(model, i)
         report.extend(rows)
         if keep:
             encoded.update({model.linear_key(i, n): e for n, e in enc_block.items()})

@@ -86,8 +86,9 @@ class OnMesh(Executor):
 
     def notes(self, method, constraint, options):
         reason = methods.mesh_reason(method, constraint, options)
-        return [] if reason is None else [f"note: {reason}: its layers are compressed on one device; the calibration forward "
-                                          "still runs on the mesh"]
+        if reason is None:
+            return []
+        return [f"note: {reason}: its layers are compressed on one device; the calibration forward still runs on the mesh"]
 
     def solve(self, method, ws, cs, constraint, options):
         if methods.mesh_reason(method, constraint, options) is not None:

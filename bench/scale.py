@@ -43,7 +43,7 @@ SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_hea
 # runs in the child: the CLI with timers around loading, solving and writing
 CHILD = r"""
 import json, sys, time
-from awp_jax import compress, formats, memory, methods, streaming
+from awp_jax import compress, formats, memory, methods, runstore, streaming
 times = {"load": 0.0, "solve": 0.0, "write": 0.0}
 def timed(key, fn):
     def wrapped(*a, **k):
@@ -54,7 +54,7 @@ def timed(key, fn):
             times[key] += time.perf_counter() - t
     return wrapped
 streaming.StreamedModel._build = timed("load", streaming.StreamedModel._build)
-compress._load_linears = timed("load", compress._load_linears)
+runstore.RunStore.load_linears = timed("load", runstore.RunStore.load_linears)
 methods.compress_layer = timed("solve", methods.compress_layer)
 methods.compress_layers = timed("solve", methods.compress_layers)
 formats.save = timed("write", formats.save)
