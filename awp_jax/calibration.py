@@ -64,11 +64,15 @@ def _routed_grams(v, mask):
 
 def _finish(totals: dict, n_tokens: int, routed: tuple, min_expert_tokens: int) -> dict[str, np.ndarray]:
     """Divide the sums by their token counts; routed statistics become one entry per expert
-    (``name.e``, with ``name.e#tokens`` and ``name.e#fallback``)."""
+    (``name.e``, with ``name.e#tokens`` and ``name.e#fallback``). ``totals`` is emptied as it goes:
+    each sum on the device is freed once its host copy exists, so one statistic is held twice at a
+    time, not all of them."""
     out = {}
-    for k, v in totals.items():
+    for k in list(totals):
+        v = totals.pop(k)
         if k not in routed:
             a = np.array(v)  # one host copy, divided in place (no second [d, d] array)
+            del v
             a /= a.dtype.type(n_tokens)
             out[k] = a
             continue
@@ -203,8 +207,9 @@ def block_statistics(
             if accumulate == "float64":
                 grams = jax.tree.map(lambda v: np.asarray(v, np.float64), grams)
             totals = grams if totals is None else jax.tree.map(lambda a, b: a + b, totals, grams)
+        grams = None  # ``totals`` holds the only references: _finish frees each sum as it copies it
         c = _finish(totals, n_tokens, tuple(getattr(model.layers[li], "ROUTED", ())), min_expert_tokens)
-        totals = grams = None  # the sums on the device are freed before the block is compressed
+        totals = None
         if on_block is None:
             kept.append(c)
         else:

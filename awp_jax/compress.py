@@ -102,6 +102,7 @@ def compress_model(
     settings: dict | None = None,
     encoded: dict | None = None,
     vmap_groups: bool = True,
+    max_stack_bytes: int | None = 256 * 2**20,
     min_expert_tokens: int = calibration.MIN_EXPERT_TOKENS,
     executor: execution.Executor | None = None,
 ) -> list[dict]:
@@ -116,7 +117,9 @@ def compress_model(
 
     ``vmap_groups``: solve the layers of a block that have the same shape and input (k/v under
     GQA, gate/up, the experts of a mixture) as one vmapped stack, for methods that offer it (AWP);
-    results are the same.
+    results are the same. A group whose float32 weights together exceed ``max_stack_bytes`` (default
+    256 MiB; ``None``: no limit) is solved one layer at a time, so the solver's buffers are one
+    layer's (Llama-2-7B's gate/up: 2 x 180 MB, solved apart; its k/v stacked).
 
     Mixtures of experts: each expert is compressed against the tokens routed to it; one that fewer
     than ``min_expert_tokens`` calibration tokens reach is calibrated on all tokens (see
@@ -204,6 +207,12 @@ def compress_model(
         for name, stat in blk.LINEARS.items():
             key = (tuple(blk.linear(name).weight[...].shape), stat.split(".")[0]) if vmap_groups else name
             groups.setdefault(key, []).append(name)
+        if max_stack_bytes is not None:
+            split = {}
+            for key, names in groups.items():
+                size = sum(4 * int(np.prod(blk.linear(n).weight[...].shape)) for n in names)
+                split.update({(key, n): [n] for n in names} if size > max_stack_bytes and len(names) > 1 else {key: names})
+            groups = split
         for g, names in enumerate(groups.values()):
             ws = [jnp.asarray(blk.linear(n).weight[...], jnp.float32) for n in names]
             cs = [jnp.asarray(stats[blk.LINEARS[n]], jnp.float32) for n in names]

@@ -3,8 +3,9 @@
 :func:`open_model` reads a Hugging Face directory's config and every shard's header, and builds
 only what lies outside the blocks (embedding, final norm, head). Its ``layers`` materialise block
 ``i`` from the checkpoint when the pipeline asks for it, one block at a time: asking for another
-drops the previous one. The weights are read in the checkpoint's own dtype (bf16 stays bf16 until
-the block is built in the forward dtype); nothing else is kept.
+drops the previous one. The weights are read and held in the checkpoint's own dtype (bf16 stays
+bf16: ``param_dtype``); every product promotes them to the forward's float32, exactly, so results
+equal a model held in float32 bit for bit (tested). Nothing else is kept.
 
 The pipeline (:func:`awp_jax.compress.compress_model`) writes every compressed block to its run
 directory and tells the model so (``layers.stored(i, loader)``): from then on block ``i`` is built
@@ -13,9 +14,10 @@ from the checkpoint with its linear layers read back by ``loader``. Evaluation
 output (:mod:`awp_jax.formats.hf`) writes tensor by tensor (:meth:`StreamedModel.tensor`), so no
 step ever holds the whole model.
 
-Memory: one block in float32 (built from its stored dtype), the outer tensors, the calibration
-hidden states (``n × seqlen × hidden`` floats, twice) and one block's C matrices plus the solver's
-buffers for one layer group. ``bench/scale.py`` measures it against the number of blocks.
+Memory: one block and the outer tensors in the checkpoint's dtype, the calibration hidden states
+(``n × seqlen × hidden`` floats, twice), one block's C matrices, and the solver's buffers for one
+layer group (groups above 256 MiB of float32 weights are solved a layer at a time:
+``compress_model(max_stack_bytes=...)``). ``bench/scale.py`` measures it against the number of blocks.
 """
 
 from __future__ import annotations
@@ -143,4 +145,5 @@ def open_model(spec: os.PathLike, *, dtype: str = "float32") -> StreamedModel:
             f"streaming reads a Hugging Face directory (config.json + safetensors); {spec or 'the default model'} is not one "
             "(GGUF files, orbax directories and the named models are loaded whole: run without --stream)")
     cfg, source = checkpoints.open_hf_dir(p)
-    return StreamedModel(dataclasses.replace(cfg, dtype=dtype), source)
+    # weights are held in the checkpoint's dtype (half of float32 for bf16) and promoted exactly in every product
+    return StreamedModel(dataclasses.replace(cfg, dtype=dtype, param_dtype=cfg.storage_dtype), source)

@@ -75,13 +75,18 @@ def test_awp_beats_wanda_and_gptq_awq_beat_rtn_per_layer_on_average():
 def test_vmapped_equal_shape_layers_give_the_same_model(spec, opts):
     a = Llama(SMALL, random_weights(SMALL, 11))
     b = Llama(SMALL, random_weights(SMALL, 11))
+    c = Llama(SMALL, random_weights(SMALL, 11))
     ra = compress.compress_model(a, _windows(), "awp", spec, opts, progress=False, vmap_groups=True)
     rb = compress.compress_model(b, _windows(), "awp", spec, opts, progress=False, vmap_groups=False)
+    # a size limit on stacks: gate/up (2 x 128 KiB of float32) are solved apart, k/v (2 x 32 KiB) stacked
+    rc = compress.compress_model(c, _windows(), "awp", spec, opts, progress=False, max_stack_bytes=100 * 2**10)
     assert {r["layer"]: r["stacked"] for r in ra if r["block"] == 0} == {
         "q_proj": 1, "k_proj": 2, "v_proj": 2, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 1}
-    wa, wb = weights_of(a), weights_of(b)
-    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
-    assert [r["iterations"] for r in ra] == [r["iterations"] for r in rb]
+    assert {r["layer"]: r["stacked"] for r in rc if r["block"] == 0} == {
+        "q_proj": 1, "k_proj": 2, "v_proj": 2, "o_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+    wa, wb, wc = weights_of(a), weights_of(b), weights_of(c)
+    assert all(np.array_equal(wa[k], wb[k]) and np.array_equal(wa[k], wc[k]) for k in wa)
+    assert [r["iterations"] for r in ra] == [r["iterations"] for r in rb] == [r["iterations"] for r in rc]
 
 
 GEMMA3_SMALL = dict(vocab_size=SMALL.vocab_size, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,

@@ -161,8 +161,8 @@ class Gemma2(llama.Llama):
     Block = Gemma2Block
 
     def embed(self, tokens):
-        e = self.embed_tokens[...]
-        return e[tokens] * jnp.asarray(math.sqrt(self.cfg.hidden_size), e.dtype)
+        e = self.embed_tokens[...][tokens].astype(self.cfg.jnp_dtype)
+        return e * jnp.asarray(math.sqrt(self.cfg.hidden_size), e.dtype)
 
     def context(self, seq_len: int) -> tuple:
         """Rotary tables of the global layers, then of the sliding-window layers."""

@@ -53,8 +53,11 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     max_position_embeddings: int = 2048
-    dtype: str = "float32"  # parameters and activations in the forward pass
+    dtype: str = "float32"  # activations in the forward pass (and parameters, unless param_dtype says otherwise)
     storage_dtype: str = "float32"  # the checkpoint's own dtype: weights hold its values, outputs are written in it
+    # the dtype parameters are held in (None: ``dtype``). Streaming holds them in the checkpoint's own
+    # (half the memory of float32 for bf16); each product promotes them to ``dtype``, exactly
+    param_dtype: str | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -64,10 +67,16 @@ class DecoderConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         dtypes.check(self.storage_dtype)
+        if self.param_dtype is not None:
+            dtypes.check(self.param_dtype)
 
     @property
     def jnp_dtype(self):
         return jnp.float32 if self.dtype == "float32" else jnp.bfloat16
+
+    @property
+    def param_jnp_dtype(self):
+        return self.jnp_dtype if self.param_dtype is None else dtypes.np_dtype(self.param_dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -168,7 +177,7 @@ class Block(nnx.Module):
         return key in w
 
     def _get(self, w, key):
-        return jnp.asarray(w[key], self.cfg.jnp_dtype)
+        return jnp.asarray(w[key], self.cfg.param_jnp_dtype)
 
     @classmethod
     def key(cls, i: int, name: str) -> str:
@@ -284,7 +293,7 @@ class Llama(nnx.Module):
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors for this config, e.g. {missing[:3]}")
         _check_shapes(self.shapes(cfg), weights)
-        dt = cfg.jnp_dtype
+        dt = cfg.param_jnp_dtype
         self.cfg = cfg
         self.embed_tokens = nnx.Param(jnp.asarray(weights["model.embed_tokens.weight"], dt))
         self.layers = nnx.List([self.Block(cfg, block_weights(weights, i), i) for i in range(cfg.num_layers)])
@@ -315,7 +324,7 @@ class Llama(nnx.Module):
         return out
 
     def embed(self, tokens):
-        return self.embed_tokens[...][tokens]
+        return self.embed_tokens[...][tokens].astype(self.cfg.jnp_dtype)
 
     def context(self, seq_len: int) -> tuple:
         """What every block takes besides its input, for sequences of ``seq_len``: cos, sin tables."""
