@@ -456,12 +456,20 @@ def _sparsegpt_rows(w, c, *, n_rows, con, opt):
                          axis_name=sharding.ROWS, n_rows=n_rows)
 
 
-def _sparsegpt_mesh(ws, cs, con, opt, mesh):
-    out = []
-    for w, c in zip(ws, cs):
-        theta, damp, ok = sharding.rows_on_mesh(_sparsegpt_rows, w, c, mesh, con=con, opt=opt)
-        out.append(LayerResult(theta, _damping_info(c, opt.percdamp, damp, ok)))
-    return out
+def _sweep_on_mesh(rows_fn, result):
+    """An OBS sweep's mesh form: each layer with its rows over every device (``rows_fn`` on the
+    local rows, returning ``(result, damping, ok)``); ``result(r, info)`` makes its LayerResult."""
+    def run(ws, cs, con, opt, mesh):
+        out = []
+        for w, c in zip(ws, cs):
+            r, damp, ok = sharding.rows_on_mesh(rows_fn, w, c, mesh, con=con, opt=opt)
+            out.append(result(r, _damping_info(c, opt.percdamp, damp, ok)))
+        return out
+
+    return run
+
+
+_sparsegpt_mesh = _sweep_on_mesh(_sparsegpt_rows, LayerResult)
 
 
 @register("sparsegpt", {"prune", "nm"}, "SparseGPT OBS sweep (blocksize 128, damping 0.01)", SparseGPTOptions,
@@ -480,12 +488,7 @@ def _gptq_rows(w, c, *, n_rows, con, opt):
     return obs.gptq(w, c, con.quant, blocksize=opt.blocksize, percdamp=opt.percdamp, act_order=opt.act_order)
 
 
-def _gptq_mesh(ws, cs, con, opt, mesh):
-    out = []
-    for w, c in zip(ws, cs):
-        q, damp, ok = sharding.rows_on_mesh(_gptq_rows, w, c, mesh, con=con, opt=opt)
-        out.append(_quantized(q, _damping_info(c, opt.percdamp, damp, ok)))
-    return out
+_gptq_mesh = _sweep_on_mesh(_gptq_rows, _quantized)
 
 
 @register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)", GPTQOptions, mesh=_gptq_mesh)

@@ -125,7 +125,8 @@ def main(argv=None):
     acts = 2 * T * D * 4 / 2**20
     outer = 49152 * D * 4 / 2**20
     store = RESULTS / "scale_runs.json"
-    rows = json.loads(store.read_text())["rows"] if store.exists() else []  # finished rows are kept: resumable
+    rows = json.loads(store.read_text()).get("rows", []) if store.exists() else []  # finished rows are kept: resumable
+    previous = json.loads(store.read_text()).get("previous") if store.exists() else None
     base = json.loads(store.read_text()).get("baseline_mb") if store.exists() else None
     try:
         for n in [int(b) for b in args.blocks.split(",")]:
@@ -194,12 +195,20 @@ def main(argv=None):
         if len(ks) > 1:
             lines.append(f"- {m}: {ks[0]} → {ks[-1]} blocks: {d[ks[-1]]['peak_mb'] - d[ks[0]]['peak_mb']:+.0f} MB "
                          f"(one block in float32 is {block:.0f} MB)")
+    if previous:
+        lines += ["", f"Before (commit {previous['commit']}, {previous['what']}), same command:", ""]
+        lines += [f"- {r['blocks']} blocks, {r['method']}: peak {r['peak_mb']:.0f} MB, {r['seconds'] / r['blocks']:.0f} s / block"
+                  for r in previous["rows"]]
     lines += ["", "`forward` is the rest of the run: the calibration forward and C accumulation, tokenizing, starting up. "
-              "`load` reads a block from disk and builds it in float32 (bf16 → float32), `write` the whole output "
+              "`load` reads a block from disk and builds it in the checkpoint's dtype, `write` the whole output "
               "(sharded safetensors, tensor by tensor)."]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
-    store.write_text(json.dumps({"baseline_mb": base, "bound_mb": bound, "rows": rows}, indent=2))
+    md = RESULTS / "scale.md"
+    kept = ""  # bench/scale_device.py's section
+    if md.exists() and "## One block on a device" in md.read_text():
+        kept = "\n## One block on a device" + md.read_text().split("## One block on a device", 1)[1]
+    md.write_text("\n".join(lines) + "\n" + kept)
+    store.write_text(json.dumps({"baseline_mb": base, "bound_mb": bound, "rows": rows, **({"previous": previous} if previous else {})}, indent=2))
     print("\n".join(lines))
 
 
