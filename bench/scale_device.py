@@ -78,25 +78,6 @@ def build(seed: int = 0):
     return Llama(cfg, w)
 
 
-def awp_matmul_seconds(shapes: list[tuple[int, int]], reps: int) -> dict:
-    """One ``(W - Θ) C`` product per layer shape, at the solver's precision (float32, highest)."""
-    import jax
-    import jax.numpy as jnp
-
-    out = {}
-    for d_out, d_in in sorted(set(shapes)):
-        a = jax.random.normal(jax.random.key(1), (d_out, d_in), jnp.float32)
-        c = jax.random.normal(jax.random.key(2), (d_in, d_in), jnp.float32)
-        f = jax.jit(lambda x, y: jnp.matmul(x, y, precision="highest"))
-        f(a, c).block_until_ready()
-        t = time.perf_counter()
-        for _ in range(reps):
-            r = f(a, c)
-        r.block_until_ready()
-        out[f"{d_out}x{d_in}"] = (time.perf_counter() - t) / reps
-    return out
-
-
 def run(name: str, windows) -> dict:
     from awp_jax import compress, execution, methods
 
@@ -152,11 +133,6 @@ def main(argv=None):
         result["runs"][name] = run(name, windows)
         if args.out:
             pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
-    shapes = [tuple(v["shape"]) for r in result["runs"].values() for v in r["warm"]["layers"].values()]
-    if shapes:
-        result["awp_matmul_seconds"] = awp_matmul_seconds(shapes, 3 if dev.platform == "cpu" else 50)
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 
