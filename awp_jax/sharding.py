@@ -120,7 +120,7 @@ def _pad_to(x, axis, multiple):
 
 def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh):
     def local(w, c):  # [l, r, d_in], [l, d_in, d_in] on one device
-        return jax.vmap(lambda wi, ci: solver_lib._solve_core(wi, ci, None, config, axis_name="model"))(w, c)
+        return jax.vmap(lambda wi, ci: solver_lib.solve_traced(wi, ci, config, axis_name="model"))(w, c)
 
     per = P("stack")
     out_specs = solver_lib.PGDResult(

@@ -18,6 +18,14 @@ the final phase, or the initial point when the final projection made it (Wanda, 
 PGD with the paper's step ``2/||C||_F`` sits at the edge of the stable range and need not be
 monotone, and a quantization grid recomputed at every step is not a fixed set.
 
+Structure: the objective (:class:`Quadratic`) computes gradients and values from a layer's
+:class:`Problem`; a solver is a small immutable object with ``init`` / ``step`` / ``terminate`` /
+``result`` (:class:`PGD`, :class:`AcceleratedPGD`); one driver runs any of them (:func:`run`, a
+``while_loop``; :func:`run_path`, a ``scan`` recording iterates); post-processing stages
+(:class:`CGRefit`, :class:`ExactFigures`) map a result to a result. :func:`make_solver` turns a
+:class:`PGDConfig` into these, and the sharded solve (:mod:`awp_jax.sharding`) uses the same
+driver through :func:`solve_traced`.
+
 Public entry points (where ``jit`` happens, one compilation per shapes × config):
 :func:`solve_pgd` (one layer), :func:`solve_pgd_stack` (``vmap`` over equal-shape layers) and
 :func:`pgd_path` (all iterates, for analysis).
@@ -41,23 +49,34 @@ from awp_jax.quantizers import QuantSpec
 from awp_jax.saliency import magnitude_score, wanda_score
 
 __all__ = [
-    "StopReason",
+    "PGD",
+    "AcceleratedPGD",
+    "CGRefit",
+    "ExactFigures",
     "PGDConfig",
     "PGDResult",
+    "Problem",
+    "Quadratic",
+    "State",
+    "StopReason",
+    "awp_joint",
+    "awp_nm",
+    "awp_nm_joint",
+    "awp_pruning",
+    "awp_quantization",
+    "initial_point",
+    "lambda_max",
+    "make_solver",
+    "objective",
+    "pgd_path",
+    "refit_support",
+    "run",
+    "run_path",
     "solve_pgd",
     "solve_pgd_stack",
-    "pgd_path",
-    "objective",
+    "solve_traced",
     "step_size",
-    "lambda_max",
-    "initial_point",
-    "refit_support",
     "trace_count",
-    "awp_pruning",
-    "awp_nm",
-    "awp_quantization",
-    "awp_joint",
-    "awp_nm_joint",
 ]
 
 
@@ -269,26 +288,6 @@ class PGDResult(NamedTuple):
     source: jax.Array | None = None
 
 
-class _State(NamedTuple):
-    t: jax.Array
-    theta: jax.Array
-    grad: jax.Array  # (W - Θ) C
-    obj: jax.Array
-    gnorm: jax.Array
-    best_theta: jax.Array
-    best_obj: jax.Array
-    best_gnorm: jax.Array
-    best_t: jax.Array
-    reason: jax.Array
-    trace_obj: jax.Array | None
-    trace_grad: jax.Array | None
-    prev_theta: jax.Array | None  # momentum only: Θ_{t−1} and its (W − Θ) C
-    prev_grad: jax.Array | None
-    k: jax.Array | None  # momentum only: iterations since the last restart
-    source: jax.Array | None  # quantizing schedules: the point Θ's grid was fitted on (see PGDResult)
-    best_source: jax.Array | None
-
-
 # --- pieces ---------------------------------------------------------------------------------
 
 _TRACES: collections.Counter = collections.Counter()
@@ -388,192 +387,326 @@ def _total(x, axis_name):
     return s if axis_name is None else jax.lax.psum(s, axis_name)
 
 
-def _solve_core(w, c, theta0, config: PGDConfig, with_path: bool = False, axis_name: str | None = None):
-    """Un-jitted single-layer solve (traced once per shapes × config). With ``axis_name`` the rows
-    of ``w`` are one shard of a layer split by rows over that mesh axis (inside ``shard_map``): the
-    iteration is row-local; only the objective and norms (scalars) are summed across devices."""
-    _TRACES["path" if with_path else "solve"] += 1
-    s = config.schedule
-    dtype = _compute_dtype(w, c)
-    w = w.astype(dtype)
-    c = c.astype(dtype)
-    d_in = w.shape[-1]
-    tables = s.tables(d_in)
-    keep_tab = jnp.asarray(tables.keep)
-    quant_tab = jnp.asarray(tables.quantize)
-    first_stop = tables.final_start + 1
-    T = config.max_iter
-    prec = config.precision
+# --- the problem the solvers see ----------------------------------------------------------------
 
-    # An initial point made by the final projection (Wanda, magnitude, RTN) is feasible, so it
-    # competes for "best" too: the solve never returns something worse than where it started.
-    init_feasible = theta0 is None and config.init in ("wanda", "magnitude", "rtn")
-    quantizes = s.quant is not None
-    if theta0 is None:
-        theta0, source0 = initial_point(w, c, config, with_source=True)
-    else:
-        theta0 = source0 = theta0.astype(dtype)
-    source0 = source0 if quantizes else None
-    eta = step_size(c, config)
-    wnorm = jnp.maximum(jnp.sqrt(_total(w * w, axis_name)), jnp.finfo(dtype).tiny)
 
-    if config.matmul_dtype == "bfloat16":
-        c_lo = c.astype(jnp.bfloat16)
+class Problem(NamedTuple):
+    """One layer's data as every solver sees it (a pytree; built by :meth:`Quadratic.problem`)."""
 
-        def grad_of(d):
-            return jnp.matmul(d.astype(jnp.bfloat16), c_lo, precision=prec, preferred_element_type=dtype)
-    else:
+    w: jax.Array  # [d_out, d_in] (a shard of the rows inside a sharded solve)
+    c: jax.Array  # [d_in, d_in]
+    c_op: jax.Array  # the operand the iterations multiply by: C, or its bfloat16 copy
+    eta: jax.Array  # step size
+    wnorm: jax.Array  # ||W||_F (of the whole layer), the gradient norm's scale
 
-        def grad_of(d):
-            return jnp.matmul(d, c, precision=prec)
 
-    def evaluate(theta, exact=False):
-        d = w - theta
-        g = jnp.matmul(d, c, precision=prec) if exact else grad_of(d)
-        return g, _total(d * g, axis_name), jnp.sqrt(_total(g * g, axis_name)) / wnorm
+@dataclasses.dataclass(frozen=True)
+class Quadratic:
+    r"""The layer objective ``f(Θ) = tr((W − Θ) C (W − Θ)ᵀ)``: how its gradient ``(W − Θ) C``, its
+    value and the relative gradient norm are computed. Static (hashable); the arrays live in a
+    :class:`Problem`. With ``axis_name`` the rows of W are one shard of a layer split over that
+    mesh axis (inside ``shard_map``): products stay row-local, only scalars are summed."""
 
-    if config.scope == "layer" and axis_name is not None:
-        raise ValueError("scope='layer' needs the whole matrix on one device; use scope='row' with a sharded solve")
+    precision: str = "highest"
+    matmul_dtype: Literal["float32", "bfloat16"] = "float32"
+    axis_name: str | None = None
 
-    def proj_source(z, t, prev=None):
-        """``(Θ, source)``: the projection and, for quantizing schedules, the point its grid was fitted on."""
-        k = keep_tab[t] if s.prunes_rows else None
-        # the previous iterate's support narrows the top-k search (exact either way)
+    def total(self, x):
+        return _total(x, self.axis_name)
+
+    def problem(self, w, c, config: PGDConfig) -> Problem:
+        dtype = _compute_dtype(w, c)
+        w, c = w.astype(dtype), c.astype(dtype)
+        c_op = c.astype(jnp.bfloat16) if self.matmul_dtype == "bfloat16" else c
+        wnorm = jnp.maximum(jnp.sqrt(self.total(w * w)), jnp.finfo(dtype).tiny)
+        return Problem(w=w, c=c, c_op=c_op, eta=step_size(c, config), wnorm=wnorm)
+
+    def grad(self, p: Problem, theta, exact=False):
+        d = p.w - theta
+        if exact or self.matmul_dtype == "float32":
+            return jnp.matmul(d, p.c, precision=self.precision)
+        return jnp.matmul(d.astype(jnp.bfloat16), p.c_op, precision=self.precision, preferred_element_type=p.w.dtype)
+
+    def evaluate(self, p: Problem, theta, exact=False):
+        """``((W − Θ) C, f(Θ), ||(W − Θ) C||_F / ||W||_F)``; ``exact``: in float32 whatever the matmul dtype."""
+        g = self.grad(p, theta, exact)
+        return g, self.total((p.w - theta) * g), jnp.sqrt(self.total(g * g)) / p.wnorm
+
+    def dense_value(self, p: Problem):
+        """``f(0) = tr(W C Wᵀ)``."""
+        return self.total(p.w * jnp.matmul(p.w, p.c, precision=self.precision))
+
+
+# --- solvers: small immutable objects, one driver -----------------------------------------------
+
+
+class State(NamedTuple):
+    """A solver's loop state. ``aux`` belongs to the algorithm (``None`` for plain PGD)."""
+
+    t: jax.Array  # accepted updates
+    theta: jax.Array
+    source: jax.Array | None  # quantizing schedules: the point Θ's grid was fitted on (see PGDResult)
+    grad: jax.Array  # (W − Θ) C
+    obj: jax.Array
+    gnorm: jax.Array
+    obj_init: jax.Array  # f(Θ0), exact
+    best_theta: jax.Array
+    best_source: jax.Array | None
+    best_obj: jax.Array
+    best_gnorm: jax.Array
+    best_t: jax.Array
+    reason: jax.Array  # StopReason
+    aux: object
+
+
+@dataclasses.dataclass(frozen=True)
+class PGD:
+    """Projected gradient descent, the paper's iteration ``Θ ← Proj_t(Θ + η (W − Θ) C)``, with the
+    stopping test, keep-best and non-finite rejection of :class:`PGDConfig`.
+
+    A solver is ``init`` / ``step`` / ``terminate`` / ``result``; :func:`run` drives any of them
+    (``while_loop``) and :func:`run_path` records their iterates (``scan``). A variant overrides
+    the three hooks ``init_aux``, ``point`` (where the gradient step lands before the projection)
+    and ``next_aux``, and keeps its own state in ``State.aux``.
+    """
+
+    config: PGDConfig
+    objective: Quadratic
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.max_iter
+
+    # -- hooks a variant overrides
+    def init_aux(self, p: Problem, theta, grad):
+        return None
+
+    def point(self, p: Problem, st: State):
+        return st.theta + p.eta * st.grad
+
+    def next_aux(self, st: State, theta_n, grad_n, obj_n, ok):
+        return None
+
+    # -- projection
+    def project(self, p: Problem, z, t, prev=None):
+        """``(Θ, source)``: the schedule's projection at step ``t`` and, for quantizing schedules,
+        the point its grid was fitted on. ``prev``'s support narrows the top-k search (exact either way)."""
+        s, cfg = self.config.schedule, self.config
+        tables = s.tables(p.w.shape[-1])
+        k = jnp.asarray(tables.keep)[t] if s.prunes_rows else None
         hint = None if (prev is None or k is None) else prev != 0
-        if config.scope == "layer":
-            return _layer_project(z, k * w.shape[-2], hint=hint), None
+        if cfg.scope == "layer":
+            return _layer_project(z, k * p.w.shape[-2], hint=hint), None
         mode = s.quant_mode
-        qnow = quant_tab[t] if mode == "some" else (mode == "always")
+        qnow = jnp.asarray(tables.quantize)[t] if mode == "some" else (mode == "always")
         theta, source = project(z, k=k, nm=s.nm, quant=s.quant, quantize_now=qnow, hint=hint, with_source=True)
-        return theta, source if quantizes else None
+        return theta, source if s.quant is not None else None
 
-    def proj(z, t, prev=None):
-        return proj_source(z, t, prev)[0]
-
-    if with_path:
-        if config.momentum:
-            raise ValueError("pgd_path records plain PGD iterates; momentum=True is not supported there")
-
-        def scan_body(theta, t):
-            g, _, _ = evaluate(theta)
-            nxt = proj(theta + eta * g, t)
-            return nxt, nxt
-
-        _, path = jax.lax.scan(scan_body, theta0, jnp.arange(T))
-        return jnp.concatenate([theta0[None], path], axis=0), eta
-
-    g0, obj0, gn0 = evaluate(theta0)
-    nan_trace = jnp.full((T + 1,), jnp.nan, dtype)
-    state = _State(
-        t=jnp.zeros((), jnp.int32),
-        theta=theta0,
-        grad=g0,
-        obj=obj0,
-        gnorm=gn0,
-        best_theta=theta0,
-        best_obj=obj0 if init_feasible and config.keep_best else jnp.asarray(jnp.inf, dtype),
-        best_gnorm=gn0,
-        best_t=jnp.zeros((), jnp.int32),
-        reason=jnp.asarray(StopReason.RUNNING, jnp.int32),
-        trace_obj=nan_trace.at[0].set(obj0) if config.trace else None,
-        trace_grad=nan_trace.at[0].set(gn0) if config.trace else None,
-        prev_theta=theta0 if config.momentum else None,
-        prev_grad=g0 if config.momentum else None,
-        k=jnp.ones((), jnp.int32) if config.momentum else None,
-        source=source0,
-        best_source=source0,
-    )
-
-    def cond(st):
-        return st.reason == StopReason.RUNNING
-
-    def body(st):
-        if config.momentum:
-            beta = ((st.k - 1) / (st.k + 2)).astype(dtype)
-            y = st.theta + beta * (st.theta - st.prev_theta)
-            g_y = (1 + beta) * st.grad - beta * st.prev_grad  # (W − Y) C, by linearity
-            theta_n, source_n = proj_source(y + eta * g_y, st.t, st.theta)
+    # -- the protocol
+    def init(self, p: Problem, theta0=None) -> State:
+        cfg = self.config
+        quantizes = cfg.schedule.quant is not None
+        # An initial point made by the final projection (Wanda, magnitude, RTN) is feasible, so it
+        # competes for "best" too: the solve never returns something worse than where it started.
+        init_feasible = theta0 is None and cfg.init in ("wanda", "magnitude", "rtn")
+        if theta0 is None:
+            theta0, source0 = initial_point(p.w, p.c, cfg, with_source=True)
         else:
-            theta_n, source_n = proj_source(st.theta + eta * st.grad, st.t, st.theta)
-        g_n, obj_n, gn_n = evaluate(theta_n)
+            theta0 = source0 = theta0.astype(p.w.dtype)
+        source0 = source0 if quantizes else None
+        g0, obj0, gn0 = self.objective.evaluate(p, theta0)
+        exact0 = obj0 if self.objective.matmul_dtype == "float32" else self.objective.evaluate(p, theta0, exact=True)[1]
+        return State(
+            t=jnp.zeros((), jnp.int32), theta=theta0, source=source0, grad=g0, obj=obj0, gnorm=gn0, obj_init=exact0,
+            best_theta=theta0, best_source=source0,
+            best_obj=obj0 if init_feasible and cfg.keep_best else jnp.asarray(jnp.inf, p.w.dtype),
+            best_gnorm=gn0, best_t=jnp.zeros((), jnp.int32), reason=jnp.asarray(StopReason.RUNNING, jnp.int32),
+            aux=self.init_aux(p, theta0, g0))
+
+    def step(self, p: Problem, st: State) -> State:
+        cfg = self.config
+        first_stop = cfg.schedule.tables(p.w.shape[-1]).final_start + 1
+        theta_n, source_n = self.project(p, self.point(p, st), st.t, st.theta)
+        g_n, obj_n, gn_n = self.objective.evaluate(p, theta_n)
         ok = jnp.isfinite(obj_n) & jnp.isfinite(gn_n)
         t_n = st.t + 1
-        candidate = ok & (t_n >= first_stop)
-        better = candidate & ((obj_n < st.best_obj) if config.keep_best else True)
-        sel = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        pick = lambda new, old: jnp.where(better, new, old)  # noqa: E731
+        better = ok & (t_n >= first_stop) & ((obj_n < st.best_obj) if cfg.keep_best else True)
+        sel = lambda new, old: jnp.where(ok, new, old)
+        pick = lambda new, old: jnp.where(better, new, old)
         reason = jnp.where(
             ~ok,
             StopReason.NONFINITE,
             jnp.where(
-                (t_n >= first_stop) & (gn_n < config.tol),
+                (t_n >= first_stop) & (gn_n < cfg.tol),
                 StopReason.CONVERGED,
-                jnp.where(t_n >= T, StopReason.MAX_ITER, StopReason.RUNNING),
+                jnp.where(t_n >= cfg.max_iter, StopReason.MAX_ITER, StopReason.RUNNING),
             ),
         ).astype(jnp.int32)
-        return _State(
-            t=jnp.where(ok, t_n, st.t),
-            theta=sel(theta_n, st.theta),
-            grad=sel(g_n, st.grad),
-            obj=sel(obj_n, st.obj),
-            gnorm=sel(gn_n, st.gnorm),
-            best_theta=pick(theta_n, st.best_theta),
-            best_obj=pick(obj_n, st.best_obj),
-            best_gnorm=pick(gn_n, st.best_gnorm),
-            best_t=pick(t_n, st.best_t),
-            reason=reason,
-            trace_obj=None if st.trace_obj is None else st.trace_obj.at[t_n].set(jnp.where(ok, obj_n, jnp.nan)),
-            trace_grad=None if st.trace_grad is None else st.trace_grad.at[t_n].set(jnp.where(ok, gn_n, jnp.nan)),
-            prev_theta=None if st.prev_theta is None else sel(st.theta, st.prev_theta),
-            prev_grad=None if st.prev_grad is None else sel(st.grad, st.prev_grad),
-            k=None if st.k is None else jnp.where(ok & (obj_n <= st.obj), st.k + 1, 1).astype(jnp.int32),
+        return State(
+            t=jnp.where(ok, t_n, st.t), theta=sel(theta_n, st.theta),
             source=None if st.source is None else sel(source_n, st.source),
+            grad=sel(g_n, st.grad), obj=sel(obj_n, st.obj), gnorm=sel(gn_n, st.gnorm), obj_init=st.obj_init,
+            best_theta=pick(theta_n, st.best_theta),
             best_source=None if st.best_source is None else pick(source_n, st.best_source),
+            best_obj=pick(obj_n, st.best_obj), best_gnorm=pick(gn_n, st.best_gnorm), best_t=pick(t_n, st.best_t),
+            reason=reason, aux=self.next_aux(st, theta_n, g_n, obj_n, ok))
+
+    def terminate(self, st: State):
+        return st.reason != StopReason.RUNNING
+
+    def result(self, p: Problem, st: State) -> PGDResult:
+        # No final-phase iterate accepted (non-finite at once): fall back to the last finite iterate.
+        have_best = jnp.isfinite(st.best_obj)
+        return PGDResult(
+            theta=jnp.where(have_best, st.best_theta, st.theta),
+            iterations=st.t,
+            best_iteration=jnp.where(have_best, st.best_t, st.t),
+            grad_norm=jnp.where(have_best, st.best_gnorm, st.gnorm),
+            obj_init=st.obj_init,
+            obj_final=jnp.where(have_best, st.best_obj, st.obj),
+            obj_dense=self.objective.dense_value(p),
+            stop_reason=st.reason,
+            step_size=p.eta,
+            source=None if st.source is None else jnp.where(have_best, st.best_source, st.source),
         )
 
-    st = jax.lax.while_loop(cond, body, state)
-    # No final-phase iterate accepted (non-finite at once): fall back to the last finite iterate.
-    have_best = jnp.isfinite(st.best_obj)
-    theta = jnp.where(have_best, st.best_theta, st.theta)
-    source = None if st.source is None else jnp.where(have_best, st.best_source, st.source)
-    obj_final = jnp.where(have_best, st.best_obj, st.obj)
-    gnorm_final = jnp.where(have_best, st.best_gnorm, st.gnorm)
+
+class _Momentum(NamedTuple):
+    prev_theta: jax.Array  # Θ_{t−1}
+    prev_grad: jax.Array  # its (W − Θ) C
+    k: jax.Array  # iterations since the last restart
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceleratedPGD(PGD):
+    """PGD from the extrapolated point ``Y = Θ_t + β_k (Θ_t − Θ_{t−1})``, ``β_k = (k − 1)/(k + 2)``,
+    ``k`` reset to 1 whenever the objective rises (function restart). ``(W − Y) C`` is a combination
+    of the two last gradients, so an iteration still costs one matmul."""
+
+    def init_aux(self, p, theta, grad):
+        return _Momentum(prev_theta=theta, prev_grad=grad, k=jnp.ones((), jnp.int32))
+
+    def point(self, p, st):
+        m = st.aux
+        beta = ((m.k - 1) / (m.k + 2)).astype(p.w.dtype)
+        y = st.theta + beta * (st.theta - m.prev_theta)
+        g_y = (1 + beta) * st.grad - beta * m.prev_grad  # (W − Y) C, by linearity
+        return y + p.eta * g_y
+
+    def next_aux(self, st, theta_n, grad_n, obj_n, ok):
+        m = st.aux
+        return _Momentum(prev_theta=jnp.where(ok, st.theta, m.prev_theta), prev_grad=jnp.where(ok, st.grad, m.prev_grad),
+                         k=jnp.where(ok & (obj_n <= st.obj), m.k + 1, 1).astype(jnp.int32))
+
+
+def run(solver, p: Problem, theta0=None, *, trace: bool = False) -> PGDResult:
+    """Drive ``solver`` to its stop in a ``lax.while_loop``. ``trace``: also record the objective
+    and relative gradient norm of every iterate (length ``max_steps + 1``, NaN after the stop)."""
+    st = solver.init(p, theta0)
+    if not trace:
+        st = jax.lax.while_loop(lambda s: ~solver.terminate(s), lambda s: solver.step(p, s), st)
+        return solver.result(p, st)
+    nan = jnp.full((solver.max_steps + 1,), jnp.nan, st.obj.dtype)
+
+    def body(carry):
+        s, tr_obj, tr_grad = carry
+        n = solver.step(p, s)
+        moved = n.t > s.t
+        return n, tr_obj.at[s.t + 1].set(jnp.where(moved, n.obj, jnp.nan)), tr_grad.at[s.t + 1].set(
+            jnp.where(moved, n.gnorm, jnp.nan))
+
+    st, tr_obj, tr_grad = jax.lax.while_loop(lambda c: ~solver.terminate(c[0]), body,
+                                             (st, nan.at[0].set(st.obj), nan.at[0].set(st.gnorm)))
+    return solver.result(p, st)._replace(trace_obj=tr_obj, trace_grad=tr_grad)
+
+
+def run_path(solver, p: Problem, theta0=None, steps: int | None = None):
+    """Every iterate ``[steps + 1, ...]`` of ``solver`` (``scan``; no stopping test)."""
+    st = solver.init(p, theta0)
+
+    def body(s, _):
+        n = solver.step(p, s)
+        return n, n.theta
+
+    _, path = jax.lax.scan(body, st, None, length=solver.max_steps if steps is None else steps)
+    return jnp.concatenate([st.theta[None], path], axis=0)
+
+
+# --- post-processing stages: (objective, problem, result) -> result ---------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactFigures:
+    """Recompute the returned point's objective and gradient norm in float32 (after a bfloat16 loop,
+    whose own figures are estimates)."""
+
+    def __call__(self, objective: Quadratic, p: Problem, res: PGDResult) -> PGDResult:
+        _, obj, gn = objective.evaluate(p, res.theta, exact=True)
+        return res._replace(obj_final=obj, grad_norm=gn)
+
+
+@dataclasses.dataclass(frozen=True)
+class CGRefit:
+    """Conjugate gradients on the returned point's support (:func:`refit_support`), with C damped by
+    ``damping·mean(diag C)·I``; taken only if it lowers the undamped objective."""
+
+    iters: int
+    damping: float = 0.0
+
+    def __call__(self, objective: Quadratic, p: Problem, res: PGDResult) -> PGDResult:
+        c_fit = p.c
+        if self.damping:
+            c_fit = p.c + self.damping * jnp.mean(jnp.diagonal(p.c)) * jnp.eye(p.c.shape[-1], dtype=p.c.dtype)
+        refit = refit_support(p.w, c_fit, res.theta, self.iters, objective.precision)
+        _, obj_r, gn_r = objective.evaluate(p, refit, exact=True)
+        take = jnp.isfinite(obj_r) & (obj_r < res.obj_final)
+        return res._replace(theta=jnp.where(take, refit, res.theta), obj_final=jnp.where(take, obj_r, res.obj_final),
+                            grad_norm=jnp.where(take, gn_r, res.grad_norm))
+
+
+def make_solver(config: PGDConfig, axis_name: str | None = None):
+    """The solver object, objective and post-processing stages a :class:`PGDConfig` describes."""
+    if config.scope == "layer" and axis_name is not None:
+        raise ValueError("scope='layer' needs the whole matrix on one device; use scope='row' with a sharded solve")
+    objective = Quadratic(precision=config.precision, matmul_dtype=config.matmul_dtype, axis_name=axis_name)
+    solver = (AcceleratedPGD if config.momentum else PGD)(config=config, objective=objective)
+    stages = []
     if config.matmul_dtype != "float32":  # report float32 figures, not the loop's bf16 estimates
-        _, obj_final, gnorm_final = evaluate(theta, exact=True)
-        _, obj0, _ = evaluate(theta0, exact=True)
+        stages.append(ExactFigures())
     if config.refit_iters:
-        c_fit = c
-        if config.refit_damping:
-            c_fit = c + config.refit_damping * jnp.mean(jnp.diagonal(c)) * jnp.eye(c.shape[-1], dtype=dtype)
-        refit = refit_support(w, c_fit, theta, config.refit_iters, prec)
-        _, obj_r, gn_r = evaluate(refit, exact=True)
-        take = jnp.isfinite(obj_r) & (obj_r < obj_final)
-        theta = jnp.where(take, refit, theta)
-        obj_final = jnp.where(take, obj_r, obj_final)
-        gnorm_final = jnp.where(take, gn_r, gnorm_final)
-    return PGDResult(
-        theta=theta,
-        iterations=st.t,
-        best_iteration=jnp.where(have_best, st.best_t, st.t),
-        grad_norm=gnorm_final,
-        obj_init=obj0,
-        obj_final=obj_final,
-        obj_dense=_total(w * jnp.matmul(w, c, precision=prec), axis_name),
-        stop_reason=st.reason,
-        step_size=eta,
-        trace_obj=st.trace_obj,
-        trace_grad=st.trace_grad,
-        source=source,
-    )
+        stages.append(CGRefit(config.refit_iters, config.refit_damping))
+    return solver, tuple(stages)
 
 
-_solve_jit = jax.jit(_solve_core, static_argnames=("config", "with_path"))
+def solve_traced(w, c, config: PGDConfig, theta0=None, axis_name: str | None = None) -> PGDResult:
+    """One layer's solve, un-jitted: for use inside the caller's own ``jit`` / ``vmap`` /
+    ``shard_map`` (:func:`solve_pgd` is this, jitted and validated). ``axis_name``: the rows of
+    ``w`` are one shard of the layer over that mesh axis."""
+    _TRACES["solve"] += 1
+    solver, stages = make_solver(config, axis_name)
+    p = solver.objective.problem(w, c, config)
+    res = run(solver, p, theta0, trace=config.trace)
+    for stage in stages:
+        res = stage(solver.objective, p, res)
+    return res
+
+
+def _path_traced(w, c, theta0, config: PGDConfig):
+    _TRACES["path"] += 1
+    solver, _ = make_solver(config)
+    p = solver.objective.problem(w, c, config)
+    return run_path(solver, p, theta0), p.eta
+
+
+_solve_jit = jax.jit(lambda w, c, theta0, config: solve_traced(w, c, config, theta0), static_argnames=("config",))
+_path_jit = jax.jit(_path_traced, static_argnames=("config",))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _solve_stack_jit(w, c, theta0, config: PGDConfig):
     axes = (0, 0, None if theta0 is None else 0)
-    return jax.vmap(lambda w, c, t0: _solve_core(w, c, t0, config), in_axes=axes)(w, c, theta0)
+    return jax.vmap(lambda w, c, t0: solve_traced(w, c, config, t0), in_axes=axes)(w, c, theta0)
+
 
 
 # --- validation (before any compilation) ------------------------------------------------------
@@ -633,7 +766,7 @@ def solve_pgd_stack(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.A
 
 
 def pgd_path(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None):
-    """All iterates ``[max_iter + 1, d_out, d_in]`` (no stopping test) and η — for analysis and
-    plots on small layers."""
+    """All iterates ``[max_iter + 1, d_out, d_in]`` (no stopping test; plain or accelerated, as
+    ``config.momentum`` says) and η — for analysis and plots on small layers."""
     _validate(w, c, theta0, config, stacked=False)
-    return _solve_jit(w, c, theta0, config=config, with_path=True)
+    return _path_jit(w, c, theta0, config=config)

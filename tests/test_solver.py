@@ -262,8 +262,11 @@ def test_momentum_reaches_lower_objective_in_fewer_iterations(layer_problem):
     cfg = aj.awp_pruning(0.5, max_iter=20, momentum=True)
     stacked = aj.solve_pgd_stack(np.stack([w, 2 * w]), np.stack([c, c]), cfg)
     np.testing.assert_array_equal(stacked.theta[1], aj.solve_pgd(2 * w, c, cfg).theta)
-    with pytest.raises(ValueError, match="momentum=True is not supported"):
-        aj.pgd_path(w, c, cfg)
+    # the path driver runs the same solver object: its iterate n is the solve stopped after n steps
+    path, _ = aj.pgd_path(w, c, cfg)
+    last = aj.solve_pgd(w, c, aj.awp_pruning(0.5, max_iter=20, momentum=True, tol=0.0, keep_best=False))
+    np.testing.assert_array_equal(path[-1], last.theta)
+    assert not np.array_equal(path[-1], aj.pgd_path(w, c, aj.awp_pruning(0.5, max_iter=20))[0][-1])
 
 
 def test_bf16_matmuls_reach_nearly_the_float32_objective_and_report_it_exactly(layer_problem):
