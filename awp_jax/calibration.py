@@ -114,7 +114,20 @@ def _block_fns(graphdef):
     def run(state, x, ctx):
         return nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(x, *ctx)[0]
 
-    return stats, grams_only, run
+    @jax.jit
+    def cross(state, x_dense, x, ctx):  # the dense stream's output and {name: X_dense Xᵀ} (error-correcting targets)
+        blk = nnx.merge(graphdef, state)
+        y_d, cap_d = nnx.capture(blk, nnx.Intermediate)(x_dense, *ctx)
+        _, cap = nnx.capture(blk, nnx.Intermediate)(x, *ctx)
+        out = {}
+        for k, var in cap.items():
+            if k == "routing":
+                continue
+            v_d, v = cap_d[k].get_value()[0].astype(jnp.float32), var.get_value()[0].astype(jnp.float32)
+            out[f"{k}#cross"] = jnp.einsum("bli,blj->ij", v_d, v, precision="highest")
+        return y_d, out
+
+    return stats, grams_only, run, cross
 
 
 def run_block(block, hidden: list, ctx: tuple, layout=None) -> list:
@@ -143,6 +156,8 @@ def block_statistics(
     after_prefix: Callable[[], None] | None = None,
     min_expert_tokens: int = MIN_EXPERT_TOKENS,
     layout=None,
+    cross: bool = False,
+    before_prefix: Callable[[], None] | None = None,
 ) -> list[dict[str, np.ndarray]] | None:
     """Second moments ``C`` (``{name: [d, d]}``, divided by the token count) for every block.
 
@@ -163,6 +178,14 @@ def block_statistics(
     ``layout`` (a :class:`awp_jax.sharding.ForwardLayout`): run the forward on its device mesh, each
     block's parameters and the batches placed as it says; the statistics are the same up to the
     order of floating-point sums. ``None``: the default device.
+
+    ``cross`` (sequential mode; error-correcting targets, :mod:`awp_jax.targets`): a second stream
+    of hidden states is carried through the blocks *before* ``on_block`` compresses them — the
+    dense model's — and every statistic ``name`` gets ``name#cross = X_dense Xᵀ / n``, the moment
+    between the dense model's input to that layer and the compressed model's. The blocks before
+    ``start_block`` must then be dense when the call starts: the dense stream is carried through
+    them first, then ``before_prefix()`` is called (to load the compressed blocks), then the
+    compressed stream. Not for mixtures of experts (routing differs between the streams).
     """
     if mode not in ("sequential", "parallel"):
         raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
@@ -179,10 +202,22 @@ def block_statistics(
     if layout is not None:
         hidden, ctx = [layout.batch(x) for x in hidden], layout.replicate(ctx)
     recompute = mode == "sequential" and on_block is not None
+    if cross and mode != "sequential":
+        raise ValueError("cross moments (error-correcting targets) need sequential calibration: in parallel mode "
+                         "the compressed model's inputs are the dense model's")
+    if cross and any(getattr(b, "ROUTED", ()) for b in model.layers):
+        raise ValueError("error-correcting targets are not supported for mixture-of-experts blocks "
+                         "(the dense and compressed streams route tokens differently)")
+    dense_hidden = list(hidden) if cross else None
     kept: list | None = [] if on_block is None else None
     def fns(li):  # blocks may differ in structure (e.g. sliding-window and global attention)
         return _block_fns(nnx.graphdef(model.layers[li]))
 
+    if cross:
+        for li in range(start_block):  # the blocks still hold their dense weights here
+            dense_hidden = run_block(model.layers[li], dense_hidden, ctx, layout)
+    if before_prefix is not None:
+        before_prefix()
     for li in range(start_block):
         hidden = run_block(model.layers[li], hidden, ctx, layout)
     if after_prefix is not None:
@@ -195,15 +230,19 @@ def block_statistics(
         layers = tqdm(layers, desc=f"calibration ({mode})", unit="block")
     for li in layers:
         state = _placed(nnx.state(model.layers[li]), layout)
-        stats_fn, grams_fn, run_fn = fns(li)
+        stats_fn, grams_fn, run_fn, cross_fn = fns(li)
         totals = None
-        outs = []
-        for x in hidden:
+        outs, dense_outs = [], []
+        for bi, x in enumerate(hidden):
             if recompute:
                 grams = grams_fn(state, x, ctx)
             else:
                 y, grams = stats_fn(state, x, ctx)
                 outs.append(y)
+            if cross:
+                y_d, xgrams = cross_fn(state, dense_hidden[bi], x, ctx)
+                dense_outs.append(y_d)
+                grams = {**grams, **xgrams}
             if accumulate == "float64":
                 grams = jax.tree.map(lambda v: np.asarray(v, np.float64), grams)
             totals = grams if totals is None else jax.tree.map(lambda a, b: a + b, totals, grams)
@@ -218,4 +257,6 @@ def block_statistics(
                 state = _placed(nnx.state(model.layers[li]), layout)
                 outs = [run_fn(state, x, ctx) for x in hidden]
         hidden = outs
+        if cross:
+            dense_hidden = dense_outs
     return kept

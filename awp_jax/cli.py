@@ -250,6 +250,20 @@ def _compress(args) -> int:
     from awp_jax import checkpoints, compress, data, formats, perplexity
 
     recipe, method, constraint, options = _resolve_run(args)
+    from awp_jax import allocation as allocation_lib
+    from awp_jax import targets
+
+    owl = {k: v for k, v in (("m", args.owl_m), ("lam", args.owl_lambda)) if v is not None}
+    if owl and args.allocation != "owl":
+        raise ValueError("--owl-lambda and --owl-m are settings of --allocation owl")
+    alloc = allocation_lib.Allocation(args.allocation, **owl)
+    if alloc.rule != "uniform" and (not constraint.sparsity or constraint.nm is not None):
+        raise ValueError(f"--allocation {alloc.rule} spreads an unstructured --sparsity over the blocks; "
+                         f"{constraint.describe()} has none")
+    correction = None if args.error_correction is None else targets.ErrorCorrection(alpha=args.error_correction)
+    if correction is not None and args.mode != "sequential":
+        raise ValueError("--error-correction needs --mode sequential (the compressed model's inputs differ from the dense "
+                         "model's only there)")
     fmt_options = {"gguf_type": args.gguf_type, "max_shard_size": args.max_shard_size}
     formats.get_format(args.format)
     if args.max_shard_size is not None:
@@ -319,9 +333,15 @@ def _compress(args) -> int:
     encoded: dict | None = None if args.stream else {}
     if args.stream and args.format == "hf":
         print("note: --stream writes the dense weights; the lossless compressed/ form is not written in this mode yet", file=sys.stderr)
-    layers = compress.compress_model(model, calib, method, constraint, options, mode=args.mode, batch_size=args.batch_size,
+    block_sparsity = None
+    if alloc.rule != "uniform":
+        block_sparsity = allocation_lib.allocate(model, calib, constraint.sparsity, alloc, batch_size=args.batch_size,
+                                                 progress=rank == 0, layout=executor.layout)
+    layers = compress.compress_model(model, calib, method, constraint if block_sparsity is None else
+                                     [dataclasses.replace(constraint, sparsity=s) for s in block_sparsity],
+                                     options, mode=args.mode, batch_size=args.batch_size,
                                      progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings,
-                                     encoded=encoded, executor=executor)
+                                     encoded=encoded, executor=executor, error_correction=correction)
     if getattr(executor.layout, "replicated", None):
         print("note: kept whole on every device in the calibration forward (the model axis does not divide their split "
               "dimension): " + ", ".join(sorted(executor.layout.replicated)), file=sys.stderr)
@@ -337,6 +357,8 @@ def _compress(args) -> int:
         "recipe": recipe.to_dict(), "method": method, "constraint": dataclasses.asdict(constraint), "options": opts,
         "calibration": {"text": str(args.calib), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "mode": args.mode},
         "evaluation": {"text": str(args.eval_text), "seqlen": args.eval_seqlen, "windows": args.eval_windows},
+        "allocation": {**dataclasses.asdict(alloc), "block_sparsity": block_sparsity},
+        "error_correction": None if correction is None else dataclasses.asdict(correction),
         "perplexity": ppl, "seconds": round(time.perf_counter() - t_start, 1), "layers": layers,
     }
     formats.save(model, out, format=args.format, encoded=encoded, tokenizer=tok, source=source, report=report,
@@ -403,6 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--eval-text", default="evaluation", help="evaluation text: 'evaluation' (Wikipedia articles) or a file")
     comp.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
     comp.add_argument("--eval-windows", type=int, default=32, help="evaluation windows; 0 skips evaluation (default 32)")
+    comp.add_argument("--allocation", choices=("uniform", "owl"), default="uniform",
+                      help="how --sparsity is spread over the blocks: the same everywhere (default), or OWL's outlier rule "
+                           "(blocks with more activation outliers keep more weights; the model's total is unchanged exactly)")
+    comp.add_argument("--owl-lambda", type=float, default=None, help="with --allocation owl: block sparsities span at most "
+                      "twice this around --sparsity (default 0.08, OWL's)")
+    comp.add_argument("--owl-m", type=float, default=None, help="with --allocation owl: an outlier is a Wanda score above "
+                      "this many times its block's mean (default 5, OWL's)")
+    comp.add_argument("--error-correction", type=float, default=None, metavar="ALPHA",
+                      help="fit each layer, fed the compressed model's inputs, to the dense model's outputs, with this "
+                           "fraction of the correction in (0, 1] (QEP's alpha; default: off). Works with every method")
     comp.add_argument("--batch-size", type=int, default=8)
     comp.add_argument("--num-processes", type=int, default=1, help="compress with this many processes (jax.distributed; default 1)")
     comp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, with --num-processes > 1")

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from awp_jax import calibration, dtypes, execution, memory, methods, packed
+from awp_jax import targets as targets_lib
 from awp_jax.models import Llama
 from awp_jax.runstore import RunMismatchError, RunStore
 from awp_jax.solver import objective
@@ -91,7 +92,7 @@ def compress_model(
     model: Llama,
     windows: np.ndarray,
     method: str,
-    constraint: methods.Constraint,
+    constraint: methods.Constraint | list[methods.Constraint],
     options=None,
     *,
     mode: Literal["sequential", "parallel"] = "sequential",
@@ -105,6 +106,7 @@ def compress_model(
     max_stack_bytes: int | None = 256 * 2**20,
     min_expert_tokens: int = calibration.MIN_EXPERT_TOKENS,
     executor: execution.Executor | None = None,
+    error_correction: targets_lib.ErrorCorrection | None = None,
 ) -> list[dict]:
     """Compress ``model`` in place; returns one report row per layer (see the module docstring).
 
@@ -126,26 +128,41 @@ def compress_model(
     :func:`awp_jax.calibration.block_statistics`). Its report rows say which (``statistic``) and
     how many tokens it got (``routed_tokens``); the router stays dense.
 
+    ``constraint``: one for every block, or a list with one per block (a non-uniform sparsity
+    allocation, :mod:`awp_jax.allocation`).
+
+    ``error_correction``: fit every layer, fed the compressed model's inputs, to the dense model's
+    outputs (:mod:`awp_jax.targets`; sequential mode). The method then compresses the corrected
+    weights ``W_α`` against ``C``, and the report's ``rel_objective`` is relative to that target
+    (``tr((W_α−Θ)C(W_α−Θ)ᵀ) / tr(W_α C W_αᵀ)``, the error-correcting objective up to a constant).
+
     ``executor``: where the layers are compressed and the calibration forward runs
     (:mod:`awp_jax.execution`); ``None``: :func:`awp_jax.execution.choose` without a mesh (one
     device, or the processes of ``jax.distributed``)."""
     rank, n_proc = jax.process_index(), jax.process_count()
     progress = progress and rank == 0
-    _, options = methods.resolve(method, constraint, options)
+    per_block = not isinstance(constraint, methods.Constraint)
+    constraints = list(constraint) if per_block else [constraint] * len(model.layers)
+    if len(constraints) != len(model.layers) or not all(isinstance(c, methods.Constraint) for c in constraints):
+        raise ValueError(f"constraint must be a Constraint or a list of {len(model.layers)} (one per block), got {constraint!r}")
+    for con in dict.fromkeys(constraints):
+        _, options = methods.resolve(method, con, options)
     executor = execution.choose() if executor is None else executor
     if rank == 0:
-        for line in executor.notes(method, constraint, options):
+        for line in executor.notes(method, constraints[0], options):
             print(line, file=sys.stderr)
     dtype = model.cfg.storage_dtype
     reporter = Reporter(method, min_expert_tokens, verbose, rank)
     report: list[dict] = []
     store = None
     if run_dir is not None:
-        full = {"method": method, "constraint": repr(constraint), "options": repr(options), "dtype": dtype, "mode": mode, "batch_size": batch_size,
+        full = {"method": method, "constraint": repr(constraints if per_block else constraint), "options": repr(options), "dtype": dtype, "mode": mode, "batch_size": batch_size,
                 "windows_sha": hashlib.sha256(np.ascontiguousarray(windows, np.int32).tobytes()).hexdigest(),
                 **(settings or {})}
         if any(getattr(b, "ROUTED", ()) for b in model.layers):
             full["min_expert_tokens"] = min_expert_tokens
+        if error_correction is not None:
+            full["error_correction"] = repr(error_correction)
         store = RunStore(run_dir, full, len(model.layers), write=rank == 0)
         if n_proc > 1:
             starts = execution._allgather(np.asarray([store.done], np.int32))
@@ -171,12 +188,15 @@ def compress_model(
             if keep:
                 encoded.update({model.linear_key(i, n): e for n, e in enc.items()})
 
-    if mode == "sequential":
+    if error_correction is not None and mode != "sequential":
+        raise ValueError("error-correcting targets need sequential calibration (--mode sequential)")
+    if mode == "sequential" and error_correction is None:
         load_done()  # later blocks are calibrated on the compressed ones
 
     def finish(i, blk, name, w, c, res, secs, lanes, stats) -> tuple[dict, dict]:
         """Check, encode and write one layer's result into the block: its encoded form and report row."""
         lin = blk.linear(name)
+        constraint = constraints[i]
         t0 = time.perf_counter()
         theta = np.asarray(res.theta)
         if not np.all(np.isfinite(theta)):
@@ -216,7 +236,10 @@ def compress_model(
         for g, names in enumerate(groups.values()):
             ws = [jnp.asarray(blk.linear(n).weight[...], jnp.float32) for n in names]
             cs = [jnp.asarray(stats[blk.LINEARS[n]], jnp.float32) for n in names]
-            out, secs = executor.run_group(g, method, ws, cs, constraint, options, f"block {i} {'/'.join(names)}")
+            if error_correction is not None:  # the dense model's outputs are the target
+                ws = [targets_lib.corrected_weight(w, c, stats[blk.LINEARS[n] + "#cross"], error_correction)
+                      for n, w, c in zip(names, ws, cs)]
+            out, secs = executor.run_group(g, method, ws, cs, constraints[i], options, f"block {i} {'/'.join(names)}")
             for n, w, c, res in zip(names, ws, cs, out):
                 enc_block[n], rows[n] = finish(i, blk, n, w, c, res, secs, len(names), stats)
             del ws, cs, out, w, c, res  # one group's weights, statistics and results at a time
@@ -231,5 +254,7 @@ def compress_model(
 
     calibration.block_statistics(model, windows, mode=mode, batch_size=batch_size, on_block=on_block, progress=progress,
                                  start_block=start, after_prefix=None if mode == "sequential" else load_done,
-                                 min_expert_tokens=min_expert_tokens, layout=executor.layout)
+                                 min_expert_tokens=min_expert_tokens, layout=executor.layout,
+                                 cross=error_correction is not None,
+                                 before_prefix=load_done if error_correction is not None else None)
     return report

@@ -1,6 +1,7 @@
 """End to end on a small random Llama: every method, the export, the command line."""
 
 import dataclasses
+import functools
 import json
 import re
 
@@ -12,6 +13,7 @@ from awp_jax import assets, checkpoints, compress, methods
 from awp_jax.cli import main
 from awp_jax.export import OutputExistsError, save_hf_dir
 from awp_jax.models import Llama, LlamaConfig, forward, random_weights, weights_of
+from awp_jax.targets import ErrorCorrection
 
 SMALL = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=512)
@@ -170,6 +172,11 @@ def test_cli_compress_and_eval(small_dir, tmp_path, capsys):
     (["--sparsity", "1.0"], r"sparsity must be a number in \[0, 1\)"),
     (["--nm", "4:2"], "1 <= N <= M"),
     (["--model", "/no/such/model"], "model not found"),
+    (["--owl-lambda", "0.1"], "settings of --allocation owl"),
+    (["--allocation", "owl", "--nm", "2:4"], "spreads an unstructured --sparsity"),
+    (["--allocation", "owl", "--owl-lambda", "1.5"], "lambda must be in"),
+    (["--error-correction", "2"], r"alpha must be a number in \(0, 1\]"),
+    (["--error-correction", "0.5", "--mode", "parallel"], "needs --mode sequential"),
 ])
 def test_cli_errors_name_the_problem(small_dir, tmp_path, capsys, args, message):
     base = ["compress", "--model", str(small_dir / "model"), "--calib", str(small_dir / "text.jsonl"), "--out", str(tmp_path / "o")]
@@ -245,13 +252,17 @@ def test_cli_bad_nm_syntax(capsys):
     assert "expected N:M such as 2:4" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+@pytest.mark.parametrize("mode", ["sequential", "parallel", "sequential, error-correcting"])
 def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch, mode):
     spec = methods.Constraint(sparsity=0.5)
     opts = methods.AWPOptions(max_iter=15)
     cfg = dataclasses.replace(SMALL, num_layers=3)
+    ec = None
+    if mode.endswith("error-correcting"):  # the dense stream is carried through the finished blocks' dense weights
+        mode, ec = "sequential", ErrorCorrection(alpha=1.0)
+    compress_model = functools.partial(compress.compress_model, error_correction=ec)
     ref = Llama(cfg, random_weights(cfg, 6))
-    ref_report = compress.compress_model(ref, _windows(), "awp", spec, opts, mode=mode, progress=False)
+    ref_report = compress_model(ref, _windows(), "awp", spec, opts, mode=mode, progress=False)
 
     real = methods.compress_layer, methods.compress_layers
     calls = {"n": 0, "fail_at": None}
@@ -266,22 +277,22 @@ def test_resume_after_failure_is_bit_identical(tmp_path, monkeypatch, mode):
 
     monkeypatch.setattr(methods, "compress_layer", counting(real[0]))
     monkeypatch.setattr(methods, "compress_layers", counting(real[1]))
-    compress.compress_model(Llama(cfg, random_weights(cfg, 6)), _windows(), "awp", spec, opts, mode=mode, progress=False)
+    compress_model(Llama(cfg, random_weights(cfg, 6)), _windows(), "awp", spec, opts, mode=mode, progress=False)
     per_block = calls["n"] // cfg.num_layers
     calls.update(n=0, fail_at=per_block + 2)  # in the middle of block 1
     model = Llama(cfg, random_weights(cfg, 6))
     with pytest.raises(KeyboardInterrupt):
-        compress.compress_model(model, _windows(), "awp", spec, opts, mode=mode, progress=False, run_dir=tmp_path / "run")
+        compress_model(model, _windows(), "awp", spec, opts, mode=mode, progress=False, run_dir=tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").glob("block_*")) == ["block_0000.safetensors"]
     monkeypatch.setattr(methods, "compress_layer", real[0])
     monkeypatch.setattr(methods, "compress_layers", real[1])
     model = Llama(cfg, random_weights(cfg, 6))  # a fresh process would start from the dense weights
-    report = compress.compress_model(model, _windows(), "awp", spec, opts, mode=mode, progress=False, run_dir=tmp_path / "run")
+    report = compress_model(model, _windows(), "awp", spec, opts, mode=mode, progress=False, run_dir=tmp_path / "run")
     a, b = weights_of(ref), weights_of(model)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert [r["rel_objective"] for r in report] == [r["rel_objective"] for r in ref_report]
     with pytest.raises(compress.RunMismatchError, match="other settings"):
-        compress.compress_model(model, _windows(), "awp", methods.Constraint(sparsity=0.6), mode=mode,
+        compress_model(model, _windows(), "awp", methods.Constraint(sparsity=0.6), mode=mode,
                                 progress=False, run_dir=tmp_path / "run")
 
 
