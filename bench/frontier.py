@@ -1,0 +1,165 @@
+"""The quality frontier: non-uniform sparsity (OWL) and error-correcting targets against the plain pipeline.
+
+    python bench/frontier.py               # every row (resumable; about 2 h on 2 CPU cores)
+    python bench/frontier.py --report      # rebuild frontier.md from the finished rows
+
+The default model, calibrated as bench/quality.py does (32 x 512 tokens of the Wikipedia leads,
+seed 0, sequential). Every row reports two perplexities:
+
+- *held-out*: 32 non-overlapping 512-token windows of the calibration text that no calibration
+  window touches (taken from its end). Settings (OWL's lambda, the correction's alpha) are chosen
+  on these, never on the evaluation text;
+- *evaluation*: the first 64 512-token windows of the Wikipedia articles, as in quality.md.
+
+OWL rows also record the zeros the model holds (the global ratio: equal to the uniform row's).
+Rows are kept in bench/results/frontier_runs.json (resumable; rows of the earlier
+bench/results/allocation_runs.json are taken over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from awp_jax import allocation, checkpoints, compress, data, methods, models, perplexity  # noqa: E402
+from awp_jax.models import weights_of  # noqa: E402
+from awp_jax.targets import ErrorCorrection  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+PLUS = dict(init="sparsegpt", max_iter=50, step_rule="lambda_max", step_scale=1.0, refit_iters=50, refit_damping=0.1)
+LAMBDAS = (0.04, 0.08, 0.12, 0.16)  # the OWL lambda sweep (held-out text, Wanda at 70 %); OWL's default is 0.08
+ALPHAS = (0.5, 1.0)  # the error-correction alpha sweep (held-out text, GPTQ INT3 g128)
+INT3 = dict(bits=3, group_size=128)
+COLUMNS = {"0.7": dict(sparsity=0.7), "INT3 g128": INT3, "2:4": dict(nm=(2, 4))}
+
+
+def heldout_windows(tokens, calib_starts, seqlen, n):
+    """``n`` non-overlapping windows from the end of ``tokens`` that no calibration window overlaps."""
+    covered = np.zeros(len(tokens), bool)
+    for s in calib_starts:
+        covered[s : s + seqlen] = True
+    out, end = [], len(tokens)
+    while len(out) < n and end >= seqlen:
+        if not covered[end - seqlen : end].any():
+            out.append(tokens[end - seqlen : end])
+            end -= seqlen
+        else:
+            end -= 1
+    if len(out) < n:
+        raise SystemExit(f"only {len(out)} held-out windows")
+    return np.stack(out).astype(np.int32)
+
+
+def zeros_of(model):
+    return int(sum(int(np.sum(np.asarray(b.linear(n).weight[...]) == 0)) for b in model.layers for n in b.LINEARS))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    out_dir = pathlib.Path(args.out)
+    store_file = out_dir / "frontier_runs.json"
+    store = json.loads(store_file.read_text()) if store_file.exists() else {}
+    old = out_dir / "allocation_runs.json"
+    if old.exists():
+        for k, v in json.loads(old.read_text()).items():
+            store.setdefault(k, v)
+
+    def save():
+        tmp = store_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(store, indent=1))
+        os.replace(tmp, store_file)
+
+    nsamples, seqlen = 32, 512
+    model0, tok = checkpoints.load_default()
+    cfg, dense = model0.cfg, weights_of(model0)
+    ctoks = data.tokenize(tok, data.calibration_text())
+    calib = data.calibration_windows(ctoks, nsamples, seqlen, 0)
+    starts = np.random.default_rng(0).integers(0, len(ctoks) - seqlen, size=nsamples)  # as calibration_windows draws them
+    assert np.array_equal(np.stack([ctoks[s : s + seqlen] for s in starts]), calib)
+    held = heldout_windows(ctoks, starts, seqlen, 32)
+    ev = data.eval_windows(data.tokenize(tok, data.evaluation_text()), 512, 64)
+    uniform = allocation.Allocation("uniform")
+
+    def run(column, label, method, spec, alloc=uniform, ec=None):
+        k = f"{column}|{label}"
+        if k in store or args.report:
+            return store.get(k)
+        print(f"== {column} | {label}", file=sys.stderr, flush=True)
+        model = models.build(cfg, dense)
+        t0 = time.perf_counter()
+        con, opt = methods.settings(method, **COLUMNS[column], **spec)
+        sp = None
+        if alloc.rule != "uniform":
+            sp = allocation.allocate(model, calib, con.sparsity, alloc, progress=True)
+        t_alloc = time.perf_counter() - t0
+        cons = con if sp is None else [dataclasses.replace(con, sparsity=s) for s in sp]
+        compress.compress_model(model, calib, method, cons, opt, progress=True, error_correction=ec)
+        secs = time.perf_counter() - t0
+        row = {"column": column, "label": label, "method": method, "rule": alloc.rule, "m": alloc.m, "lam": alloc.lam,
+               "alpha": None if ec is None else ec.alpha, "block_sparsity": sp or [con.sparsity] * len(model.layers),
+               "zeros": zeros_of(model), "seconds": round(secs, 1), "allocation_seconds": round(t_alloc, 1),
+               "heldout_ppl": perplexity.perplexity(model, held, batch_size=8).perplexity}
+        row["eval_ppl"] = perplexity.perplexity(model, ev, batch_size=8).perplexity
+        store[k] = row
+        save()
+        write_report(store, out_dir / "frontier.md")
+        print(f"   held-out {row['heldout_ppl']:.2f}  evaluation {row['eval_ppl']:.2f}  ({secs:.0f} s)", file=sys.stderr, flush=True)
+        return row
+
+    def pick(rows, values, default):
+        return values[int(np.argmin([r["heldout_ppl"] for r in rows]))] if all(rows) else default
+
+    # 1. OWL at 70 %: lambda on held-out text with Wanda, then SparseGPT and AWP+
+    run("0.7", "wanda uniform", "wanda", {})
+    lam = pick([run("0.7", f"wanda owl lambda={x}", "wanda", {}, allocation.Allocation("owl", lam=x)) for x in LAMBDAS], LAMBDAS, 0.08)
+    owl = allocation.Allocation("owl", lam=lam)
+    for label, method, spec in (("sparsegpt", "sparsegpt", {}), ("awp+ (SparseGPT start, damped CG refit)", "awp", PLUS)):
+        run("0.7", f"{label} uniform", method, spec)
+        run("0.7", f"{label} owl lambda={lam}", method, spec, owl)
+    # 2. error-correcting targets: alpha on held-out text with GPTQ INT3, then the best methods at INT3 and 70 %
+    base = run("INT3 g128", "gptq", "gptq", {})
+    alpha = pick([base] + [run("INT3 g128", f"gptq ec alpha={a}", "gptq", {}, ec=ErrorCorrection(alpha=a)) for a in ALPHAS],
+                 (None, *ALPHAS), 0.5)
+    if alpha is not None:
+        ec = ErrorCorrection(alpha=alpha)
+        run("INT3 g128", "awp (AWQ start)", "awp", {"init": "awq"})
+        run("INT3 g128", f"awp (AWQ start) ec alpha={alpha}", "awp", {"init": "awq"}, ec=ec)
+        run("0.7", f"sparsegpt ec alpha={alpha}", "sparsegpt", {}, ec=ec)
+        run("0.7", f"awp+ (SparseGPT start, damped CG refit) ec alpha={alpha}", "awp", PLUS, ec=ec)
+        run("0.7", f"awp+ (SparseGPT start, damped CG refit) owl lambda={lam} ec alpha={alpha}", "awp", PLUS, owl, ec)
+    write_report(store, out_dir / "frontier.md")
+
+
+def write_report(store, path):
+    lines = ["# The quality frontier: OWL allocation and error-correcting targets: `python bench/frontier.py`", "",
+             "Default model, 32 x 512 calibration tokens (Wikipedia leads, seed 0, sequential). Held-out: 32 x 512 "
+             "calibration-text tokens no calibration window touches (OWL's lambda and the correction's alpha are picked "
+             "there); evaluation: 64 x 512 tokens of the Wikipedia articles (as quality.md). OWL outlier threshold m = 5. "
+             "Seconds: wall time of allocation + compression, on a shared 2-core machine (ad hoc).", "",
+             "| column | method | allocation | error correction | block sparsity min..max | zeros | held-out ppl | evaluation ppl | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k, r in store.items():
+        column = r.get("column", k.split("|")[0])
+        alloc = "uniform" if r["rule"] == "uniform" else f"OWL lambda={r['lam']}"
+        ec = "–" if r.get("alpha") is None else f"alpha={r['alpha']}"
+        name = r["label"].split(" uniform")[0].split(" owl")[0].split(" ec ")[0].strip()
+        lines.append(f"| {column} | {name} | {alloc} | {ec} | {min(r['block_sparsity']):.4f}..{max(r['block_sparsity']):.4f} "
+                     f"| {r['zeros']} | {r['heldout_ppl']:.2f} | {r['eval_ppl']:.2f} | {r['seconds']:.0f} |")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
