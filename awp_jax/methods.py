@@ -411,10 +411,23 @@ def _prune_mask(score, con):
     return jnp.ones(score.shape, bool) if k is None else row_topk_mask(score, k)
 
 
+def _structural(con: Constraint) -> Constraint:
+    """``con`` with its sparsity replaced by a placeholder: the jit cache key of functions that take
+    the sparsity's counts as data, so that the blocks of a non-uniform allocation share one compilation."""
+    return dataclasses.replace(con, sparsity=0.5) if con.sparsity else con
+
+
 @functools.partial(jax.jit, static_argnames=("con", "wanda"))
-def _mask_prune(w, c, con, wanda):
+def _mask_prune_jit(w, c, k, con, wanda):
     score = wanda_score(w, c) if wanda else jnp.abs(w)
-    return jnp.where(_prune_mask(score, con), w, jnp.zeros_like(w))
+    mask = nm_mask(score, *con.nm) if con.nm is not None else (
+        jnp.ones(score.shape, bool) if not con.sparsity else row_topk_mask(score, k))
+    return jnp.where(mask, w, jnp.zeros_like(w))
+
+
+def _mask_prune(w, c, con, wanda):
+    k = _k(con, w.shape[1])
+    return _mask_prune_jit(w, c, jnp.int32(0 if k is None else k), con=_structural(con), wanda=wanda)
 
 
 @register("magnitude", {"prune", "nm"}, "largest |W| per row (or per group of m)")
@@ -447,8 +460,14 @@ def _damping_info(c, percdamp, damp, ok):
 
 
 @functools.partial(jax.jit, static_argnames=("con", "opt"))
+def _sparsegpt_counts_jit(w, c, counts, con, opt):
+    return obs.sparsegpt(w, c, sparsity=con.sparsity, nm=con.nm, blocksize=opt.blocksize, percdamp=opt.percdamp,
+                         counts=counts)
+
+
 def _sparsegpt_jit(w, c, con, opt):
-    return obs.sparsegpt(w, c, sparsity=con.sparsity, nm=con.nm, blocksize=opt.blocksize, percdamp=opt.percdamp)
+    counts = None if con.nm is not None else jnp.asarray(obs.prune_counts(*w.shape, con.sparsity, opt.blocksize))
+    return _sparsegpt_counts_jit(w, c, counts, con=_structural(con), opt=opt)
 
 
 def _sparsegpt_rows(w, c, *, n_rows, con, opt):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from awp_jax.quantizers import QArray, QuantSpec, _codes, _grid, _grouped, _ungrouped, _values
 
@@ -70,7 +71,7 @@ def cholesky_inverse_upper(h, damp, max_damp_retries: int = 4):
 
 
 def _sweep(w, u, blocksize: int, column_fn, block_init):
-    """Generic left-to-right OBS sweep. ``block_init(w_block, u_block) -> aux`` starts a block;
+    """Generic left-to-right OBS sweep. ``block_init(w_block, u_block, b) -> aux`` starts block ``b``;
     ``column_fn(i_global, i_local, w_block, u_block, aux) -> (q_column, aux)`` compresses one
     column given the current (updated) block. Returns the result and each block's final ``aux``."""
     d_in = w.shape[1]
@@ -79,7 +80,7 @@ def _sweep(w, u, blocksize: int, column_fn, block_init):
         b1 = min(b0 + blocksize, d_in)
         w1 = w[:, b0:b1]
         u1 = u[b0:b1, b0:b1]
-        aux = block_init(w1, u1)
+        aux = block_init(w1, u1, b0 // blocksize)
 
         def body(i, carry):
             w1, q1, err1, aux = carry
@@ -100,9 +101,17 @@ def _sweep(w, u, blocksize: int, column_fn, block_init):
     return w, auxes
 
 
+def prune_counts(d_out: int, d_in: int, sparsity: float, blocksize: int = 128) -> np.ndarray:
+    """Entries SparseGPT prunes in each column block: ``int(d_out · width · sparsity)``."""
+    return np.asarray([int(d_out * (min(b0 + blocksize, d_in) - b0) * sparsity) for b0 in range(0, d_in, blocksize)], np.int32)
+
+
 def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
-              axis_name: str | None = None, n_rows: int | None = None):
+              axis_name: str | None = None, n_rows: int | None = None, counts=None):
     """SparseGPT pruning of ``w`` (unstructured at ``sparsity`` per 128-column block, or N:M).
+
+    ``counts`` (unstructured, one device): :func:`prune_counts` as an array, which may be traced —
+    then ``sparsity`` is not used, and layers that differ only in sparsity share a compilation.
 
     ``axis_name``: ``w`` holds some of the layer's rows (in a ``shard_map`` over that axis, the
     rows in device order, the last padded with zero rows up to ``n_rows`` real ones): the unstructured
@@ -117,7 +126,7 @@ def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
 
     if nm is None:
 
-        def block_mask(w1, u1):
+        def block_mask(w1, u1, b):
             score = (w1 / jnp.diagonal(u1)[None, :]) ** 2
             if axis_name is None:
                 every, total = score, score.size
@@ -125,7 +134,8 @@ def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
                 row = jax.lax.axis_index(axis_name) * d_out + jnp.arange(d_out)
                 every = jax.lax.all_gather(jnp.where((row < n_rows)[:, None], score, jnp.inf), axis_name, tiled=True)
                 total = n_rows * score.shape[1]
-            thresh = jnp.sort(every.reshape(-1))[int(total * sparsity)]
+            index = int(total * sparsity) if counts is None or axis_name is not None else counts[b]
+            thresh = jnp.sort(every.reshape(-1))[index]
             return score <= thresh  # True = pruned
 
         def column(ig, i, w1, u1, mask):
@@ -154,7 +164,7 @@ def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
         return jnp.where(pruned[:, i % m], 0.0, col), pruned
 
     init = jnp.zeros((d_out, m), bool)
-    return _sweep(w, u, blocksize, column_nm, lambda w1, u1: init)[0], damp, ok
+    return _sweep(w, u, blocksize, column_nm, lambda w1, u1, b: init)[0], damp, ok
 
 
 def gptq(w, c, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False):
@@ -200,7 +210,7 @@ def gptq(w, c, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,
     # per row: one grid from the whole (dead-column-zeroed) row, fixed for the sweep
     fixed = group_grid(w) if per_row else (jnp.ones((d_out,), w.dtype), jnp.zeros((d_out,), w.dtype))
     empty = jnp.zeros((d_out, per_block), w.dtype)
-    theta, auxes = _sweep(w, u, blocksize, column, lambda w1, u1: (fixed, empty, empty))
+    theta, auxes = _sweep(w, u, blocksize, column, lambda w1, u1, b: (fixed, empty, empty))
     if per_row:
         scale, zero = fixed[0][:, None], fixed[1][:, None]
     else:

@@ -328,16 +328,16 @@ def step_size(c: jax.Array, config: PGDConfig) -> jax.Array:
     return config.step_scale / jnp.maximum(denom, jnp.finfo(c.dtype).tiny)
 
 
-def initial_point(w: jax.Array, c: jax.Array, config: PGDConfig, with_source: bool = False):
+def initial_point(w: jax.Array, c: jax.Array, config: PGDConfig, with_source: bool = False, keep=None):
     """Θ0 for ``config.init``: the final phase's projection of W with a Wanda or magnitude mask,
     RTN, W itself, or zeros (``with_source``: and the point its grid was fitted on, as
-    :func:`awp_jax.projections.project`)."""
+    :func:`awp_jax.projections.project`). ``keep``: the schedule's keep table, when it is traced."""
     s = config.schedule
     if config.init in ("dense", "zeros"):
         theta = w if config.init == "dense" else jnp.zeros_like(w)
         return (theta, theta) if with_source else theta
     final = s.final
-    k = None if final.sparsity is None else keep_count(final.sparsity, w.shape[-1])
+    k = None if final.sparsity is None else (keep_count(final.sparsity, w.shape[-1]) if keep is None else keep[-1])
     score = wanda_score(w, c) if config.init == "wanda" else magnitude_score(w)
     if config.scope == "layer":
         theta = _layer_project(w, k * w.shape[-2], score)
@@ -398,6 +398,8 @@ class Problem(NamedTuple):
     c_op: jax.Array  # the operand the iterations multiply by: C, or its bfloat16 copy
     eta: jax.Array  # step size
     wnorm: jax.Array  # ||W||_F (of the whole layer), the gradient norm's scale
+    keep: jax.Array  # int32 [max_iter]: entries kept per row by update t (the schedule's table; traced, so
+    # layers that differ only in sparsity share one compilation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,12 +416,13 @@ class Quadratic:
     def total(self, x):
         return _total(x, self.axis_name)
 
-    def problem(self, w, c, config: PGDConfig) -> Problem:
+    def problem(self, w, c, config: PGDConfig, keep=None) -> Problem:
         dtype = _compute_dtype(w, c)
         w, c = w.astype(dtype), c.astype(dtype)
         c_op = c.astype(jnp.bfloat16) if self.matmul_dtype == "bfloat16" else c
         wnorm = jnp.maximum(jnp.sqrt(self.total(w * w)), jnp.finfo(dtype).tiny)
-        return Problem(w=w, c=c, c_op=c_op, eta=step_size(c, config), wnorm=wnorm)
+        keep = jnp.asarray(config.schedule.tables(w.shape[-1]).keep if keep is None else keep, jnp.int32)
+        return Problem(w=w, c=c, c_op=c_op, eta=step_size(c, config), wnorm=wnorm, keep=keep)
 
     def grad(self, p: Problem, theta, exact=False):
         d = p.w - theta
@@ -493,7 +496,7 @@ class PGD:
         the point its grid was fitted on. ``prev``'s support narrows the top-k search (exact either way)."""
         s, cfg = self.config.schedule, self.config
         tables = s.tables(p.w.shape[-1])
-        k = jnp.asarray(tables.keep)[t] if s.prunes_rows else None
+        k = p.keep[t] if s.prunes_rows else None
         hint = None if (prev is None or k is None) else prev != 0
         if cfg.scope == "layer":
             return _layer_project(z, k * p.w.shape[-2], hint=hint), None
@@ -510,7 +513,7 @@ class PGD:
         # competes for "best" too: the solve never returns something worse than where it started.
         init_feasible = theta0 is None and cfg.init in ("wanda", "magnitude", "rtn")
         if theta0 is None:
-            theta0, source0 = initial_point(p.w, p.c, cfg, with_source=True)
+            theta0, source0 = initial_point(p.w, p.c, cfg, with_source=True, keep=p.keep)
         else:
             theta0 = source0 = theta0.astype(p.w.dtype)
         source0 = source0 if quantizes else None
@@ -678,34 +681,49 @@ def make_solver(config: PGDConfig, axis_name: str | None = None):
     return solver, tuple(stages)
 
 
-def solve_traced(w, c, config: PGDConfig, theta0=None, axis_name: str | None = None) -> PGDResult:
+def solve_traced(w, c, config: PGDConfig, theta0=None, axis_name: str | None = None, keep=None) -> PGDResult:
     """One layer's solve, un-jitted: for use inside the caller's own ``jit`` / ``vmap`` /
     ``shard_map`` (:func:`solve_pgd` is this, jitted and validated). ``axis_name``: the rows of
-    ``w`` are one shard of the layer over that mesh axis."""
+    ``w`` are one shard of the layer over that mesh axis. ``keep``: the schedule's keep table
+    (default: ``config``'s, as a constant)."""
     _TRACES["solve"] += 1
     solver, stages = make_solver(config, axis_name)
-    p = solver.objective.problem(w, c, config)
+    p = solver.objective.problem(w, c, config, keep)
     res = run(solver, p, theta0, trace=config.trace)
     for stage in stages:
         res = stage(solver.objective, p, res)
     return res
 
 
-def _path_traced(w, c, theta0, config: PGDConfig):
+def _path_traced(w, c, theta0, keep, config: PGDConfig):
     _TRACES["path"] += 1
     solver, _ = make_solver(config)
-    p = solver.objective.problem(w, c, config)
+    p = solver.objective.problem(w, c, config, keep)
     return run_path(solver, p, theta0), p.eta
 
 
-_solve_jit = jax.jit(lambda w, c, theta0, config: solve_traced(w, c, config, theta0), static_argnames=("config",))
+def _structural(config: PGDConfig) -> PGDConfig:
+    """``config`` with its sparsities replaced by a placeholder: the jit cache key. The sparsities
+    only enter through the keep table, passed as an argument (:func:`_keep_table`)."""
+    s = config.schedule
+    phases = tuple(dataclasses.replace(ph, sparsity=None if ph.sparsity is None else 0.5,
+                                       ramp_from=None if ph.ramp_from is None else 0.0) for ph in s.phases)
+    return dataclasses.replace(config, schedule=dataclasses.replace(s, phases=phases))
+
+
+def _keep_table(config: PGDConfig, d_in: int):
+    return jnp.asarray(config.schedule.tables(d_in).keep, jnp.int32)
+
+
+_solve_jit = jax.jit(lambda w, c, theta0, keep, config: solve_traced(w, c, config, theta0, keep=keep),
+                     static_argnames=("config",))
 _path_jit = jax.jit(_path_traced, static_argnames=("config",))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _solve_stack_jit(w, c, theta0, config: PGDConfig):
+def _solve_stack_jit(w, c, theta0, keep, config: PGDConfig):
     axes = (0, 0, None if theta0 is None else 0)
-    return jax.vmap(lambda w, c, t0: solve_traced(w, c, config, t0), in_axes=axes)(w, c, theta0)
+    return jax.vmap(lambda w, c, t0: solve_traced(w, c, config, t0, keep=keep), in_axes=axes)(w, c, theta0)
 
 
 
@@ -752,7 +770,7 @@ def solve_pgd(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array |
     Computation is in float32 (float64 if an input is float64).
     """
     _validate(w, c, theta0, config, stacked=False)
-    return _solve_jit(w, c, theta0, config=config)
+    return _solve_jit(w, c, theta0, _keep_table(config, w.shape[-1]), config=_structural(config))
 
 
 def solve_pgd_stack(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None) -> PGDResult:
@@ -762,11 +780,11 @@ def solve_pgd_stack(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.A
     lane is frozen while the others run).
     """
     _validate(w, c, theta0, config, stacked=True)
-    return _solve_stack_jit(w, c, theta0, config=config)
+    return _solve_stack_jit(w, c, theta0, _keep_table(config, w.shape[-1]), config=_structural(config))
 
 
 def pgd_path(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None):
     """All iterates ``[max_iter + 1, d_out, d_in]`` (no stopping test; plain or accelerated, as
     ``config.momentum`` says) and η — for analysis and plots on small layers."""
     _validate(w, c, theta0, config, stacked=False)
-    return _path_jit(w, c, theta0, config=config)
+    return _path_jit(w, c, theta0, _keep_table(config, w.shape[-1]), config=_structural(config))

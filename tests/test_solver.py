@@ -85,7 +85,11 @@ def test_compiles_once_per_shape_and_config(rng):
     for scale in (1.0, 2.0, 3.0):
         aj.solve_pgd(scale * w, c, cfg).theta.block_until_ready()
     assert solver.trace_count() - before == 1
-    aj.solve_pgd(w, c, aj.awp_pruning(0.6, max_iter=5))  # new config: one more
+    # another sparsity is data (the keep table), not a new program: blocks of a non-uniform allocation share it
+    other = aj.solve_pgd(w, c, aj.awp_pruning(0.6, max_iter=5))
+    assert solver.trace_count() - before == 1
+    assert np.all((np.asarray(other.theta) != 0).sum(axis=1) == 13)  # round(0.4 * 32): the 0.6 table was used
+    aj.solve_pgd(w, c, aj.awp_pruning(0.6, max_iter=6))  # new structure: one more
     assert solver.trace_count() - before == 2
 
 
