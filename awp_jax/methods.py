@@ -172,6 +172,9 @@ class AWPOptions:
     refit_iters: int = option(0, "pruning: conjugate-gradient iterations on the final mask (beyond the paper)", type=int)
     refit_damping: float = option(0.0, "ridge term of the refit, as a fraction of mean(diag C) (0.1 generalises better on "
                                        "small calibration sets)", type=float)
+    algorithm: str = option("pgd", "pruning solver: projected gradient descent (pgd, the paper's) or ALPS's operator "
+                                   "splitting (admm: 300 iterations at most, penalty schedule, stops when the mask settles; "
+                                   "beyond the paper)", choices=("pgd", "admm"))
 
     def __post_init__(self):
         _check(self.max_iter is None or (_is_int(self.max_iter) and self.max_iter >= 1), "max_iter must be an integer >= 1", self.max_iter)
@@ -577,7 +580,10 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
     if opt.scope == "layer" and con.bits is not None:
         raise ValueError(f"scope='layer' projects without a quantization grid: it is for pruning alone, not {con.describe()}")
     over = {k: v for k, v in (("step_rule", opt.step_rule), ("step_scale", opt.step_scale), ("tol", opt.tol)) if v is not None}
-    over.update(momentum=opt.momentum, matmul_dtype=opt.matmul_dtype, refit_iters=opt.refit_iters, refit_damping=opt.refit_damping)
+    over.update(momentum=opt.momentum, matmul_dtype=opt.matmul_dtype, refit_iters=opt.refit_iters, refit_damping=opt.refit_damping,
+                algorithm=opt.algorithm)
+    if opt.algorithm == "admm" and kind not in ("prune", "nm"):
+        raise ValueError(f"algorithm='admm' is for pruning only, not {kind} ({con.describe()})")
     if opt.init is not None:
         # "sparsegpt"/"awq"/"gptq": the method passes that method's result as theta0; SparseGPT's mask holds
         # a per-layer, not a per-row, count, so the projection's scope is the layer
@@ -589,6 +595,8 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
     if opt.scope is not None and "scope" not in over:
         over["scope"] = opt.scope
     it = {} if opt.max_iter is None else {"max_iter": opt.max_iter}
+    if opt.algorithm == "admm" and opt.max_iter is None:
+        it = {"max_iter": 300}  # ALPS's cap
     if kind == "prune":
         return solver_lib.awp_pruning(con.sparsity, **it, **over)
     if kind == "nm":

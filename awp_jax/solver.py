@@ -49,6 +49,7 @@ from awp_jax.quantizers import QuantSpec
 from awp_jax.saliency import magnitude_score, wanda_score
 
 __all__ = [
+    "ADMM",
     "PGD",
     "AcceleratedPGD",
     "CGRefit",
@@ -126,6 +127,11 @@ class PGDConfig:
         unchanged). IHT at a stable step rarely changes the mask once chosen, and CG reaches the
         best weights on it in about sqrt(κ) instead of κ iterations, one matmul each. Pruning
         only (no quantization). 0 (default) is the paper's solver.
+      algorithm: ``"pgd"`` (the paper's, :class:`PGD` / :class:`AcceleratedPGD`) or ``"admm"``
+        (:class:`ADMM`, ALPS's operator splitting on the same objective; pruning only). With ADMM
+        ``max_iter`` caps its iterations (ALPS: 300), ``admm_rho`` is the initial penalty on
+        unit-diagonal C (ALPS: 0.1) and ``admm_damping`` the ridge ALPS adds to C (0.01 of its
+        mean diagonal); step_rule, step_scale, tol and keep_best are not used.
       refit_damping: the refit minimises the objective with ``C + δ·mean(diag C)·I`` (δ =
         refit_damping), i.e. adds ``δ·mean(diag C)·‖W − Θ‖²`` on the kept entries — the damping
         SparseGPT applies to its Hessian: it keeps the kept weights nearer their dense values and
@@ -147,6 +153,9 @@ class PGDConfig:
     scope: Literal["row", "layer"] = "row"
     refit_iters: int = 0
     refit_damping: float = 0.0
+    algorithm: Literal["pgd", "admm"] = "pgd"
+    admm_rho: float = 0.1
+    admm_damping: float = 0.01
 
     def __post_init__(self):
         if not isinstance(self.schedule, sched_lib.Schedule):
@@ -181,6 +190,17 @@ class PGDConfig:
             raise ValueError(f"refit_damping must be >= 0, got {self.refit_damping!r}")
         if self.refit_iters and (s.quant is not None or not prunes):
             raise ValueError("refit_iters needs a pruning schedule without quantization (a refit would leave the grid)")
+        if self.algorithm not in ("pgd", "admm"):
+            raise ValueError(f"algorithm must be 'pgd' or 'admm', got {self.algorithm!r}")
+        if self.algorithm == "admm":
+            if s.quant is not None or not prunes or len(s.phases) != 1:
+                raise ValueError("algorithm='admm' prunes (a sparsity or N:M in one phase), without quantization")
+            if self.momentum or self.trace or self.matmul_dtype != "float32":
+                raise ValueError("algorithm='admm' takes none of momentum, trace, matmul_dtype='bfloat16'")
+            if not (np.isfinite(self.admm_rho) and self.admm_rho > 0):
+                raise ValueError(f"admm_rho must be a positive number, got {self.admm_rho!r}")
+            if not (np.isfinite(self.admm_damping) and self.admm_damping >= 0):
+                raise ValueError(f"admm_damping must be >= 0, got {self.admm_damping!r}")
 
     @property
     def max_iter(self) -> int:
@@ -480,6 +500,10 @@ class PGD:
     def max_steps(self) -> int:
         return self.config.max_iter
 
+    def prepare(self, p: Problem):
+        """The problem the loop iterates on (a solver may precompute loop invariants here)."""
+        return p
+
     # -- hooks a variant overrides
     def init_aux(self, p: Problem, theta, grad):
         return None
@@ -602,9 +626,112 @@ class AcceleratedPGD(PGD):
                          k=jnp.where(ok & (obj_n <= st.obj), m.k + 1, 1).astype(jnp.int32))
 
 
+class _ADMMProblem(NamedTuple):
+    base: Problem
+    n: jax.Array  # sqrt(diag C_damped): the coordinates in which C has a unit diagonal
+    wn: jax.Array  # W·n
+    y: jax.Array  # (W·n) C_n: the right-hand side of the dense update
+    q: jax.Array  # C_n = Q diag(lam) Qᵀ
+    lam: jax.Array
+
+
+class ADMMState(NamedTuple):
+    t: jax.Array
+    b: jax.Array  # the dense iterate (unit-diagonal coordinates)
+    d: jax.Array  # its projection
+    v: jax.Array  # the scaled dual
+    rho: jax.Array
+    supp: jax.Array  # d's support at the last ρ update
+    d0: jax.Array  # the starting projection (a restart returns to it)
+    raised: jax.Array  # ρ has been raised at least once
+    obj_init: jax.Array
+    reason: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ADMM(PGD):
+    """ALPS's operator splitting (Meng et al. 2024) on the layer objective: with C damped and scaled
+    to a unit diagonal (``C_n``, ``W_n = W·n``), iterate ``B = (C_n + ρI)^{-1}(W_n C_n − V + ρD)``,
+    ``D = Proj(B + V/ρ)``, ``V += ρ(B − D)``; every 3 iterations ρ grows by 1.3 / 1.2 / 1.1 as the
+    support changes by more than 10 % / 0.5 % / at all of the kept count (shrinks 5× while it has
+    never grown and the support is frozen: ρ was too large), up to 1e6; it stops when the support no
+    longer changes, after 30 iterations below 0.03 %, or at ``max_iter``. ``C_n`` is diagonalised
+    once, so each iteration costs two matmuls. The result is ``Proj(B)``; the CG refit stage (ALPS:
+    10 iterations on the damped C) then fits the weights on its support."""
+
+    update_every: int = 3
+    switch_iter: int = 30
+
+    def prepare(self, p: Problem):
+        c = p.c
+        d = c.shape[-1]
+        cd = c + self.config.admm_damping * jnp.mean(jnp.diagonal(c)) * jnp.eye(d, dtype=c.dtype)
+        n = jnp.sqrt(jnp.maximum(jnp.diagonal(cd), 0)) + 1e-8
+        cn = cd / n[:, None] / n[None, :]
+        lam, q = jnp.linalg.eigh(cn)
+        wn = p.w * n[None, :]
+        return _ADMMProblem(base=p, n=n, wn=wn, y=jnp.matmul(wn, cn, precision=self.objective.precision), q=q, lam=lam)
+
+    def _proj(self, pa, z):
+        return self.project(pa.base, z, self.config.max_iter - 1)[0]
+
+    def init(self, pa, theta0=None) -> ADMMState:
+        p = pa.base
+        start = initial_point(p.w, p.c, self.config, keep=p.keep) if theta0 is None else theta0.astype(p.w.dtype)
+        d = self._proj(pa, start * pa.n[None, :])  # unit-diagonal coordinates; the start's mask when it is feasible
+        _, obj0, _ = self.objective.evaluate(p, start, exact=True)
+        rho = jnp.asarray(self.config.admm_rho, p.w.dtype)
+        return ADMMState(t=jnp.zeros((), jnp.int32), b=pa.wn, d=d, v=jnp.zeros_like(d), rho=rho, supp=d != 0, d0=d,
+                         raised=jnp.asarray(False), obj_init=obj0, reason=jnp.asarray(StopReason.RUNNING, jnp.int32))
+
+    def _solve(self, pa, rhs, rho):
+        hp = self.objective.precision
+        return jnp.matmul(jnp.matmul(rhs, pa.q, precision=hp) / (pa.lam + rho)[None, :], pa.q.T, precision=hp)
+
+    def step(self, pa, st: ADMMState) -> ADMMState:
+        b = self._solve(pa, pa.y - st.v + st.rho * st.d, st.rho)
+        d = self._proj(pa, b + st.v / st.rho)
+        v = st.v + st.rho * (b - d)
+        t = st.t + 1
+        kept = jnp.maximum(jnp.sum(d != 0), 1).astype(b.dtype)
+        supp = d != 0
+        change = jnp.sum(supp != st.supp).astype(b.dtype)
+        update = t % self.update_every == 0
+        frac = change / kept
+        moving = frac > 0.005  # ρ grows (by 1.3 above 10 %, 1.2 above 0.5 %) and is marked as raised
+        small = ~moving & (change > 0.5)
+        frozen = change <= 0.5
+        # before ρ ever grew, a settling support means ρ was too large: shrink it (and, while the
+        # support still moves a little, restart from W and the starting mask)
+        factor = jnp.where(frac > 0.1, 1.3, jnp.where(moving, 1.2, jnp.where(st.raised, 1.1, 0.2)))
+        restart = update & small & ~st.raised
+        rho = jnp.where(update & ~(frozen & st.raised), jnp.minimum(st.rho * factor, 1e6), st.rho)
+        raised = st.raised | (update & moving)
+        done = update & ((frozen & st.raised) | ((t >= self.switch_iter) & (frac < 0.0003)))
+        reason = jnp.where(done, StopReason.CONVERGED, jnp.where(t >= self.config.max_iter, StopReason.MAX_ITER,
+                                                                   StopReason.RUNNING)).astype(jnp.int32)
+        ok = jnp.all(jnp.isfinite(b))
+        reason = jnp.where(ok, reason, StopReason.NONFINITE).astype(jnp.int32)
+        keep = lambda new, old: jnp.where(ok, new, old)
+        return ADMMState(t=t, b=keep(jnp.where(restart, pa.wn, b), st.b), d=keep(jnp.where(restart, st.d0, d), st.d),
+                         v=keep(jnp.where(restart, 0, v), st.v), rho=jnp.where(ok, rho, st.rho),
+                         supp=jnp.where(update, supp, st.supp), d0=st.d0, raised=raised, obj_init=st.obj_init, reason=reason)
+
+    def terminate(self, st: ADMMState):
+        return st.reason != StopReason.RUNNING
+
+    def result(self, pa, st: ADMMState) -> PGDResult:
+        p = pa.base
+        theta = self._proj(pa, st.b) / pa.n[None, :]
+        _, obj, gn = self.objective.evaluate(p, theta, exact=True)
+        return PGDResult(theta=theta, iterations=st.t, best_iteration=st.t, grad_norm=gn, obj_init=st.obj_init,
+                         obj_final=obj, obj_dense=self.objective.dense_value(p), stop_reason=st.reason, step_size=st.rho)
+
+
 def run(solver, p: Problem, theta0=None, *, trace: bool = False) -> PGDResult:
     """Drive ``solver`` to its stop in a ``lax.while_loop``. ``trace``: also record the objective
     and relative gradient norm of every iterate (length ``max_steps + 1``, NaN after the stop)."""
+    p = solver.prepare(p)
     st = solver.init(p, theta0)
     if not trace:
         st = jax.lax.while_loop(lambda s: ~solver.terminate(s), lambda s: solver.step(p, s), st)
@@ -625,6 +752,7 @@ def run(solver, p: Problem, theta0=None, *, trace: bool = False) -> PGDResult:
 
 def run_path(solver, p: Problem, theta0=None, steps: int | None = None):
     """Every iterate ``[steps + 1, ...]`` of ``solver`` (``scan``; no stopping test)."""
+    p = solver.prepare(p)
     st = solver.init(p, theta0)
 
     def body(s, _):
@@ -672,7 +800,8 @@ def make_solver(config: PGDConfig, axis_name: str | None = None):
     if config.scope == "layer" and axis_name is not None:
         raise ValueError("scope='layer' needs the whole matrix on one device; use scope='row' with a sharded solve")
     objective = Quadratic(precision=config.precision, matmul_dtype=config.matmul_dtype, axis_name=axis_name)
-    solver = (AcceleratedPGD if config.momentum else PGD)(config=config, objective=objective)
+    cls = ADMM if config.algorithm == "admm" else AcceleratedPGD if config.momentum else PGD
+    solver = cls(config=config, objective=objective)
     stages = []
     if config.matmul_dtype != "float32":  # report float32 figures, not the loop's bf16 estimates
         stages.append(ExactFigures())

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import awp_jax as aj
-from awp_jax import solver
+from awp_jax import methods, solver
 from awp_jax.projections import keep_count, nm_mask, row_topk
 from awp_jax.quantizers import QuantSpec
 from awp_jax.saliency import wanda_score
@@ -383,3 +383,28 @@ def test_awp_from_awq_keeps_awqs_scales_and_lowers_its_objective(layer_problem):
             assert np.all(np.sum(theta != 0, axis=1) <= aj.keep_count(0.5, w.shape[1]))
     with pytest.raises(ValueError, match="init='awq' is for quantization"):
         methods.compress_layer("awp", w, c, methods.Constraint(sparsity=0.5), methods.AWPOptions(init="awq"))
+
+
+@pytest.mark.parametrize("sparsity,nm,scope", [(0.7, None, "row"), (0.7, None, "layer"), (0.0, (2, 4), "row")])
+def test_admm_is_feasible_and_no_worse_than_its_start(layer_problem, sparsity, nm, scope):
+    """ALPS's splitting as a solver object on the same driver: the result keeps the constraint and
+    lowers the objective below its Wanda start (and, on this layer, below 200 PGD iterations)."""
+    w, c = layer_problem
+    con = methods.Constraint(sparsity=sparsity, nm=nm)
+    opts = methods.AWPOptions(algorithm="admm", **({"scope": scope} if nm is None else {}))
+    res = methods.compress_layer("awp", w, c, con, opts)
+    theta = np.asarray(res.theta)
+    if nm is None and scope == "row":
+        assert np.all((theta != 0).sum(axis=1) <= round(0.3 * w.shape[1]))
+    elif nm is None:
+        assert (theta != 0).sum() <= round(0.3 * w.shape[1]) * w.shape[0]
+    else:
+        assert np.all((theta.reshape(w.shape[0], -1, 4) != 0).sum(axis=-1) <= 2)
+    start = float(aj.objective(w, np.asarray(methods.compress_layer("wanda", w, c, con).theta), c))
+    assert float(aj.objective(w, theta, c)) < start
+    assert res.info.stop in ("converged", "max_iter") and res.info.iterations <= 300
+    if nm is None and scope == "row":
+        pgd = methods.compress_layer("awp", w, c, con)
+        assert float(aj.objective(w, theta, c)) < float(aj.objective(w, np.asarray(pgd.theta), c))
+    with pytest.raises(ValueError, match="algorithm='admm' is for pruning only"):
+        methods.awp_config(methods.Constraint(bits=4), methods.AWPOptions(algorithm="admm"))
