@@ -155,6 +155,27 @@ def test_cli_compress_and_eval(small_dir, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
+def test_cli_owl_allocation_and_error_correction(small_dir, tmp_path):
+    """The two pipeline-level settings through the command line: the report says what was used, the
+    blocks' sparsities average to the asked one, and the weights hold exactly the uniform count."""
+    out = tmp_path / "c"
+    rc = main(["compress", "--model", str(small_dir / "model"), "--method", "wanda", "--sparsity", "0.6",
+               "--allocation", "owl", "--owl-lambda", "0.1", "--error-correction", "0.5",
+               "--calib", str(small_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64", "--eval-windows", "0", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "awp_report.json").read_text())
+    sp = report["allocation"]["block_sparsity"]
+    assert report["allocation"]["rule"] == "owl" and report["allocation"]["lam"] == 0.1 and len(sp) == SMALL.num_layers
+    assert np.mean(sp) == pytest.approx(0.6, abs=1e-12)
+    assert report["error_correction"] == {"alpha": 0.5, "damping": 0.01}
+    w = checkpoints.load_model(out)[0]
+    zeros = sum(int(np.sum(np.asarray(b.linear(n).weight[...]) == 0)) for b in w.layers for n in b.LINEARS)
+    per_row = {n: round(0.4 * b.linear(n).weight[...].shape[1]) for b in w.layers[:1] for n in b.LINEARS}
+    kept = sum(per_row[n] * b.linear(n).weight[...].shape[0] for b in w.layers for n in b.LINEARS)
+    total = sum(b.linear(n).weight[...].size for b in w.layers for n in b.LINEARS)
+    assert zeros == total - kept  # uniform 60 % keeps round(0.4 d_in) a row: the OWL model as many
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bits", "9"], "bits must be an integer in 2..8"),
     (["--method", "nope"], "unknown method 'nope'"),
