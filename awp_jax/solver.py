@@ -693,9 +693,10 @@ class ADMM(PGD):
         d = self._proj(pa, b + st.v / st.rho)
         v = st.v + st.rho * (b - d)
         t = st.t + 1
-        kept = jnp.maximum(jnp.sum(d != 0), 1).astype(b.dtype)
         supp = d != 0
-        change = jnp.sum(supp != st.supp).astype(b.dtype)
+        # counts over the whole layer (summed across the devices of a sharded solve: one ρ schedule)
+        kept = jnp.maximum(self.objective.total(supp.astype(b.dtype)), 1)
+        change = self.objective.total((supp != st.supp).astype(b.dtype))
         update = t % self.update_every == 0
         frac = change / kept
         moving = frac > 0.005  # ρ grows (by 1.3 above 10 %, 1.2 above 0.5 %) and is marked as raised
@@ -710,7 +711,7 @@ class ADMM(PGD):
         done = update & ((frozen & st.raised) | ((t >= self.switch_iter) & (frac < 0.0003)))
         reason = jnp.where(done, StopReason.CONVERGED, jnp.where(t >= self.config.max_iter, StopReason.MAX_ITER,
                                                                    StopReason.RUNNING)).astype(jnp.int32)
-        ok = jnp.all(jnp.isfinite(b))
+        ok = self.objective.total(jnp.sum(~jnp.isfinite(b)).astype(b.dtype)) == 0
         reason = jnp.where(ok, reason, StopReason.NONFINITE).astype(jnp.int32)
         keep = lambda new, old: jnp.where(ok, new, old)
         return ADMMState(t=t, b=keep(jnp.where(restart, pa.wn, b), st.b), d=keep(jnp.where(restart, st.d0, d), st.d),
