@@ -174,7 +174,7 @@ class AWPOptions:
                                        "small calibration sets)", type=float)
     algorithm: str = option("pgd", "pruning solver: projected gradient descent (pgd, the paper's) or ALPS's operator "
                                    "splitting (admm: 300 iterations at most, penalty schedule, stops when the mask settles; "
-                                   "beyond the paper)", choices=("pgd", "admm"))
+                                   "the step, tolerance and momentum settings are PGD's and not used; beyond the paper)", choices=("pgd", "admm"))
 
     def __post_init__(self):
         _check(self.max_iter is None or (_is_int(self.max_iter) and self.max_iter >= 1), "max_iter must be an integer >= 1", self.max_iter)

@@ -131,7 +131,8 @@ class PGDConfig:
         (:class:`ADMM`, ALPS's operator splitting on the same objective; pruning only). With ADMM
         ``max_iter`` caps its iterations (ALPS: 300), ``admm_rho`` is the initial penalty on
         unit-diagonal C (ALPS: 0.1) and ``admm_damping`` the ridge ALPS adds to C (0.01 of its
-        mean diagonal); step_rule, step_scale, tol and keep_best are not used.
+        mean diagonal); the PGD settings (step_rule, step_scale, tol, keep_best, momentum) are
+        not used.
       refit_damping: the refit minimises the objective with ``C + δ·mean(diag C)·I`` (δ =
         refit_damping), i.e. adds ``δ·mean(diag C)·‖W − Θ‖²`` on the kept entries — the damping
         SparseGPT applies to its Hessian: it keeps the kept weights nearer their dense values and
@@ -195,8 +196,8 @@ class PGDConfig:
         if self.algorithm == "admm":
             if s.quant is not None or not prunes or len(s.phases) != 1:
                 raise ValueError("algorithm='admm' prunes (a sparsity or N:M in one phase), without quantization")
-            if self.momentum or self.trace or self.matmul_dtype != "float32":
-                raise ValueError("algorithm='admm' takes none of momentum, trace, matmul_dtype='bfloat16'")
+            if self.trace or self.matmul_dtype != "float32":
+                raise ValueError("algorithm='admm' records no trace and runs in float32 (matmul_dtype='float32')")
             if not (np.isfinite(self.admm_rho) and self.admm_rho > 0):
                 raise ValueError(f"admm_rho must be a positive number, got {self.admm_rho!r}")
             if not (np.isfinite(self.admm_damping) and self.admm_damping >= 0):
