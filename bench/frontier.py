@@ -165,11 +165,23 @@ def write_report(store, path):
         if k == "dense":
             continue
         column = r.get("column", k.split("|")[0])
+        column = {"0.5": "50%", "0.7": "70%"}.get(column, column)
         alloc = "uniform" if r["rule"] == "uniform" else f"OWL lambda={r['lam']}"
         ec = "–" if r.get("alpha") is None else f"alpha={r['alpha']}"
         name = r["label"].split(" uniform")[0].split(" owl")[0].split(" ec ")[0].strip()
         lines.append(f"| {column} | {name} | {alloc} | {ec} | {min(r['block_sparsity']):.4f}..{max(r['block_sparsity']):.4f} "
                      f"| {r['zeros']} | {r['heldout_ppl']:.2f} | {r['eval_ppl']:.2f} | {r['seconds']:.0f} |")
+    quality = path.parent / "quality_runs.json"
+    if quality.exists():  # the plain rows this table is compared with (same calibration and evaluation windows)
+        want = {("50%", "sparsegpt"), ("50%", "awp (momentum, η=1/λmax, 50 it)"), ("50%", "awp+ (SparseGPT start, damped CG refit)"),
+                ("70%", "sparsegpt"), ("70%", "awp+ (SparseGPT start, damped CG refit)"), ("INT3", "gptq"),
+                ("INT3", "awp (AWQ start, scaled coordinates)"), ("2:4", "sparsegpt"), ("2:4", "awp+ (SparseGPT start, damped CG refit)")}
+        ref = [r for r in json.loads(quality.read_text()).values()
+               if isinstance(r, dict) and (r.get("column"), r.get("label")) in want]
+        lines += ["", "Plain rows from quality.md (`python bench/quality.py`; same calibration, same evaluation windows):", "",
+                  "| column | method | evaluation ppl | seconds |", "|---|---|---|---|"]
+        lines += [f"| {r['column']} | {r['label']} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} |"
+                  for r in sorted(ref, key=lambda r: (r["column"], r["label"]))]
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
 
