@@ -2,13 +2,14 @@
 
 A :class:`Recipe` names a method and, per kind of constraint (``prune``, ``nm``, ``quant``,
 ``joint``, ``nm_joint``), that method's options; it may also fix the constraint itself (a recipe
-file that says ``sparsity: 0.6``). Three are built in, all for AWP:
+file that says ``sparsity: 0.6``). Four are built in, all for AWP:
 
 | recipe | pruning and N:M | quantization and joint |
 |---|---|---|
 | ``paper`` | the paper's: Wanda start, η = 2/‖C‖_F, tol 1e-4, 200 iterations | the paper's: RTN start, η = 1.5/‖C‖_F, 10 iterations; joint from dense, 100 |
 | ``fast`` (default) | Wanda start, momentum, η = 1/λmax, 50 iterations | AWQ start, in AWQ's scaled coordinates (10 iterations; joint: Wanda→AWQ start, 50) |
 | ``best`` | SparseGPT start (layer-wise count), η = 1/λmax, 50 iterations, 50 damped CG refit iterations (δ = 0.1) | as ``fast`` |
+| ``admm`` | ALPS's ADMM (:class:`awp_jax.solver.ADMM`; layer-wise count for unstructured), then 10 CG iterations on C damped by 0.01 | as ``fast`` |
 
 Output formats that cannot store AWQ's per-layer column scales (compressed-tensors, GGUF) take the
 ``quant_no_column_scales`` / ``joint_no_column_scales`` entries instead where a recipe has them:
@@ -109,6 +110,9 @@ _FAST_PRUNE = {"momentum": True, "step_rule": "lambda_max", "step_scale": 1.0, "
 _BEST_PRUNE = {"init": "sparsegpt", "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50,
                "refit_iters": 50, "refit_damping": 0.1}
 _AWQ_START = {"init": "awq"}
+# ALPS's settings: ADMM, the layer-wise mask (unstructured), 10 CG iterations on C damped by 0.01
+_ADMM_PRUNE = {"algorithm": "admm", "scope": "layer", "refit_iters": 10, "refit_damping": 0.01}
+_ADMM_NM = {"algorithm": "admm", "refit_iters": 10, "refit_damping": 0.01}
 # formats that cannot store AWQ's per-layer column scales: the paper's RTN start for quantization
 # (bench/results/gguf.md has it ahead of GPTQ and of AWP from GPTQ's result on the Q4_0 grid); for joint
 # compression the Wanda start (bench/results/quality.md, table 4: 80.71 against the paper's 97.90 at
@@ -121,6 +125,8 @@ RECIPES: dict[str, Recipe] = {
                    options={"prune": _FAST_PRUNE, "nm": _FAST_PRUNE, "quant": _AWQ_START, "joint": _AWQ_START, **_NO_SCALES}),
     "best": Recipe(name="best", doc="SparseGPT start + 50 iterations + damped CG refit (pruning, N:M); AWQ start (quantization, joint)",
                    options={"prune": _BEST_PRUNE, "nm": _BEST_PRUNE, "quant": _AWQ_START, "joint": _AWQ_START, **_NO_SCALES}),
+    "admm": Recipe(name="admm", doc="ALPS's ADMM solver, layer-wise mask, 10 damped CG iterations (pruning, N:M); AWQ start (quantization, joint)",
+                   options={"prune": _ADMM_PRUNE, "nm": _ADMM_NM, "quant": _AWQ_START, "joint": _AWQ_START, **_NO_SCALES}),
 }
 DEFAULT = "fast"
 

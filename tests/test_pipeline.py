@@ -183,7 +183,7 @@ def test_cli_owl_allocation_and_error_correction(small_dir, tmp_path):
     (["--method", "gptq", "--bits", "4", "--momentum"], "--momentum is an option of awp; --method gptq takes: --act-order, --blocksize, --percdamp"),
     (["--method", "wanda", "--max-iter", "5"], "--max-iter is an option of awp; --method wanda takes: no options"),
     (["--method", "gptq", "--recipe", "best", "--bits", "4"], "--recipe best is a recipe for method awp, not gptq"),
-    (["--recipe", "nope"], "unknown recipe 'nope': choose one of paper, fast, best"),
+    (["--recipe", "nope"], "unknown recipe 'nope': choose one of paper, fast, best, admm"),
     (["--recipe", "/no/such/recipe.yaml"], "recipe file not found"),
     (["--bits", "4", "--refit-iters", "5"], "refit_iters is for pruning only"),
     (["--init", "awq"], "init='awq' is for quantization"),
