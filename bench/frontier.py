@@ -148,6 +148,9 @@ def main(argv=None):
     # 5. ADMM at 50 % and 2:4 (does it win where the recipes' other choices do?)
     run("0.5", "awp admm (ALPS settings) uniform", "awp", admm)
     run("2:4", "awp admm (ALPS settings)", "awp", {k: v for k, v in admm.items() if k != "scope"})
+    # 6. ADMM with the error-correcting targets at 2:4, and with both OWL and the targets at 70 %
+    run("2:4", f"awp admm (ALPS settings) ec alpha={alpha}", "awp", {k: v for k, v in admm.items() if k != "scope"}, ec=ec)
+    run("0.7", f"awp admm (ALPS settings) owl lambda={lam} ec alpha={alpha}", "awp", admm, owl, ec)
     write_report(store, out_dir / "frontier.md")
 
 
