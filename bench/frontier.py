@@ -12,8 +12,8 @@ seed 0, sequential). Every row reports two perplexities:
 - *evaluation*: the first 64 512-token windows of the Wikipedia articles, as in quality.md.
 
 OWL rows also record the zeros the model holds (the global ratio: equal to the uniform row's).
-Rows are kept in bench/results/frontier_runs.json (resumable; rows of the earlier
-bench/results/allocation_runs.json are taken over).
+Rows are kept in bench/results/frontier_runs.json (resumable; rows of an earlier
+bench/results/allocation_runs.json, if one is there, are taken over).
 """
 
 from __future__ import annotations
