@@ -115,17 +115,18 @@ def _block_fns(graphdef):
         return nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(x, *ctx)[0]
 
     @jax.jit
-    def cross(state, x_dense, x, ctx):  # the dense stream's output and {name: X_dense Xᵀ} (error-correcting targets)
+    def cross(state, x_dense, x, ctx):
+        """Both streams in one pass (error-correcting targets; no routed statistics): the dense
+        stream's output, the compressed stream's, and ``{name: X Xᵀ, name#cross: X_dense Xᵀ}``."""
         blk = nnx.merge(graphdef, state)
         y_d, cap_d = nnx.capture(blk, nnx.Intermediate)(x_dense, *ctx)
-        _, cap = nnx.capture(blk, nnx.Intermediate)(x, *ctx)
+        y, cap = nnx.capture(blk, nnx.Intermediate)(x, *ctx)
         out = {}
         for k, var in cap.items():
-            if k == "routing":
-                continue
             v_d, v = cap_d[k].get_value()[0].astype(jnp.float32), var.get_value()[0].astype(jnp.float32)
+            out[k] = jnp.einsum("bli,blj->ij", v, v, precision="highest")
             out[f"{k}#cross"] = jnp.einsum("bli,blj->ij", v_d, v, precision="highest")
-        return y_d, out
+        return y_d, y, out
 
     return stats, grams_only, run, cross
 
@@ -234,15 +235,16 @@ def block_statistics(
         totals = None
         outs, dense_outs = [], []
         for bi, x in enumerate(hidden):
-            if recompute:
+            if cross:  # one pass over both streams; the compressed stream's output only when not recomputed
+                y_d, y, grams = cross_fn(state, dense_hidden[bi], x, ctx)
+                dense_outs.append(y_d)
+                if not recompute:
+                    outs.append(y)
+            elif recompute:
                 grams = grams_fn(state, x, ctx)
             else:
                 y, grams = stats_fn(state, x, ctx)
                 outs.append(y)
-            if cross:
-                y_d, xgrams = cross_fn(state, dense_hidden[bi], x, ctx)
-                dense_outs.append(y_d)
-                grams = {**grams, **xgrams}
             if accumulate == "float64":
                 grams = jax.tree.map(lambda v: np.asarray(v, np.float64), grams)
             totals = grams if totals is None else jax.tree.map(lambda a, b: a + b, totals, grams)

@@ -406,12 +406,14 @@ def _k(con, d_in):
     return keep_count(con.sparsity, d_in) if con.sparsity else None
 
 
-def _prune_mask(score, con):
-    """The pruning mask of ``con`` (row top-k or N:M) on a non-negative ``score``."""
+def _prune_mask(score, con, k=None):
+    """The pruning mask of ``con`` (row top-k or N:M) on a non-negative ``score``; ``k``: the
+    row count when it is passed as data (default: ``con``'s)."""
     if con.nm is not None:
         return nm_mask(score, *con.nm)
-    k = _k(con, score.shape[1])
-    return jnp.ones(score.shape, bool) if k is None else row_topk_mask(score, k)
+    if not con.sparsity:
+        return jnp.ones(score.shape, bool)
+    return row_topk_mask(score, _k(con, score.shape[1]) if k is None else k)
 
 
 def _structural(con: Constraint) -> Constraint:
@@ -423,9 +425,7 @@ def _structural(con: Constraint) -> Constraint:
 @functools.partial(jax.jit, static_argnames=("con", "wanda"))
 def _mask_prune_jit(w, c, k, con, wanda):
     score = wanda_score(w, c) if wanda else jnp.abs(w)
-    mask = nm_mask(score, *con.nm) if con.nm is not None else (
-        jnp.ones(score.shape, bool) if not con.sparsity else row_topk_mask(score, k))
-    return jnp.where(mask, w, jnp.zeros_like(w))
+    return jnp.where(_prune_mask(score, con, k), w, jnp.zeros_like(w))
 
 
 def _mask_prune(w, c, con, wanda):
