@@ -149,8 +149,8 @@ def write_report(name, store, path):
             if r is None:
                 lines.append(f"| {lab} | not run | | | |")
                 continue
-            ratio = r["compress_cpu_seconds"] / ref["compress_cpu_seconds"] if ref else float("nan")
-            lines.append(f"| {lab} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio:.2f} |")
+            ratio = f"{r['compress_cpu_seconds'] / ref['compress_cpu_seconds']:.2f}" if ref else f"({ref_name} not run)"
+            lines.append(f"| {lab} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio} |")
         got = [(store[f"{col}|{lab}"]["perplexity"], lab) for c, lab, _, _ in rows() if c == col and f"{col}|{lab}" in store]
         if got:
             lines += ["", f"Lowest perplexity: {min(got)[1]} ({min(got)[0]:.2f})."]
