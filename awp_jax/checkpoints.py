@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from awp_jax import assets
+from awp_jax import assets, dtypes
 from awp_jax import models
 from awp_jax.models import LlamaConfig
 
@@ -294,7 +294,7 @@ class SafetensorsSource(Mapping):
             out = {}
             for k in f.keys():
                 sl = f.get_slice(k)
-                out[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+                out[k] = (tuple(sl.get_shape()), dtypes.SAFETENSORS_CODES.get(sl.get_dtype(), sl.get_dtype()))
             return out
 
     def check(self) -> "SafetensorsSource":
@@ -331,10 +331,6 @@ class SafetensorsSource(Mapping):
 
     def __len__(self):
         return len(self._where)
-
-
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def _hf_config(path: pathlib.Path):

@@ -14,6 +14,10 @@ import numpy as np
 __all__ = ["STORAGE_DTYPES", "np_dtype", "name_of", "round_to", "cast_exact"]
 
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+# safetensors' dtype codes and the numpy dtype names they stand for (one table, both directions)
+SAFETENSORS_CODES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SAFETENSORS_CODE_OF = {v: k for k, v in SAFETENSORS_CODES.items()}
 _NP = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 

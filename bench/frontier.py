@@ -39,7 +39,9 @@ PLUS = dict(init="sparsegpt", max_iter=50, step_rule="lambda_max", step_scale=1.
 LAMBDAS = (0.04, 0.08, 0.12, 0.16)  # the OWL lambda sweep (held-out text, Wanda at 70 %); OWL's default is 0.08
 ALPHAS = (0.5, 1.0)  # the error-correction alpha sweep (held-out text, GPTQ INT3 g128)
 INT3 = dict(bits=3, group_size=128)
-COLUMNS = {"0.5": dict(sparsity=0.5), "0.7": dict(sparsity=0.7), "INT3 g128": INT3, "2:4": dict(nm=(2, 4))}
+COLUMNS = {"0.5": dict(sparsity=0.5), "0.7": dict(sparsity=0.7), "INT3 g128": INT3, "2:4": dict(nm=(2, 4)),
+           "INT2 g128": dict(bits=2, group_size=128)}
+FAST = dict(momentum=True, step_rule="lambda_max", step_scale=1.0, max_iter=50)  # recipe fast's pruning options
 
 
 def heldout_windows(tokens, calib_starts, seqlen, n):
@@ -151,6 +153,14 @@ def main(argv=None):
     # 6. ADMM with the error-correcting targets at 2:4, and with both OWL and the targets at 70 %
     run("2:4", f"awp admm (ALPS settings) ec alpha={alpha}", "awp", {k: v for k, v in admm.items() if k != "scope"}, ec=ec)
     run("0.7", f"awp admm (ALPS settings) owl lambda={lam} ec alpha={alpha}", "awp", admm, owl, ec)
+    # 7. time at 50 %: can a shorter solve keep the default recipe's quality? (bench/compress_time.py times them
+    #    beside SparseGPT; here, their perplexities)
+    run("0.5", "awp fast (Wanda start, momentum, 50 it)", "awp", FAST)
+    run("0.5", "awp Wanda start, momentum, 20 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 20, "refit_iters": 10, "refit_damping": 0.1})
+    run("0.5", "awp admm (ALPS settings) at most 50 it", "awp", {**admm, "max_iter": 50})
+    # 8. INT2 g128 with the error-correcting targets (plain rows: quality.md, GPTQ 153 326, AWP from AWQ 10 926)
+    run("INT2 g128", f"gptq ec alpha={alpha}", "gptq", {}, ec=ec)
+    run("INT2 g128", f"awp (AWQ start) ec alpha={alpha}", "awp", {"init": "awq"}, ec=ec)
     write_report(store, out_dir / "frontier.md")
 
 
@@ -178,7 +188,8 @@ def write_report(store, path):
     if quality.exists():  # the plain rows this table is compared with (same calibration and evaluation windows)
         want = {("50%", "sparsegpt"), ("50%", "awp (momentum, η=1/λmax, 50 it)"), ("50%", "awp+ (SparseGPT start, damped CG refit)"),
                 ("70%", "sparsegpt"), ("70%", "awp+ (SparseGPT start, damped CG refit)"), ("INT3", "gptq"),
-                ("INT3", "awp (AWQ start, scaled coordinates)"), ("2:4", "sparsegpt"), ("2:4", "awp+ (SparseGPT start, damped CG refit)")}
+                ("INT3", "awp (AWQ start, scaled coordinates)"), ("INT2", "gptq"), ("INT2", "awq"),
+                ("INT2", "awp (AWQ start, scaled coordinates)"), ("2:4", "sparsegpt"), ("2:4", "awp+ (SparseGPT start, damped CG refit)")}
         ref = [r for r in json.loads(quality.read_text()).values()
                if isinstance(r, dict) and (r.get("column"), r.get("label")) in want]
         lines += ["", "Plain rows from quality.md (`python bench/quality.py`; same calibration, same evaluation windows):", "",

@@ -23,8 +23,6 @@ from awp_jax.models import weights_of
 
 # transformers' save_pretrained default (5.x)
 MAX_SHARD_SIZE = "50GB"
-_ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int8": "I8", "uint8": "U8",
-             "int64": "I64", "int16": "I16", "float64": "F64", "bool": "BOOL"}
 
 
 def parse_size(size) -> int:
@@ -68,7 +66,7 @@ def write_safetensors(tmp: pathlib.Path, specs: dict, get, *, max_shard_size=MAX
         header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
         for k in names:
             shp, dt = specs[k]
-            header[k] = {"dtype": _ST_DTYPE[dt], "shape": list(shp), "data_offsets": [offset, offset + nbytes[k]]}
+            header[k] = {"dtype": dtypes.SAFETENSORS_CODE_OF[dt], "shape": list(shp), "data_offsets": [offset, offset + nbytes[k]]}
             offset += nbytes[k]
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
