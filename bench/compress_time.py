@@ -38,6 +38,11 @@ from awp_jax.models import Llama, weights_of  # noqa: E402
 
 S = dict  # flat settings: methods.settings(method, **s) splits them into constraint and options
 MOMENTUM50 = "awp (momentum, η=1/λmax, 50 it)"
+DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "compress_time.md"
+SHORT = "awp (momentum, η=1/λmax, 20 it, damped CG refit 10)"
+SHORT10 = "awp (momentum, η=1/λmax, 10 it, damped CG refit 10)"
+SHORT5 = "awp (momentum, η=1/λmax, 5 it, damped CG refit 10)"
+ADMM = "awp admm (ALPS settings)"
 
 
 def configs(p):
@@ -46,6 +51,15 @@ def configs(p):
         "sparsegpt": ("sparsegpt", S(sparsity=p)),
         "awp (paper settings)": ("awp", S(sparsity=p)),
         MOMENTUM50: ("awp", S(sparsity=p, max_iter=50, momentum=True, step_rule="lambda_max", step_scale=1.0)),
+        SHORT: ("awp", S(sparsity=p, max_iter=20, momentum=True, step_rule="lambda_max", step_scale=1.0, refit_iters=10,
+                         refit_damping=0.1)),
+        SHORT10: ("awp", S(sparsity=p, max_iter=10, momentum=True, step_rule="lambda_max", step_scale=1.0, refit_iters=10,
+                           refit_damping=0.1)),
+        SHORT5: ("awp", S(sparsity=p, max_iter=5, momentum=True, step_rule="lambda_max", step_scale=1.0, refit_iters=10,
+                          refit_damping=0.1)),
+        "awp+ (SparseGPT start, damped CG refit)": ("awp", S(sparsity=p, init="sparsegpt", max_iter=50, step_rule="lambda_max",
+                                                             step_scale=1.0, refit_iters=50, refit_damping=0.1)),
+        ADMM: ("awp", S(sparsity=p, algorithm="admm", scope="layer", refit_iters=10, refit_damping=0.01)),
     }
 
 
@@ -55,8 +69,8 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--methods", nargs="+", default=None, help="labels to run (default: all four)")
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "compress_time.md"))
+    ap.add_argument("--methods", nargs="+", default=None, help="labels to run (default: all)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
@@ -95,20 +109,24 @@ def main(argv=None):
     base = med["wanda"]
     cmd = "python bench/compress_time.py" + (f" --sparsity {args.sparsity}" if args.sparsity != 0.5 else "") + \
         (f" --repeats {args.repeats}" if args.repeats != 1 else "") + \
-        (f" --nsamples {args.nsamples}" if args.nsamples != 32 else "") + (f" --seqlen {args.seqlen}" if args.seqlen != 512 else "")
+        (f" --nsamples {args.nsamples}" if args.nsamples != 32 else "") + (f" --seqlen {args.seqlen}" if args.seqlen != 512 else "") + \
+        (" --methods " + " ".join(f"'{lab}'" for lab in labels) if args.methods else "") + \
+        (f" --out {args.out}" if pathlib.Path(args.out).resolve() != DEFAULT_OUT.resolve() else "")
     lines = [f"# Whole-model compression time: {args.sparsity:.0%} unstructured, default model", "",
              f"Command: `{cmd}`", "",
              f"Default model (SmolLM2-135M-Instruct, dequantized Q4_1), {cfg.num_layers} blocks x 7 linear layers; "
              f"calibration {args.nsamples} x {args.seqlen} tokens of the Wikipedia leads, sequential. Methods ran one after "
              f"another in one process ({args.repeats} repeat(s), interleaved; median shown) on {platform.machine()} with "
              f"{_cores()} CPU core(s) available. 'wall'/'CPU': the whole compress_model call (forward passes included); "
-             "'solve': sum of the report's per-layer seconds. Ratios are to Wanda in the same run.", "",
-             "| method | wall s | CPU s | solve s | wall / wanda | CPU / wanda | solve / wanda | mean rel. objective |",
-             "|---|---|---|---|---|---|---|---|"]
+             "'solve': sum of the report's per-layer seconds. Ratios are to Wanda in the same run, and (wall) to SparseGPT.", "",
+             "| method | wall s | CPU s | solve s | wall / wanda | CPU / wanda | solve / wanda | wall / sparsegpt | mean rel. objective |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    sgpt = med.get("sparsegpt")
     for lab in labels:
         x = med[lab]
         lines.append(f"| {lab} | {x['wall']:.1f} | {x['cpu']:.1f} | {x['solve']:.1f} | {x['wall'] / base['wall']:.2f} | "
-                     f"{x['cpu'] / base['cpu']:.2f} | {x['solve'] / base['solve']:.2f} | {x['rel_objective']:.4f} |")
+                     f"{x['cpu'] / base['cpu']:.2f} | {x['solve'] / base['solve']:.2f} | "
+                     f"{(x['wall'] / sgpt['wall']) if sgpt else float('nan'):.2f} | {x['rel_objective']:.4f} |")
     if args.repeats > 1:
         lines += ["", "Every repeat (wall s): " + "; ".join(f"{lab}: " + ", ".join(f"{x['wall']:.1f}" for x in runs[lab]) for lab in labels)]
     text = "\n".join(lines) + "\n"

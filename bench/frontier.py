@@ -41,7 +41,7 @@ ALPHAS = (0.5, 1.0)  # the error-correction alpha sweep (held-out text, GPTQ INT
 INT3 = dict(bits=3, group_size=128)
 COLUMNS = {"0.5": dict(sparsity=0.5), "0.7": dict(sparsity=0.7), "INT3 g128": INT3, "2:4": dict(nm=(2, 4)),
            "INT2 g128": dict(bits=2, group_size=128)}
-FAST = dict(momentum=True, step_rule="lambda_max", step_scale=1.0, max_iter=50)  # recipe fast's pruning options
+FAST = dict(momentum=True, step_rule="lambda_max", step_scale=1.0, max_iter=50)  # recipe fast's pruning options before it took the refit
 
 
 def heldout_windows(tokens, calib_starts, seqlen, n):
@@ -158,9 +158,19 @@ def main(argv=None):
     run("0.5", "awp fast (Wanda start, momentum, 50 it)", "awp", FAST)
     run("0.5", "awp Wanda start, momentum, 20 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 20, "refit_iters": 10, "refit_damping": 0.1})
     run("0.5", "awp admm (ALPS settings) at most 50 it", "awp", {**admm, "max_iter": 50})
+    run("0.5", "awp Wanda start, momentum, 10 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 10, "refit_iters": 10, "refit_damping": 0.1})
+    run("0.5", "awp Wanda start, momentum, 5 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 5, "refit_iters": 10, "refit_damping": 0.1})
+    run("2:4", "awp Wanda start, momentum, 10 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 10, "refit_iters": 10, "refit_damping": 0.1})
+    run("2:4", "awp Wanda start, momentum, 20 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 20, "refit_iters": 10, "refit_damping": 0.1})
+    run("2:4", "awp fast (Wanda start, momentum, 50 it)", "awp", FAST)
     # 8. INT2 g128 with the error-correcting targets (plain rows: quality.md, GPTQ 153 326, AWP from AWQ 10 926)
     run("INT2 g128", f"gptq ec alpha={alpha}", "gptq", {}, ec=ec)
     run("INT2 g128", f"awp (AWQ start) ec alpha={alpha}", "awp", {"init": "awq"}, ec=ec)
+    # 9. held-out figures for the SparseGPT start + damped CG refit (quality.md has only its evaluation figures),
+    #    to choose between it and ADMM on held-out text
+    run("0.7", "awp+ (SparseGPT start, damped CG refit) uniform", "awp", PLUS)
+    run("2:4", "awp+ (SparseGPT start, damped CG refit)", "awp", PLUS)
+    run("0.5", "awp+ (SparseGPT start, damped CG refit) uniform", "awp", PLUS)
     write_report(store, out_dir / "frontier.md")
 
 

@@ -101,6 +101,19 @@ def _label_order(col, label):
     return names.index(label) if label in names else len(names) + ("best" in label and "fast" not in label)
 
 
+def stored_row(store, current, col, lab):
+    """The stored row ``col|lab`` (None if not run), with ``as_now`` False and a label naming its
+    options when it was measured with options its recipe no longer has."""
+    r = store.get(f"{col}|{lab}")
+    if r is None or r.get("method") != "awp":
+        return r
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in r["settings"].items()}
+    if current.get(f"{col}|{lab}") == settings:
+        return r
+    opts = {k: v for k, v in settings.items() if k not in SETTINGS[col]}
+    return {**r, "as_now": False, "shown": f"{lab}'s earlier options ({', '.join(f'{k}={v}' for k, v in opts.items())})"}
+
+
 def write_report(name, store, path):
     gflops = store.get("matmul_gflops", [])
     lines = [f"# Second model: {name}", "",
@@ -138,20 +151,28 @@ def write_report(name, store, path):
         else:
             lines.append(f"| transformers | not run: {d.get('transformers_error', 'no torch')} | | |")
         lines.append("")
+    current = {f"{c}|{lab}": flat for c, lab, _, flat in rows()}
     for col in ORDER:
         ref_name = BASELINES[col][-1]
         ref = store.get(f"{col}|{ref_name}")
         lines += [f"## {col}", "", f"| row | perplexity | wall s | CPU s | CPU / {ref_name} |", "|---|---|---|---|---|"]
-        for c, lab, _, _ in sorted(rows(), key=lambda r: _label_order(r[0], r[1])):
-            if c != col:
-                continue
-            r = store.get(f"{col}|{lab}")
+        # the rows of the recipes as they are now, and stored rows measured with a recipe's earlier options
+        # (labelled by those options, never by a recipe name they no longer match)
+        labels = [lab for c, lab, _, _ in rows() if c == col]
+        current_labels = set(labels)
+        labels += [k.split("|", 1)[1] for k in store if k.startswith(col + "|") and k.split("|", 1)[1] not in labels]
+        got = []
+        for lab in sorted(labels, key=lambda lab: _label_order(col, lab)):
+            r = stored_row(store, current, col, lab)
+            shown = lab if r is None or r.get("as_now", True) else r["shown"]
             if r is None:
                 lines.append(f"| {lab} | not run | | | |")
                 continue
             ratio = f"{r['compress_cpu_seconds'] / ref['compress_cpu_seconds']:.2f}" if ref else f"({ref_name} not run)"
-            lines.append(f"| {lab} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio} |")
-        got = [(store[f"{col}|{lab}"]["perplexity"], lab) for c, lab, _, _ in rows() if c == col and f"{col}|{lab}" in store]
+            lines.append(f"| {shown} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio} |")
+            got.append((r["perplexity"], shown))
+            if not r.get("as_now", True) and lab in current_labels:
+                lines.append(f"| {lab} (its options now) | not run | | | |")
         if got:
             lines += ["", f"Lowest perplexity: {min(got)[1]} ({min(got)[0]:.2f})."]
         lines.append("")

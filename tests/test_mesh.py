@@ -190,7 +190,10 @@ def test_cli_run_on_a_mesh_gives_the_one_device_model(model_dir, tmp_path, metho
                "--sparsity", "0.5", "--calib", str(model_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64",
                "--batch-size", "2", "--eval-windows", "0", "--mesh", mesh, "--out", str(out)]
         if method == "awp":
-            cmd += ["--max-iter", "30"]
+            # PGD alone: the default recipe's CG refit solves a linear system per row, which carries the
+            # statistics' ~1e-7 differences times C's condition number into the weights (~1e-3 here); the
+            # refit on a mesh is compared with one device solver-level (test_sharding.py) on identical C
+            cmd += ["--max-iter", "30", "--refit-iters", "0"]
         r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
         return r.stderr, load_file(str(out / "model.safetensors")), json.loads((out / "awp_report.json").read_text())

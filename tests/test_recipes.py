@@ -21,9 +21,13 @@ def test_builtin_recipes_give_the_documented_solver_settings():
     assert (cfg.max_iter, cfg.step_scale, cfg.init) == (10, 1.5, "rtn")
     cfg = methods.awp_config(joint, methods.AWPOptions())
     assert [p.iters for p in cfg.schedule.phases] == [25, 25, 50] and cfg.init == "dense"
-    # fast: momentum at 1/λmax for 50 iterations from Wanda; AWQ's start for quantization and joint
+    # fast: momentum at 1/λmax for 5 iterations from Wanda, then 10 damped CG iterations; AWQ's start for
+    # quantization and joint
     cfg = methods.awp_config(prune, recipes.RECIPES["fast"].options_for(prune))
-    assert (cfg.max_iter, cfg.step_rule, cfg.step_scale, cfg.momentum, cfg.init) == (50, "lambda_max", 1.0, True, "wanda")
+    assert (cfg.max_iter, cfg.step_rule, cfg.step_scale, cfg.momentum, cfg.init) == (5, "lambda_max", 1.0, True, "wanda")
+    assert (cfg.refit_iters, cfg.refit_damping, cfg.scope) == (10, 0.1, "row")
+    cfg = methods.awp_config(nm, recipes.RECIPES["fast"].options_for(nm))
+    assert (cfg.max_iter, cfg.refit_iters, cfg.refit_damping, cfg.init) == (10, 10, 0.1, "wanda")
     assert recipes.RECIPES["fast"].options_for(quant).init == "awq"
     cfg = methods.awp_config(joint, recipes.RECIPES["fast"].options_for(joint))
     assert [p.iters for p in cfg.schedule.phases] == [50]  # joint iterations only, from Wanda→AWQ
@@ -113,6 +117,6 @@ def test_cli_flags_over_a_recipe(tmp_path):
     assert con.kind == "quant" and con.group_size == 64
     # a boolean flag can undo the recipe's
     _, _, _, opt = _resolve_run(argparse.Namespace(recipe="fast", method=None, momentum=False))
-    assert not opt.momentum and opt.max_iter == 50
+    assert not opt.momentum and opt.max_iter == 5
     with pytest.raises(ValueError, match="give --bits too"):
         _resolve_run(argparse.Namespace(recipe=None, method=None, symmetric=True))

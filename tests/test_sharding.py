@@ -22,13 +22,17 @@ from awp_jax.cli import synthetic_layer
 L, d_out, d_in = 3, 50, 64          # 3 layers on a stack axis of 2, 50 rows on a model axis of 4: both padded
 w, c = (np.stack(a) for a in zip(*[synthetic_layer(s, d_out, d_in, 512) for s in range(L)]))
 configs = {"prune": aj.awp_pruning(0.5, max_iter=40), "quant": aj.awp_quantization(3, 32),
-           "nm+momentum": aj.awp_nm(2, 4, max_iter=30, momentum=True), "joint": aj.awp_joint(0.5, 4, 32, init="wanda")}
+           "nm+momentum": aj.awp_nm(2, 4, max_iter=30, momentum=True), "joint": aj.awp_joint(0.5, 4, 32, init="wanda"),
+           "recipe fast (refit)": aj.awp_pruning(0.5, max_iter=5, momentum=True, step_rule="lambda_max", step_scale=1.0,
+                                                 refit_iters=10, refit_damping=0.1)}
 for explicit in (False, True):
     mesh = sharding.make_mesh(model=4, stack=2, explicit=explicit)
     for name, cfg in configs.items():
         ref = aj.solve_pgd_stack(w, c, cfg)
         res = sharding.solve_sharded(w, c, cfg, mesh)
-        np.testing.assert_allclose(np.asarray(res.theta), np.asarray(ref.theta), rtol=0, atol=1e-6, err_msg=name)
+        # the CG refit's per-row linear solve amplifies the sums' order (~1e-7) by C's condition number
+        atol = 1e-5 if cfg.refit_iters else 1e-6
+        np.testing.assert_allclose(np.asarray(res.theta), np.asarray(ref.theta), rtol=0, atol=atol, err_msg=name)
         assert np.array_equal(np.asarray(res.iterations), np.asarray(ref.iterations)), name
         np.testing.assert_allclose(np.asarray(res.obj_final), np.asarray(ref.obj_final), rtol=1e-5, err_msg=name)
 
