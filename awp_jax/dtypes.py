@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-__all__ = ["STORAGE_DTYPES", "np_dtype", "name_of", "round_to", "cast_exact"]
+__all__ = ["SAFETENSORS_CODES", "SAFETENSORS_CODE_OF", "STORAGE_DTYPES", "np_dtype", "name_of", "round_to", "cast_exact"]
 
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 # safetensors' dtype codes and the numpy dtype names they stand for (one table, both directions)

@@ -21,8 +21,9 @@ Why these (``bench/results/quality.md``, ``bench/results/recipes.md``, ``bench/r
 the refit, on held-out calibration text and on the evaluation text) at SparseGPT's whole-model time,
 so it is the default; ``best`` is the variant that had the lowest perplexity in most columns of
 quality.md's pruning and N:M tables (60–90 %, 2:4, 4:8); ``admm``, measured later, is lower still
-at 50 %, 70 % and 2:4 (frontier.md), at about twice SparseGPT's time; for quantization and joint compression the AWQ start had the lowest perplexity of every
-AWP variant in every column, and it is also the cheaper of AWP's good choices there.
+at 50 %, 70 % and 2:4 (frontier.md), at about twice SparseGPT's time; for quantization and joint
+compression the AWQ start had the lowest perplexity of every AWP variant in every column, and it is
+also the cheaper of AWP's good choices there.
 
 A recipe file (JSON, or YAML) holds the same fields::
 
@@ -113,7 +114,8 @@ class Recipe:
 # (bench/results/frontier.md, compress_time_short.md)
 _FAST_PRUNE = {"momentum": True, "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 5, "refit_iters": 10,
                "refit_damping": 0.1}
-_FAST_NM = {**_FAST_PRUNE, "max_iter": 10}  # 2:4 measured with 10 iterations (held-out 47.12 against 49.99 for 50 without the refit)
+# 2:4 was measured with 10 iterations (held-out 47.12 against 49.99 for 50 iterations without the refit)
+_FAST_NM = {**_FAST_PRUNE, "max_iter": 10}
 _BEST_PRUNE = {"init": "sparsegpt", "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50,
                "refit_iters": 50, "refit_damping": 0.1}
 _AWQ_START = {"init": "awq"}

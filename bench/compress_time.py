@@ -39,9 +39,13 @@ from awp_jax.models import Llama, weights_of  # noqa: E402
 S = dict  # flat settings: methods.settings(method, **s) splits them into constraint and options
 MOMENTUM50 = "awp (momentum, η=1/λmax, 50 it)"
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "compress_time.md"
-SHORT = "awp (momentum, η=1/λmax, 20 it, damped CG refit 10)"
-SHORT10 = "awp (momentum, η=1/λmax, 10 it, damped CG refit 10)"
-SHORT5 = "awp (momentum, η=1/λmax, 5 it, damped CG refit 10)"
+
+
+def short(n: int) -> str:
+    """The label of ``n`` momentum iterations from Wanda's mask followed by 10 damped CG refit iterations."""
+    return f"awp (momentum, η=1/λmax, {n} it, damped CG refit 10)"
+
+
 ADMM = "awp admm (ALPS settings)"
 
 
@@ -51,12 +55,8 @@ def configs(p):
         "sparsegpt": ("sparsegpt", S(sparsity=p)),
         "awp (paper settings)": ("awp", S(sparsity=p)),
         MOMENTUM50: ("awp", S(sparsity=p, max_iter=50, momentum=True, step_rule="lambda_max", step_scale=1.0)),
-        SHORT: ("awp", S(sparsity=p, max_iter=20, momentum=True, step_rule="lambda_max", step_scale=1.0, refit_iters=10,
-                         refit_damping=0.1)),
-        SHORT10: ("awp", S(sparsity=p, max_iter=10, momentum=True, step_rule="lambda_max", step_scale=1.0, refit_iters=10,
-                           refit_damping=0.1)),
-        SHORT5: ("awp", S(sparsity=p, max_iter=5, momentum=True, step_rule="lambda_max", step_scale=1.0, refit_iters=10,
-                          refit_damping=0.1)),
+        **{short(n): ("awp", S(sparsity=p, max_iter=n, momentum=True, step_rule="lambda_max", step_scale=1.0, refit_iters=10,
+                               refit_damping=0.1)) for n in (20, 10, 5)},
         "awp+ (SparseGPT start, damped CG refit)": ("awp", S(sparsity=p, init="sparsegpt", max_iter=50, step_rule="lambda_max",
                                                              step_scale=1.0, refit_iters=50, refit_damping=0.1)),
         ADMM: ("awp", S(sparsity=p, algorithm="admm", scope="layer", refit_iters=10, refit_damping=0.01)),

@@ -44,6 +44,11 @@ COLUMNS = {"0.5": dict(sparsity=0.5), "0.7": dict(sparsity=0.7), "INT3 g128": IN
 FAST = dict(momentum=True, step_rule="lambda_max", step_scale=1.0, max_iter=50)  # recipe fast's pruning options before it took the refit
 
 
+def short(n: int) -> tuple[str, dict]:
+    """Label and options of ``n`` momentum iterations from Wanda's mask, then 10 CG iterations on C damped by 0.1."""
+    return f"awp Wanda start, momentum, {n} it, CG refit 10 (damped 0.1)", {**FAST, "max_iter": n, "refit_iters": 10, "refit_damping": 0.1}
+
+
 def heldout_windows(tokens, calib_starts, seqlen, n):
     """``n`` non-overlapping windows from the end of ``tokens`` that no calibration window overlaps."""
     covered = np.zeros(len(tokens), bool)
@@ -120,6 +125,10 @@ def main(argv=None):
         print(f"   held-out {row['heldout_ppl']:.2f}  evaluation {row['eval_ppl']:.2f}  ({secs:.0f} s)", file=sys.stderr, flush=True)
         return row
 
+    def run_short(column, n):
+        label, spec = short(n)
+        return run(column, label, "awp", spec)
+
     def pick(rows, values, default):
         return values[int(np.argmin([r["heldout_ppl"] for r in rows]))] if all(rows) else default
 
@@ -156,12 +165,12 @@ def main(argv=None):
     # 7. time at 50 %: can a shorter solve keep the default recipe's quality? (bench/compress_time.py times them
     #    beside SparseGPT; here, their perplexities)
     run("0.5", "awp fast (Wanda start, momentum, 50 it)", "awp", FAST)
-    run("0.5", "awp Wanda start, momentum, 20 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 20, "refit_iters": 10, "refit_damping": 0.1})
+    run_short("0.5", 20)
     run("0.5", "awp admm (ALPS settings) at most 50 it", "awp", {**admm, "max_iter": 50})
-    run("0.5", "awp Wanda start, momentum, 10 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 10, "refit_iters": 10, "refit_damping": 0.1})
-    run("0.5", "awp Wanda start, momentum, 5 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 5, "refit_iters": 10, "refit_damping": 0.1})
-    run("2:4", "awp Wanda start, momentum, 10 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 10, "refit_iters": 10, "refit_damping": 0.1})
-    run("2:4", "awp Wanda start, momentum, 20 it, CG refit 10 (damped 0.1)", "awp", {**FAST, "max_iter": 20, "refit_iters": 10, "refit_damping": 0.1})
+    run_short("0.5", 10)
+    run_short("0.5", 5)
+    run_short("2:4", 10)
+    run_short("2:4", 20)
     run("2:4", "awp fast (Wanda start, momentum, 50 it)", "awp", FAST)
     # 8. INT2 g128 with the error-correcting targets (plain rows: quality.md, GPTQ 153 326, AWP from AWQ 10 926)
     run("INT2 g128", f"gptq ec alpha={alpha}", "gptq", {}, ec=ec)

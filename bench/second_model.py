@@ -101,17 +101,15 @@ def _label_order(col, label):
     return names.index(label) if label in names else len(names) + ("best" in label and "fast" not in label)
 
 
-def stored_row(store, current, col, lab):
-    """The stored row ``col|lab`` (None if not run), with ``as_now`` False and a label naming its
-    options when it was measured with options its recipe no longer has."""
-    r = store.get(f"{col}|{lab}")
-    if r is None or r.get("method") != "awp":
-        return r
+def earlier_options(r, current_flat, col):
+    """For an AWP row measured with options its recipe no longer has (``current_flat``: the recipe's
+    flat settings now, None if the label is no recipe's any more), those options as text; else None."""
+    if r.get("method") != "awp":
+        return None
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in r["settings"].items()}
-    if current.get(f"{col}|{lab}") == settings:
-        return r
-    opts = {k: v for k, v in settings.items() if k not in SETTINGS[col]}
-    return {**r, "as_now": False, "shown": f"{lab}'s earlier options ({', '.join(f'{k}={v}' for k, v in opts.items())})"}
+    if settings == current_flat:
+        return None
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if k not in SETTINGS[col])
 
 
 def write_report(name, store, path):
@@ -163,15 +161,16 @@ def write_report(name, store, path):
         labels += [k.split("|", 1)[1] for k in store if k.startswith(col + "|") and k.split("|", 1)[1] not in labels]
         got = []
         for lab in sorted(labels, key=lambda lab: _label_order(col, lab)):
-            r = stored_row(store, current, col, lab)
-            shown = lab if r is None or r.get("as_now", True) else r["shown"]
+            r = store.get(f"{col}|{lab}")
             if r is None:
                 lines.append(f"| {lab} | not run | | | |")
                 continue
+            earlier = earlier_options(r, current.get(f"{col}|{lab}"), col)
+            shown = lab if earlier is None else f"{lab}'s earlier options ({earlier})"
             ratio = f"{r['compress_cpu_seconds'] / ref['compress_cpu_seconds']:.2f}" if ref else f"({ref_name} not run)"
             lines.append(f"| {shown} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio} |")
             got.append((r["perplexity"], shown))
-            if not r.get("as_now", True) and lab in current_labels:
+            if earlier is not None and lab in current_labels:
                 lines.append(f"| {lab} (its options now) | not run | | | |")
         if got:
             lines += ["", f"Lowest perplexity: {min(got)[1]} ({min(got)[0]:.2f})."]
