@@ -101,15 +101,19 @@ def _label_order(col, label):
     return names.index(label) if label in names else len(names) + ("best" in label and "fast" not in label)
 
 
-def earlier_options(r, current_flat, col):
-    """For an AWP row measured with options its recipe no longer has (``current_flat``: the recipe's
-    flat settings now, None if the label is no recipe's any more), those options as text; else None."""
-    if r.get("method") != "awp":
-        return None
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in r["settings"].items()}
-    if settings == current_flat:
-        return None
-    return ", ".join(f"{k}={v}" for k, v in settings.items() if k not in SETTINGS[col])
+def set_aside_earlier(store):
+    """Move each stored AWP row measured with options its recipe no longer has to a key naming those
+    options (kept and reported as such, never under a recipe name it no longer matches), so that a run
+    measures the recipe as it is now."""
+    current = {f"{c}|{lab}": flat for c, lab, _, flat in rows()}
+    for k in [k for k in store if "|" in k]:
+        r, (col, lab) = store[k], k.split("|", 1)
+        if r.get("method") != "awp" or k not in current:
+            continue
+        settings = {k2: tuple(v) if isinstance(v, list) else v for k2, v in r["settings"].items()}
+        if settings != current[k]:
+            opts = ", ".join(f"{k2}={v}" for k2, v in settings.items() if k2 not in SETTINGS[col])
+            store[f"{col}|{lab}'s earlier options ({opts})"] = store.pop(k)
 
 
 def write_report(name, store, path):
@@ -149,15 +153,12 @@ def write_report(name, store, path):
         else:
             lines.append(f"| transformers | not run: {d.get('transformers_error', 'no torch')} | | |")
         lines.append("")
-    current = {f"{c}|{lab}": flat for c, lab, _, flat in rows()}
     for col in ORDER:
         ref_name = BASELINES[col][-1]
         ref = store.get(f"{col}|{ref_name}")
         lines += [f"## {col}", "", f"| row | perplexity | wall s | CPU s | CPU / {ref_name} |", "|---|---|---|---|---|"]
-        # the rows of the recipes as they are now, and stored rows measured with a recipe's earlier options
-        # (labelled by those options, never by a recipe name they no longer match)
+        # the rows of the recipes as they are now, then stored rows measured with a recipe's earlier options
         labels = [lab for c, lab, _, _ in rows() if c == col]
-        current_labels = set(labels)
         labels += [k.split("|", 1)[1] for k in store if k.startswith(col + "|") and k.split("|", 1)[1] not in labels]
         got = []
         for lab in sorted(labels, key=lambda lab: _label_order(col, lab)):
@@ -165,13 +166,9 @@ def write_report(name, store, path):
             if r is None:
                 lines.append(f"| {lab} | not run | | | |")
                 continue
-            earlier = earlier_options(r, current.get(f"{col}|{lab}"), col)
-            shown = lab if earlier is None else f"{lab}'s earlier options ({earlier})"
             ratio = f"{r['compress_cpu_seconds'] / ref['compress_cpu_seconds']:.2f}" if ref else f"({ref_name} not run)"
-            lines.append(f"| {shown} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio} |")
-            got.append((r["perplexity"], shown))
-            if earlier is not None and lab in current_labels:
-                lines.append(f"| {lab} (its options now) | not run | | | |")
+            lines.append(f"| {lab} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio} |")
+            got.append((r["perplexity"], lab))
         if got:
             lines += ["", f"Lowest perplexity: {min(got)[1]} ({min(got)[0]:.2f})."]
         lines.append("")
@@ -189,6 +186,7 @@ def main(argv=None):
     store_file = RESULTS / f"second_model_{slug}_runs.json"
     report = RESULTS / f"second_model_{slug}.md"
     store = json.loads(store_file.read_text()) if store_file.exists() else {}
+    set_aside_earlier(store)
 
     def save():
         tmp = store_file.with_suffix(".tmp")
