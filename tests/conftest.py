@@ -27,3 +27,12 @@ def layer_problem():
     c = correlated_activations(r, 256, 4096)
     w = (0.05 * r.standard_normal((96, 256))).astype(np.float32)
     return w, c
+
+
+def assert_gram_close(got, x, n=None):
+    """``got`` equals ``x.T @ x / n`` (``n``: the rows of ``x``) up to float32 summation: the reference
+    is taken in float64 and the tolerance scales with the matrix (its largest diagonal entry), since
+    an off-diagonal entry near zero is a difference of sums of products as large as the diagonal's."""
+    x = np.asarray(x, np.float64)
+    ref = x.T @ x / (x.shape[0] if n is None else n)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6 * float(np.max(np.diagonal(ref))))
