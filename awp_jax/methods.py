@@ -42,7 +42,7 @@ from awp_jax import hwpq as hwpq_lib
 from awp_jax import obs, sharding
 from awp_jax import solver as solver_lib
 from awp_jax.projections import keep_count, nm_mask, row_topk_mask
-from awp_jax.quantizers import QArray, QuantSpec, quantize
+from awp_jax.quantizers import QArray, QuantSpec, quantize, refit_grid
 from awp_jax.saliency import wanda_score
 
 __all__ = ["Constraint", "AWPOptions", "SparseGPTOptions", "GPTQOptions", "NoOptions", "LayerResult", "LayerInfo", "METHODS",
@@ -147,6 +147,10 @@ class NoOptions:
     """The options of a method that has none (magnitude, wanda, rtn, awq, hwpq, ...)."""
 
 
+GRID_REFIT_HELP = ("quantization: after the method, refit each (row, group)'s scale (and float minimum) by least squares on "
+                   "the layer objective, codes and zero points kept; a row keeps its grid unless the refit lowers it (beyond the paper)")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AWPOptions:
     """AWP's settings. A field left ``None`` takes the paper's value for the kind of compression
@@ -175,6 +179,7 @@ class AWPOptions:
     algorithm: str = option("pgd", "pruning solver: projected gradient descent (pgd, the paper's) or ALPS's operator "
                                    "splitting (admm: 300 iterations at most, penalty schedule, stops when the mask settles; "
                                    "the step, tolerance and momentum settings are PGD's and not used; beyond the paper)", choices=("pgd", "admm"))
+    grid_refit: bool = option(False, GRID_REFIT_HELP)
 
     def __post_init__(self):
         _check(self.max_iter is None or (_is_int(self.max_iter) and self.max_iter >= 1), "max_iter must be an integer >= 1", self.max_iter)
@@ -187,6 +192,7 @@ class AWPOptions:
                 v = getattr(self, f.name)
                 _check(v is None or v in f.metadata["choices"], f"{f.name} must be one of {', '.join(f.metadata['choices'])}", v)
         _check(isinstance(self.momentum, bool), "momentum must be True or False", self.momentum)
+        _check(isinstance(self.grid_refit, bool), "grid_refit must be True or False", self.grid_refit)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -206,10 +212,12 @@ class GPTQOptions(SparseGPTOptions):
     """GPTQ's settings (the reference implementation's defaults)."""
 
     act_order: bool = option(False, "quantize columns in order of decreasing activation energy")
+    grid_refit: bool = option(False, GRID_REFIT_HELP)
 
     def __post_init__(self):
         super().__post_init__()
         _check(isinstance(self.act_order, bool), "act_order must be True or False", self.act_order)
+        _check(isinstance(self.grid_refit, bool), "grid_refit must be True or False", self.grid_refit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,8 +345,9 @@ def compress_layers(name: str, ws, cs, constraint: Constraint, options=None) -> 
         return [compress_layer(name, w, c, constraint, options) for w, c in zip(ws, cs)]
     for w, c in zip(ws, cs):
         check_layer(w, c)
-    return m.stack(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]),
-                   constraint, options)
+    out = m.stack(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]),
+                  constraint, options)
+    return _refit_grids(out, ws, cs, options)
 
 
 def mesh_reason(name: str, constraint: Constraint, options=None) -> str | None:
@@ -363,8 +372,9 @@ def compress_on_mesh(name: str, ws, cs, constraint: Constraint, options, mesh) -
         raise ValueError(f"layers solved together on a mesh must have one shape, got {sorted({tuple(np.shape(w)) for w in ws})}")
     for w, c in zip(ws, cs):
         check_layer(w, c)
-    return m.mesh(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]),
-                  constraint, options, mesh)
+    out = m.mesh(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]),
+                 constraint, options, mesh)
+    return _refit_grids(out, ws, cs, options)
 
 
 @jax.jit
@@ -399,7 +409,20 @@ def compress_layer(name: str, w, c, constraint: Constraint, options=None) -> Lay
     ``options`` (``None``: its defaults) and the inputs (:func:`check_layer`)."""
     m, options = resolve(name, constraint, options)
     check_layer(w, c)
-    return m.fn(jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32), constraint, options)
+    w, c = jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32)
+    return _refit_grids([m.fn(w, c, constraint, options)], [w], [c], options)[0]
+
+
+def _refit_grids(results, ws, cs, options) -> list[LayerResult]:
+    """The results with their grids refitted (:func:`~awp_jax.quantizers.refit_grid`) when ``options``
+    ask for it (``grid_refit``): a stage after any quantizing method, on one device."""
+    if not getattr(options, "grid_refit", False):
+        return results
+    out = []
+    for r, w, c in zip(results, ws, cs):
+        q = refit_grid(r.q, jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32))
+        out.append(LayerResult(q.dense(), r.info, q))
+    return out
 
 
 def _k(con, d_in):
@@ -573,6 +596,8 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
         raise ValueError("init='gptq' is for quantization")
     if opt.init == "awq" and not (kind == "quant" or (kind == "joint" and con.nm is None)):
         raise ValueError("init='awq' is for quantization and joint (unstructured) pruning + quantization")
+    if opt.grid_refit and con.bits is None:
+        raise ValueError(f"grid_refit is for quantization (a grid to refit), not {con.describe()}")
     if opt.refit_iters and kind not in ("prune", "nm"):
         raise ValueError(f"refit_iters is for pruning only (a refit would leave the {con.describe()} grid)")
     if opt.scope is not None and (con.nm is not None or not con.prunes):

@@ -52,6 +52,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "rtn",
+    "refit_grid",
 ]
 
 
@@ -255,3 +256,58 @@ def fake_quantize(w: jax.Array, spec: QuantSpec) -> jax.Array:
 def rtn(w: jax.Array, spec: QuantSpec) -> jax.Array:
     """Round-to-nearest baseline: the dense dequantized matrix (no gradient trick)."""
     return _fake_quantize_value(w, spec)
+
+
+def _row_objective(w, theta, c):
+    d = w - theta
+    return jnp.einsum("ri,ij,rj->r", d, c, d, precision="highest")
+
+
+@jax.jit
+def refit_grid(q: QArray, w: jax.Array, c: jax.Array) -> QArray:
+    """``q`` with each (row, group)'s scale (and a float minimum) refitted by least squares: the codes
+    and integer zero points stay, the scales minimise the layer objective ``tr((W − Θ) C (W − Θ)ᵀ)``
+    (``Θ = q.dense()``) row by row. With codes fixed ``Θ`` is linear in a row's scales, so each row is a
+    ``G × G`` linear system (``2G × 2G`` with float minima). A row keeps its grid where the refit is not
+    lower, or would flip a scale's sign; scales are rounded to ``spec.scale_dtype``."""
+    spec = q.spec
+    w = jnp.asarray(w, jnp.float32)
+    c = jnp.asarray(c, jnp.float32)
+    if q.col_scale_inv is not None:  # AWQ's coordinates: the grid values are the weights W·diag(s)
+        r = q.col_scale_inv
+        w, c = w / r[None, :], c * r[:, None] * r[None, :]
+    if q.perm is not None:  # act-order: the groups are consecutive in the permuted order
+        w, c = w[:, q.perm], c[q.perm][:, q.perm]
+    d_out, d_in = w.shape
+    n_groups, gs = spec.groups(d_in), spec.group_len(d_in)
+    pad = n_groups * gs - d_in
+    codes = _grouped(q.codes.astype(jnp.float32), spec)  # [R, G, gs] (padding: code 0)
+    live = _grouped(jnp.ones((1, d_in), jnp.float32), spec)  # [1, G, gs]
+    if spec.float_min:
+        basis = jnp.stack([codes * live, jnp.broadcast_to(live, codes.shape)], axis=1)  # [R, 2, G, gs]
+        x0 = jnp.stack([q.scale, q.zero], axis=1)
+    else:
+        basis = ((codes - q.zero[..., None].astype(jnp.float32)) * live)[:, None]  # [R, 1, G, gs]
+        x0 = q.scale[:, None]
+    k = basis.shape[1]
+    cb = jnp.pad(c, ((0, pad), (0, pad))).reshape(n_groups, gs, n_groups, gs)
+    wc = _grouped(jnp.matmul(w, c, precision="highest"), spec)  # [R, G, gs]
+    a = jnp.einsum("rkgi,gihj,rlhj->rkglh", basis, cb, basis, precision="highest").reshape(d_out, k * n_groups, k * n_groups)
+    b = jnp.einsum("rkgi,rgi->rkg", basis, wc, precision="highest").reshape(d_out, k * n_groups)
+    x0 = x0.reshape(d_out, k * n_groups).astype(jnp.float32)
+    # solve for the change from the current grid; a small ridge keeps groups whose codes are all
+    # zero (no say in the objective) where they are
+    diag = jnp.diagonal(a, axis1=1, axis2=2)
+    ridge = 1e-7 * jnp.maximum(jnp.mean(diag, axis=1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    eye = jnp.eye(k * n_groups, dtype=jnp.float32)
+    delta = jnp.linalg.solve(a + ridge[..., None] * eye[None], (b - jnp.einsum("rij,rj->ri", a, x0, precision="highest"))[..., None])[..., 0]
+    x = _round_scale((x0 + delta).reshape(d_out, k, n_groups), spec)
+    scale = x[:, 0]
+    new = dataclasses.replace(q, scale=scale, zero=x[:, 1] if spec.float_min else q.zero)
+    old_theta, new_theta = dequantize(q, spec), dequantize(new, spec)
+    ok = jnp.all((scale * q.scale > 0) & jnp.isfinite(scale), axis=1)
+    if spec.float_min:
+        ok &= jnp.all(jnp.isfinite(x[:, 1]), axis=1)
+    ok &= _row_objective(w, new_theta, c) < _row_objective(w, old_theta, c)
+    return dataclasses.replace(q, scale=jnp.where(ok[:, None], scale, q.scale),
+                               zero=jnp.where(ok[:, None], x[:, 1], q.zero) if spec.float_min else q.zero)

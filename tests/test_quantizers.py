@@ -183,3 +183,75 @@ def test_scales_are_rounded_like_a_cast_even_inside_a_fused_computation():
             ref = x.astype(dt).astype(np.float32)
         ok = np.isfinite(ref)
         np.testing.assert_array_equal(got[ok], ref[ok])
+
+
+GRIDS = {
+    "asymmetric g64": QuantSpec(bits=3, group_size=64),
+    "asymmetric g100 partial": QuantSpec(bits=3, group_size=100, partial_groups=True),
+    "symmetric": QuantSpec(bits=4, group_size=64, symmetric=True),
+    "float minimum": QuantSpec(bits=3, group_size=64, float_min=True),
+    "float16 scales": QuantSpec(bits=2, group_size=128, scale_dtype="float16"),
+}
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_refit_grid_lowers_every_row_and_keeps_the_codes(name, layer_problem):
+    """The refit solves each row's scales (and float minima) by least squares with the codes fixed:
+    no row's objective rises, the total falls, the codes and integer zero points are the same (so the
+    grid still has at most 2^b levels per group), zeros of a pruned matrix stay zero."""
+    from awp_jax.quantizers import refit_grid
+
+    spec = GRIDS[name]
+    w, c = layer_problem
+    w = jnp.asarray(w)
+    if not spec.float_min:
+        w = jnp.where(jnp.abs(w) < 0.03, 0.0, w)  # pruned entries
+    q = quantize(w, spec)
+    r = refit_grid(q, w, jnp.asarray(c))
+
+    def rows(q):
+        d = np.asarray(w - q.dense(), np.float64)
+        return np.einsum("ri,ij,rj->r", d, np.asarray(c, np.float64), d)
+
+    before, after = rows(q), rows(r)
+    assert np.all(after <= before * (1 + 1e-5))
+    assert after.sum() < 0.97 * before.sum()
+    np.testing.assert_array_equal(r.codes, q.codes)
+    if not spec.float_min:
+        np.testing.assert_array_equal(r.zero, q.zero)
+        assert np.all(np.asarray(r.dense())[np.asarray(w) == 0] == 0)
+    if spec.scale_dtype == "float16":
+        np.testing.assert_array_equal(np.asarray(r.scale, np.float16).astype(np.float32), r.scale)
+
+
+def test_refit_grid_works_in_awq_and_act_order_coordinates(layer_problem):
+    """With AWQ's column scales and GPTQ's act-order permutation the refit is done where the grid
+    lives (scaled, permuted columns); the objective of the dense matrix falls."""
+    import dataclasses
+
+    from awp_jax.quantizers import refit_grid
+    from awp_jax.solver import objective
+
+    w, c = (jnp.asarray(a) for a in layer_problem)
+    spec = QuantSpec(bits=3, group_size=64)
+    s = jnp.sqrt(jnp.diagonal(c)) ** 0.5
+    perm = jnp.argsort(-jnp.diagonal(c))
+    q = dataclasses.replace(quantize((w * s[None, :])[:, perm], spec), perm=perm, col_scale_inv=1.0 / s)
+    r = refit_grid(q, w, c)
+    assert float(objective(w, r.dense(), c)) < 0.97 * float(objective(w, q.dense(), c))
+
+
+def test_grid_refit_option_lowers_gptq_and_awp_and_is_refused_for_pruning(layer_problem):
+    from awp_jax import methods
+    from awp_jax.solver import objective
+
+    w, c = (jnp.asarray(a) for a in layer_problem)
+    con = methods.Constraint(bits=3, group_size=64)
+    for name, extra in (("gptq", {}), ("awp", {"init": "awq"})):
+        plain = methods.compress_layer(name, w, c, con, methods.make_options(name, **extra))
+        refit = methods.compress_layer(name, w, c, con, methods.make_options(name, grid_refit=True, **extra))
+        assert float(objective(w, refit.theta, c)) < float(objective(w, plain.theta, c))
+        np.testing.assert_array_equal(refit.q.codes, plain.q.codes)
+        np.testing.assert_allclose(refit.q.dense(), refit.theta)
+    with pytest.raises(ValueError, match="grid_refit is for quantization"):
+        methods.compress_layer("awp", w, c, methods.Constraint(sparsity=0.5), methods.make_options("awp", grid_refit=True))
