@@ -180,6 +180,12 @@ def main(argv=None):
     run("0.7", "awp+ (SparseGPT start, damped CG refit) uniform", "awp", PLUS)
     run("2:4", "awp+ (SparseGPT start, damped CG refit)", "awp", PLUS)
     run("0.5", "awp+ (SparseGPT start, damped CG refit) uniform", "awp", PLUS)
+    # 10. INT3 g128: the grid refit (least-squares group scales with the codes fixed) after GPTQ and after AWP from
+    #     AWQ, beside the plain methods' held-out figures
+    run("INT3 g128", "gptq", "gptq", {})
+    run("INT3 g128", "gptq, grid refit", "gptq", {"grid_refit": True})
+    run("INT3 g128", "awp (AWQ start)", "awp", {"init": "awq"})
+    run("INT3 g128", "awp (AWQ start), grid refit", "awp", {"init": "awq", "grid_refit": True})
     write_report(store, out_dir / "frontier.md")
 
 
