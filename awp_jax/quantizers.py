@@ -292,15 +292,20 @@ def refit_grid(q: QArray, w: jax.Array, c: jax.Array) -> QArray:
     k = basis.shape[1]
     cb = jnp.pad(c, ((0, pad), (0, pad))).reshape(n_groups, gs, n_groups, gs)
     wc = _grouped(jnp.matmul(w, c, precision="highest"), spec)  # [R, G, gs]
-    a = jnp.einsum("rkgi,gihj,rlhj->rkglh", basis, cb, basis, precision="highest").reshape(d_out, k * n_groups, k * n_groups)
-    b = jnp.einsum("rkgi,rgi->rkg", basis, wc, precision="highest").reshape(d_out, k * n_groups)
     x0 = x0.reshape(d_out, k * n_groups).astype(jnp.float32)
-    # solve for the change from the current grid; a small ridge keeps groups whose codes are all
-    # zero (no say in the objective) where they are
-    diag = jnp.diagonal(a, axis1=1, axis2=2)
-    ridge = 1e-7 * jnp.maximum(jnp.mean(diag, axis=1, keepdims=True), jnp.finfo(jnp.float32).tiny)
     eye = jnp.eye(k * n_groups, dtype=jnp.float32)
-    delta = jnp.linalg.solve(a + ridge[..., None] * eye[None], (b - jnp.einsum("rij,rj->ri", a, x0, precision="highest"))[..., None])[..., 0]
+
+    def row(args):  # one row's normal equations; a row's A needs a [k, G, d_in] temporary
+        u, wcr, x0r = args
+        a = jnp.einsum("kgi,gihj,lhj->kglh", u, cb, u, precision="highest").reshape(k * n_groups, k * n_groups)
+        b = jnp.einsum("kgi,gi->kg", u, wcr, precision="highest").reshape(k * n_groups)
+        # the change from the current grid; a small ridge keeps groups whose codes are all zero
+        # (no say in the objective) where they are
+        ridge = 1e-7 * jnp.maximum(jnp.mean(jnp.diagonal(a)), jnp.finfo(jnp.float32).tiny)
+        return jnp.linalg.solve(a + ridge * eye, b - jnp.matmul(a, x0r, precision="highest"))
+
+    # rows in batches: the temporaries of a batch, not of the whole matrix (G·d_in per row)
+    delta = jax.lax.map(row, (basis, wc, x0), batch_size=min(d_out, 64))
     x = _round_scale((x0 + delta).reshape(d_out, k, n_groups), spec)
     scale = x[:, 0]
     new = dataclasses.replace(q, scale=scale, zero=x[:, 1] if spec.float_min else q.zero)
