@@ -418,11 +418,8 @@ def _refit_grids(results, ws, cs, options) -> list[LayerResult]:
     ask for it (``grid_refit``): a stage after any quantizing method, on one device."""
     if not getattr(options, "grid_refit", False):
         return results
-    out = []
-    for r, w, c in zip(results, ws, cs):
-        q = refit_grid(r.q, jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32))
-        out.append(LayerResult(q.dense(), r.info, q))
-    return out
+    qs = [refit_grid(r.q, w, c) for r, w, c in zip(results, ws, cs)]  # refit_grid takes float32 itself
+    return [LayerResult(q.dense(), r.info, q) for r, q in zip(results, qs)]
 
 
 def _k(con, d_in):
