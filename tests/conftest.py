@@ -15,6 +15,14 @@ def correlated_activations(rng: np.random.Generator, d_in: int, n: int, n_outlie
     return (x @ x.T / n).astype(np.float32)
 
 
+def fake_devices_flags(n: int) -> str:
+    """XLA_FLAGS for a subprocess with ``n`` fake CPU devices. XLA's CPU collectives abort a run
+    when one device's thread has not joined a rendezvous within 40 s; on a loaded 2-core machine
+    eight device threads can lag that long without anything being wrong, so the limit is raised."""
+    return (f"--xla_force_host_platform_device_count={n} --xla_cpu_collective_call_terminate_timeout_seconds=900"
+            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -11,12 +11,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import fake_devices_flags
 
 from awp_jax import assets, checkpoints
 from awp_jax.export import save_hf_dir
 from awp_jax.models import Llama, LlamaConfig, random_weights
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": fake_devices_flags(8)}
 
 
 def _run(script: str, timeout: int = 900) -> str:

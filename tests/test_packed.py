@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import fake_devices_flags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,7 +127,6 @@ def test_corrupt_orbax_checkpoint_is_a_clear_error(tmp_path):
 
 RESHARD = r"""
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from awp_jax import packed
@@ -149,6 +149,6 @@ def test_orbax_checkpoint_restores_onto_another_device_layout(tmp_path):
     compress.compress_model(model, _windows(), "rtn", methods.Constraint(bits=4, group_size=64), progress=False, encoded=enc)
     d = checkpoints.save_orbax_model(model, tmp_path / "m", encoded=enc)
     np.savez(tmp_path / "ref.npz", **weights_of(model))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": fake_devices_flags(4)}
     r = subprocess.run([sys.executable, "-c", RESHARD, str(d), str(tmp_path / "ref.npz")], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

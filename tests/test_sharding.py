@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import fake_devices_flags
 
 import awp_jax as aj
 from awp_jax import sharding
@@ -13,7 +14,6 @@ from awp_jax.cli import synthetic_layer
 
 SCRIPT = r"""
 import os, re, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import numpy as np, jax, jax.numpy as jnp
 import awp_jax as aj
 from awp_jax import sharding
@@ -71,7 +71,7 @@ print("ok", len(ops))
 
 
 def test_sharded_solve_equals_unsharded_and_only_reduces_scalars():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": fake_devices_flags(8)}
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-4000:]
 
