@@ -11,17 +11,17 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import fake_devices_flags
+from conftest import run_on_fake_devices
 
 from awp_jax import assets, checkpoints
 from awp_jax.export import save_hf_dir
 from awp_jax.models import Llama, LlamaConfig, random_weights
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": fake_devices_flags(8)}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
 def _run(script: str, timeout: int = 900) -> str:
-    r = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=timeout)
+    r = run_on_fake_devices(8, "-c", script, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r.stdout
 
@@ -195,7 +195,7 @@ def test_cli_run_on_a_mesh_gives_the_one_device_model(model_dir, tmp_path, metho
             # statistics' ~1e-7 differences times C's condition number into the weights (~1e-3 here); the
             # refit on a mesh is compared with one device solver-level (test_sharding.py) on identical C
             cmd += ["--max-iter", "30", "--refit-iters", "0"]
-        r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+        r = run_on_fake_devices(8, *cmd[1:], timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
         return r.stderr, load_file(str(out / "model.safetensors")), json.loads((out / "awp_report.json").read_text())
 

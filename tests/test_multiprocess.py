@@ -64,7 +64,7 @@ def test_two_processes_equal_one_and_only_process_0_writes(setup, tmp_path):
 
 def test_a_crashed_process_fails_the_run_and_a_rerun_resumes(setup, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    iters = 3000
+    iters = 1000  # a block takes seconds, so the kill lands while later blocks are being solved
     subprocess.run(_cmd(setup, tmp_path / "ref", iters), check=True, env=env, capture_output=True)
     out = tmp_path / "out"
     run_dir = tmp_path / ".out.run"

@@ -1,13 +1,10 @@
 """The lossless compressed form: encode/decode, bit packing, orbax checkpoints, --model ORBAX_DIR."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import fake_devices_flags
+from conftest import run_on_fake_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -149,6 +146,5 @@ def test_orbax_checkpoint_restores_onto_another_device_layout(tmp_path):
     compress.compress_model(model, _windows(), "rtn", methods.Constraint(bits=4, group_size=64), progress=False, encoded=enc)
     d = checkpoints.save_orbax_model(model, tmp_path / "m", encoded=enc)
     np.savez(tmp_path / "ref.npz", **weights_of(model))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": fake_devices_flags(4)}
-    r = subprocess.run([sys.executable, "-c", RESHARD, str(d), str(tmp_path / "ref.npz")], env=env, capture_output=True, text=True)
+    r = run_on_fake_devices(4, "-c", RESHARD, str(d), str(tmp_path / "ref.npz"), timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -1,12 +1,9 @@
 """The solver on a device mesh: sharded equals unsharded, and the compiled solve communicates
 only scalars. Runs on 8 fake CPU devices in a subprocess (the device count is fixed at import)."""
 
-import os
-import subprocess
-import sys
 
 import numpy as np
-from conftest import fake_devices_flags
+from conftest import run_on_fake_devices
 
 import awp_jax as aj
 from awp_jax import sharding
@@ -71,8 +68,7 @@ print("ok", len(ops))
 
 
 def test_sharded_solve_equals_unsharded_and_only_reduces_scalars():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": fake_devices_flags(8)}
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    r = run_on_fake_devices(8, "-c", SCRIPT, timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-4000:]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 import awp_jax as aj
 from awp_jax import methods, solver
-from awp_jax.projections import keep_count, nm_mask, row_topk
+from awp_jax.projections import keep_count, row_topk
 from awp_jax.quantizers import QuantSpec
 from awp_jax.saliency import wanda_score
 from awp_jax.schedules import Phase, Schedule, joint
