@@ -32,8 +32,10 @@ Compress SmolLM2-135M with AWP and with Wanda at 50 % sparsity, compare perplexi
 the compressed checkpoint, and generate text from the dense and compressed models side by side.
 
 Runs on a CPU runtime in a few minutes with the defaults below. `SCALE = 1` is a quick look
-(few calibration tokens, 40 AWP iterations); `SCALE = 4` uses the command line's defaults
-(32 × 512 calibration tokens, the paper's 200 iterations) and takes ~15 minutes on 2 cores."""),
+(8 × 128 calibration tokens, 8 evaluation windows); `SCALE = 4` uses the command line's amount of
+calibration text (32 × 512 tokens) and 32 evaluation windows, and takes several times longer. Both
+use the command line's default recipe (`fast`: a few accelerated AWP iterations from Wanda's mask,
+then a refit of the kept weights)."""),
     new_code_cell(INSTALL),
     new_code_cell('''SCALE = 1                      # 1: minutes on a free CPU runtime; 4: the CLI defaults
 NSAMPLES, SEQLEN = 8 * SCALE, 128 * SCALE   # calibration windows x tokens (Wikipedia leads)
