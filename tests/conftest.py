@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+import warnings
 
 import jax
 import numpy as np
@@ -17,6 +20,13 @@ def correlated_activations(rng: np.random.Generator, d_in: int, n: int, n_outlie
     return (x @ x.T / n).astype(np.float32)
 
 
+def fake_devices_env(n: int) -> dict:
+    """The environment of a ``python`` subprocess that sees ``n`` fake CPU devices (each device's
+    computation single-threaded, see :func:`run_on_fake_devices`) and this process's import path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"}
+
+
 def run_on_fake_devices(n: int, *argv: str, timeout: int = 900, attempts: int = 4):
     """Run ``python *argv`` (e.g. ``"-c", script``) with ``n`` fake CPU devices; return the CompletedProcess.
 
@@ -29,18 +39,13 @@ def run_on_fake_devices(n: int, *argv: str, timeout: int = 900, attempts: int = 
     (``--xla_cpu_multi_thread_eigen=false``) so that eight device threads do not also compete for
     Eigen's pool: a mitigation (2 runs without a deadlock, same time), not a proven cure; the retry
     is what makes the tests reliable."""
-    import subprocess
-    import sys
-    import warnings
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"}
+    env = fake_devices_env(n)
     for attempt in range(1, attempts + 1):
         r = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=timeout)
         deadlock = r.returncode != 0 and "Termination timeout" in r.stderr and "rendezvous" in r.stderr
         if not deadlock or attempt == attempts:
             return r
         warnings.warn(f"XLA CPU collectives deadlocked on {n} fake devices (attempt {attempt} of {attempts}); retrying")
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture

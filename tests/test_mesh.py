@@ -5,20 +5,16 @@ one-device ones, the compiled forward holds only the collectives its layout pred
 devices is refused before any work."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import run_on_fake_devices
+from conftest import fake_devices_env, run_on_fake_devices
 
 from awp_jax import assets, checkpoints
 from awp_jax.export import save_hf_dir
 from awp_jax.models import Llama, LlamaConfig, random_weights
-
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-
 
 def _run(script: str, timeout: int = 900) -> str:
     r = run_on_fake_devices(8, "-c", script, timeout=timeout)
@@ -218,6 +214,6 @@ def test_cli_run_on_a_mesh_gives_the_one_device_model(model_dir, tmp_path, metho
 def test_cli_refuses_a_mesh_that_does_not_fit_before_any_work(model_dir, tmp_path):
     out = tmp_path / "x"
     r = subprocess.run([sys.executable, "-m", "awp_jax.cli", "compress", "--model", str(model_dir / "model"), "--mesh", "model=3",
-                        "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=300)
+                        "--out", str(out)], env=fake_devices_env(8), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "model=3 does not divide the 8 cpu devices" in r.stderr, r.stderr[-2000:]
     assert not out.exists() and not (tmp_path / ".x.run").exists()
