@@ -87,14 +87,15 @@ def _group(text: str) -> int | None:
 
 
 def _eval(args) -> int:
-    from awp_jax import checkpoints, data, perplexity
+    from awp_jax import checkpoints, data, execution, perplexity, sharding
 
+    layout = execution.choose(sharding.parse_mesh(args.mesh)).layout  # checked before any work
     tok = checkpoints.model_tokenizer(args.model)  # texts first: see _compress
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer files; evaluation needs one")
     windows = data.eval_windows(data.tokenize(tok, data.load_text(args.text)), args.seqlen, args.max_windows)
     model, _ = checkpoints.load_model(args.model, with_tokenizer=False)
-    res = perplexity.perplexity(model, windows, batch_size=args.batch_size)
+    res = perplexity.perplexity(model, windows, batch_size=args.batch_size, layout=layout)
     print(f"perplexity {res.perplexity:.4f}  ({res.windows} windows x {res.seqlen} tokens, {res.tokens} predicted)")
     return 0
 
@@ -321,7 +322,7 @@ def _compress(args) -> int:
     # what the output format can hold is settled before any calibration
     constraint = formats.constrain(args.format, constraint, method, options, model, source=source, **fmt_options)
     if eval_windows is not None:
-        ppl["dense"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
+        ppl["dense"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size, layout=executor.layout).perplexity
         print(f"dense perplexity {ppl['dense']:.4f}", file=sys.stderr)
     opts = dataclasses.asdict(options)
     print(f"compressing with {method} ({constraint.describe()}; recipe {recipe.name}: {opts or 'no options'}), "
@@ -348,7 +349,7 @@ def _compress(args) -> int:
     if rank != 0:  # process 0 evaluates and writes
         return 0
     if eval_windows is not None:
-        ppl["compressed"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size).perplexity
+        ppl["compressed"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size, layout=executor.layout).perplexity
     gflops = matmul_gflops()
     report = {
         "awp_jax_version": awp_jax.__version__, "jax_version": jax.__version__, "python": platform.python_version(),
@@ -467,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     ev.add_argument("--max-windows", type=int, default=None, help="use only the first N windows")
     ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--mesh", default="auto", help="device mesh of the forward: model=M,stack=S (the model's tensor-parallel "
+                    "split over model, batches over stack), auto or none, as for compress. Default auto")
 
     demo = sub.add_parser("demo", help="solve a synthetic activation-aware layer problem and print the objectives")
     demo.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row pruned (default 0.5)")

@@ -6,6 +6,11 @@ predicted position (``seqlen − 1`` per window); perplexity is ``exp`` of that 
 jitted once per (batch, seqlen) shape; a last partial batch is padded and its padding ignored.
 The head runs over ``HEAD_TOKENS`` positions at a time, so the full ``[batch, seqlen, vocab]``
 logits never exist (memory for a 150k vocabulary stays at ~0.6 GB).
+
+On a device mesh (``layout``, a :class:`awp_jax.sharding.ForwardLayout`, as ``awp-jax compress
+--mesh`` passes it) the blocks' parameters are laid out by the calibration forward's rules table,
+each batch is split over the ``stack`` axis, and the embedding, final norm and head are replicated:
+every device computes the head for its share of the batch.
 """
 
 from __future__ import annotations
@@ -76,27 +81,36 @@ def _head_fn(graphdef):
     return nll
 
 
-def _streamed_nll(model, batches: list[np.ndarray], progress: bool) -> list[np.ndarray]:
+def _streamed_nll(model, batches: list[np.ndarray], progress: bool, layout=None) -> list[np.ndarray]:
     """A model whose blocks live on disk (:mod:`awp_jax.streaming`): every batch's hidden states
     are carried through one block at a time, so one block is in memory at once."""
     from awp_jax.calibration import run_block
 
     ctx = model.context(batches[0].shape[1])
     hidden = [model.embed(jnp.asarray(b)) for b in batches]
+    if layout is not None:
+        hidden, ctx = [layout.batch(x) for x in hidden], layout.replicate(ctx)
     layers = range(len(model.layers))
     if progress:
         from tqdm.auto import tqdm
 
         layers = tqdm(layers, desc=f"perplexity (seqlen {batches[0].shape[1]}, block by block)", unit="block", leave=False)
     for i in layers:
-        hidden = run_block(model.layers[i], hidden, ctx)
+        hidden = run_block(model.layers[i], hidden, ctx, layout)
     graphdef, state = nnx.split(model.outer)
     fn = _head_fn(graphdef)
-    return [np.asarray(fn(state, x, jnp.asarray(b)), np.float64) for x, b in zip(hidden, batches)]
+    if layout is not None:
+        state = layout.replicate(state)
+    return [np.asarray(fn(state, x, _tokens(b, layout)), np.float64) for x, b in zip(hidden, batches)]
 
 
-def window_nll(model: Llama, windows: np.ndarray, batch_size: int = 8, progress: bool = True) -> np.ndarray:
-    """Summed next-token NLL of each window ``[N]`` (float64 on the host)."""
+def _tokens(batch: np.ndarray, layout):
+    return jnp.asarray(batch) if layout is None else layout.batch(batch)
+
+
+def window_nll(model: Llama, windows: np.ndarray, batch_size: int = 8, progress: bool = True, layout=None) -> np.ndarray:
+    """Summed next-token NLL of each window ``[N]`` (float64 on the host); ``layout``: run on its
+    device mesh (see the module docstring)."""
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [N, seqlen >= 2], got shape {windows.shape}")
@@ -108,10 +122,12 @@ def window_nll(model: Llama, windows: np.ndarray, batch_size: int = 8, progress:
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
         batches.append(batch)
     if getattr(model, "streamed", False):
-        out = _streamed_nll(model, batches, progress)
+        out = _streamed_nll(model, batches, progress, layout)
         return np.concatenate(out)[:n]
     graphdef, state = nnx.split(model)
     fn = _nll_fn(graphdef)
+    if layout is not None:
+        state = layout.block(state)  # the blocks' parameters by the rules table, the rest replicated
     out = []
     bar = None
     if progress:
@@ -119,7 +135,7 @@ def window_nll(model: Llama, windows: np.ndarray, batch_size: int = 8, progress:
 
         bar = tqdm(total=n, desc=f"perplexity (seqlen {windows.shape[1]})", unit="win", leave=False)
     for batch in batches:
-        out.append(np.asarray(fn(state, jnp.asarray(batch)), np.float64))
+        out.append(np.asarray(fn(state, _tokens(batch, layout)), np.float64))
         if bar:
             bar.update(len(batch))
     if bar:
@@ -127,9 +143,9 @@ def window_nll(model: Llama, windows: np.ndarray, batch_size: int = 8, progress:
     return np.concatenate(out)[:n]
 
 
-def perplexity(model: Llama, windows: np.ndarray, batch_size: int = 8, progress: bool = True) -> PerplexityResult:
+def perplexity(model: Llama, windows: np.ndarray, batch_size: int = 8, progress: bool = True, layout=None) -> PerplexityResult:
     """Perplexity of ``model`` on ``windows [N, seqlen]`` (see the module docstring)."""
-    nll = window_nll(model, windows, batch_size, progress)
+    nll = window_nll(model, windows, batch_size, progress, layout)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     mean = float(np.sum(nll) / tokens)
     return PerplexityResult(math.exp(mean), mean, tokens, windows.shape[0], windows.shape[1])

@@ -53,6 +53,23 @@ for kv in (4, 2):  # kv=2: a key/value head is split across two devices
     y = calibration.run_block(blk, [lay.batch(x)], lay.replicate(ctx), lay)[0]
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=5e-6 * float(np.abs(y_ref).max()))
 
+# perplexity on the mesh (batches of 4 split over stack, the last padded), in memory and streamed from disk
+import tempfile, pathlib
+from awp_jax import perplexity, streaming
+from awp_jax.export import save_hf_dir
+win = np.random.default_rng(1).integers(0, 101, (7, 32)).astype(np.int32)
+ref = perplexity.window_nll(m, win, batch_size=4, progress=False)
+lay = sharding.ForwardLayout(mesh)
+placed, batch = [], lay.batch
+lay.batch = lambda x: placed.append(batch(x)) or placed[-1]
+got = perplexity.window_nll(m, win, batch_size=4, progress=False, layout=lay)
+np.testing.assert_allclose(got, ref, rtol=1e-5)
+assert [x.sharding.spec for x in placed] == [jax.sharding.PartitionSpec("stack")] * 2, placed  # it ran on the mesh
+d = pathlib.Path(tempfile.mkdtemp()) / "m"
+save_hf_dir(m, d)
+streamed = perplexity.window_nll(streaming.open_model(d), win, batch_size=4, progress=False, layout=sharding.ForwardLayout(mesh))
+np.testing.assert_allclose(streamed, ref, rtol=1e-5)
+
 # the parameters are laid out by the rules table
 state = lay.block(nnx.state(m.layers[0]))
 specs = {"/".join(str(getattr(k, "key", k)) for k in p[:-1]): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(state)}
@@ -185,7 +202,8 @@ def test_cli_run_on_a_mesh_gives_the_one_device_model(model_dir, tmp_path, metho
     def compress(mesh, out):
         cmd = [sys.executable, "-m", "awp_jax.cli", "compress", "--model", str(model_dir / "model"), "--method", method,
                "--sparsity", "0.5", "--calib", str(model_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64",
-               "--batch-size", "2", "--eval-windows", "0", "--mesh", mesh, "--out", str(out)]
+               "--batch-size", "2", "--eval-text", str(model_dir / "text.jsonl"), "--eval-seqlen", "32", "--eval-windows", "3",
+               "--mesh", mesh, "--out", str(out)]
         if method == "awp":
             # PGD alone: the default recipe's CG refit solves a linear system per row, which carries the
             # statistics' ~1e-7 differences times C's condition number into the weights (~1e-3 here); the
@@ -209,6 +227,10 @@ def test_cli_run_on_a_mesh_gives_the_one_device_model(model_dir, tmp_path, metho
     rel = {(r["block"], r["layer"]): r["rel_objective"] for r in one_report["layers"]}
     for r in report["layers"]:
         assert abs(r["rel_objective"] - rel[r["block"], r["layer"]]) <= 1e-3 * rel[r["block"], r["layer"]] + 1e-7, r
+    # the evaluations ran on the mesh too: the dense model's perplexity is the one device's; the
+    # compressed models differ by the weights at ties above
+    assert report["perplexity"]["dense"] == pytest.approx(one_report["perplexity"]["dense"], rel=1e-5)
+    assert report["perplexity"]["compressed"] == pytest.approx(one_report["perplexity"]["compressed"], rel=1e-3)
 
 
 def test_cli_refuses_a_mesh_that_does_not_fit_before_any_work(model_dir, tmp_path):
