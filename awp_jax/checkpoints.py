@@ -33,7 +33,7 @@ from awp_jax import assets, dtypes
 from awp_jax import models
 from awp_jax.models import LlamaConfig
 
-__all__ = ["CheckpointError", "load_hf_dir", "load_gguf", "load_checkpoint", "load_model", "load_default", "load_tokenizer"]
+__all__ = ["CheckpointError", "GGUFSource", "load_hf_dir", "load_gguf", "open_gguf", "load_checkpoint", "load_model", "load_default", "load_tokenizer"]
 
 
 class CheckpointError(ValueError):
@@ -78,12 +78,73 @@ def _gguf_name(name: str, arch: str = "llama") -> str | None:
     return None
 
 
-def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dtype: str = "float32"):
-    """Config, weights (HF names and layout, float32 arrays) and tokenizer from a GGUF file.
+class GGUFSource(Mapping):
+    """The tensors of a GGUF file under their Hugging Face names and layout, dequantized one at a
+    time from the memory-mapped file (``gguf.GGUFReader``): nothing is held in memory but the
+    tensor asked for. llama.cpp's q/k row permutation is undone for llama, and Gemma's norm scales,
+    stored as ``1 + weight``, are given back as ``weight``. Each tensor comes in its stored dtype
+    (F32/F16/BF16) or, block-quantized (Q4_1, Q4_K, ...), in float32, where its dequantized values
+    are exact (or rounded to :attr:`dequantized_to`); :meth:`float32` gives any tensor's values as
+    they are stored, in float32."""
 
-    Block matrices stored as F32/F16/BF16 keep that storage dtype. Block-quantized ones (Q4_1,
-    Q4_K, ...) have none: their dequantized values are exact in float32 only; ``dequantized_dtype``
-    is the storage dtype they take then (another than float32 rounds every tensor to it)."""
+    _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    # the storage dtype of a file whose matrices are block-quantized, which every tensor is given in
+    # (rounded to it, if 16-bit); None: the matrices are F16/BF16/F32 and each tensor comes as stored
+    dequantized_to: str | None = None
+
+    def __init__(self, path: pathlib.Path, reader, arch: str, heads: int, kv_heads: int):
+        self.path, self.arch, self._heads, self._kv_heads = path, arch, heads, kv_heads
+        self._tensors = {}
+        for t in reader.tensors:
+            hf = _gguf_name(t.name, arch)
+            if hf is None:
+                raise CheckpointError(f"unexpected tensor {t.name!r} in {path}")
+            self._tensors[hf] = t
+
+    def type_name(self, name: str) -> str:
+        """The GGUF block type of tensor ``name`` (F32, F16, Q4_K, ...)."""
+        return self._tensors[name].tensor_type.name
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], Any]:
+        """Shape (Hugging Face layout) and numpy dtype of tensor ``name``, without dequantizing it."""
+        t = self._tensors[name]
+        return tuple(int(d) for d in reversed(t.shape)), dtypes.np_dtype(self.dequantized_to or self._PLAIN[t.tensor_type.name])
+
+    def float32(self, name: str) -> np.ndarray:
+        import gguf
+
+        t = self._tensors[name]
+        try:
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        except Exception as e:
+            raise CheckpointError(f"cannot dequantize {t.name} ({t.tensor_type.name}) in {self.path}: {e}") from e
+        w = w.reshape(self.spec(name)[0])
+        if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            w = _unpermute(w, self._heads if ".q_proj." in name else self._kv_heads)
+        if self.arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # llama.cpp stores Gemma's norm scales as 1 + weight
+        return w
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        want = dtypes.name_of(self.spec(name)[1])
+        w = dtypes.round_to(self.float32(name), want)  # exact unless block-quantized matrices take a 16-bit dtype
+        return w if want == "float32" else dtypes.cast_exact(w, want, name)
+
+    def __contains__(self, name) -> bool:
+        return name in self._tensors
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)
+
+
+def open_gguf(path: os.PathLike, *, dequantized_dtype: str = "float32"):
+    """``(config, source, reader)`` of a GGUF file without dequantizing its weights: ``source`` a
+    :class:`GGUFSource`, the config's ``storage_dtype`` the block matrices' type (F16/BF16/F32 as
+    stored; ``dequantized_dtype`` for block-quantized ones, whose dequantized values are exact in
+    float32 only)."""
     import gguf
 
     path = pathlib.Path(path)
@@ -114,36 +175,17 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
     heads = int(field(f"{arch}.attention.head_count"))
     kv_heads = int(field(f"{arch}.attention.head_count_kv", heads))
     hidden = int(field(f"{arch}.embedding_length"))
-    weights: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        hf = _gguf_name(t.name, arch)
-        if hf is None:
-            raise CheckpointError(f"unexpected tensor {t.name!r} in {path}")
-        try:
-            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-        except Exception as e:
-            raise CheckpointError(f"cannot dequantize {t.name} ({t.tensor_type.name}) in {path}: {e}") from e
-        if arch == "llama" and (".q_proj." in hf or ".k_proj." in hf):
-            w = _unpermute(w, heads if ".q_proj." in hf else kv_heads)
-        if arch == "gemma3" and hf.endswith("norm.weight"):
-            w = w - np.float32(1.0)  # llama.cpp stores Gemma's norm scales as 1 + weight
-        weights[hf] = w
-    vocab = weights["model.embed_tokens.weight"].shape[0]
+    source = GGUFSource(path, reader, arch, heads, kv_heads)
     # the block matrices' type: F16/BF16/F32 as stored; block-quantized types dequantize to float32
     # values that no 16-bit type holds exactly, so their storage dtype is float32
     block_types = {t.tensor_type.name for t in reader.tensors if ".attn_q." in t.name or ".ffn_down." in t.name}
-    plain = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-    if len(block_types) == 1 and next(iter(block_types)) in plain:
-        storage = plain[next(iter(block_types))]
+    if len(block_types) == 1 and next(iter(block_types)) in GGUFSource._PLAIN:
+        storage = GGUFSource._PLAIN[next(iter(block_types))]
     else:
-        from awp_jax import dtypes
-
-        storage = dtypes.check(dequantized_dtype)
-        for k in list(weights):
-            weights[k] = dtypes.round_to(weights[k], storage)
+        storage = source.dequantized_to = dtypes.check(dequantized_dtype)
+    vocab = source.spec("model.embed_tokens.weight")[0][0]
     if arch == "gemma3":
-        return _gemma3_gguf_config(field, weights, storage, heads, kv_heads, hidden), weights, (
-            _gguf_tokenizer(path, reader) if with_tokenizer else None)
+        return _gemma3_gguf_config(field, source, storage, heads, kv_heads, hidden, vocab), source, reader
     cfg = LlamaConfig(
         storage_dtype=storage,
         vocab_size=vocab,
@@ -155,16 +197,26 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
         head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
         rms_norm_eps=_f32(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=_f32(field(f"{arch}.rope.freq_base", 10000.0)),
-        tie_word_embeddings="lm_head.weight" not in weights,
-        attention_bias="model.layers.0.self_attn.q_proj.bias" in weights,
+        tie_word_embeddings="lm_head.weight" not in source,
+        attention_bias="model.layers.0.self_attn.q_proj.bias" in source,
         max_position_embeddings=int(field(f"{arch}.context_length", 2048)),
         model_type=arch,
     )
-    tok = _gguf_tokenizer(path, reader) if with_tokenizer else None
-    return cfg, weights, tok
+    return cfg, source, reader
 
 
-def _gemma3_gguf_config(field, weights, storage, heads, kv_heads, hidden):
+def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dtype: str = "float32"):
+    """Config, weights (HF names and layout, float32 arrays) and tokenizer from a GGUF file.
+
+    Block matrices stored as F32/F16/BF16 keep that storage dtype. Block-quantized ones (Q4_1,
+    Q4_K, ...) have none: their dequantized values are exact in float32 only; ``dequantized_dtype``
+    is the storage dtype they take then (another than float32 rounds every tensor to it)."""
+    cfg, source, reader = open_gguf(path, dequantized_dtype=dequantized_dtype)
+    weights = {k: np.asarray(source[k], np.float32) for k in source}  # one tensor at a time
+    return cfg, weights, (_gguf_tokenizer(pathlib.Path(path), reader) if with_tokenizer else None)
+
+
+def _gemma3_gguf_config(field, source, storage, heads, kv_heads, hidden, vocab):
     """A Gemma 3 text config from GGUF metadata, with what llama.cpp fixes rather than stores: every
     sixth layer global (the rest sliding-window), local rotary base 10000, scores scaled by
     ``key_length ** -0.5`` (``hidden / heads`` for the 62-layer 27B model)."""
@@ -174,7 +226,7 @@ def _gemma3_gguf_config(field, weights, storage, heads, kv_heads, hidden):
     head_dim = int(field("gemma3.attention.key_length", hidden // heads))
     cap = field("gemma3.final_logit_softcapping")
     return GemmaConfig(
-        storage_dtype=storage, vocab_size=weights["model.embed_tokens.weight"].shape[0], hidden_size=hidden,
+        storage_dtype=storage, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=int(field("gemma3.feed_forward_length")), num_layers=layers, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim,
         layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)),
@@ -183,7 +235,7 @@ def _gemma3_gguf_config(field, weights, storage, heads, kv_heads, hidden):
         sliding_window=int(field("gemma3.attention.sliding_window", 4096)),
         query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
         final_logit_softcapping=None if cap is None else float(cap),
-        tie_word_embeddings="lm_head.weight" not in weights,
+        tie_word_embeddings="lm_head.weight" not in source,
         max_position_embeddings=int(field("gemma3.context_length", 32768)), model_type="gemma3_text",
     )
 

@@ -1,6 +1,7 @@
 """A model whose blocks stay on disk: host memory bounded by one block, not by the model.
 
-:func:`open_model` reads a Hugging Face directory's config and every shard's header, and builds
+:func:`open_model` reads a Hugging Face directory's config and every shard's header (or a GGUF
+file's metadata and tensor directory), and builds
 only what lies outside the blocks (embedding, final norm, head). Its ``layers`` materialise block
 ``i`` from the checkpoint when the pipeline asks for it, one block at a time: asking for another
 drops the previous one. The weights are read and held in the checkpoint's own dtype (bf16 stays
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Sequence
 from typing import Callable
 
@@ -76,7 +76,7 @@ class StreamedModel:
 
     streamed = True
 
-    def __init__(self, cfg, source: checkpoints.SafetensorsSource):
+    def __init__(self, cfg, source: checkpoints.SafetensorsSource | checkpoints.GGUFSource):
         cls = models.model_class(cfg)
         shapes = cls.shapes(cfg)
         missing = [k for k in shapes if k not in source]
@@ -136,14 +136,21 @@ class StreamedModel:
         return np.asarray(self.source[name])
 
 
-def open_model(spec: os.PathLike, *, dtype: str = "float32") -> StreamedModel:
-    """A :class:`StreamedModel` of the Hugging Face directory ``spec`` (``dtype``: the forward
-    pass's). Other inputs are refused by name: GGUF and orbax checkpoints are read whole."""
-    p = pathlib.Path(spec) if spec is not None else None
-    if p is None or not p.is_dir() or not (p / "config.json").is_file():
+def open_model(spec: os.PathLike | str | None, *, dtype: str = "float32", gguf_dequantized_dtype: str = "bfloat16") -> StreamedModel:
+    """A :class:`StreamedModel` of a Hugging Face directory, a GGUF file or a named model (``None``:
+    the default model); ``dtype``: the forward pass's. A GGUF's tensors are dequantized one at a
+    time (:class:`awp_jax.checkpoints.GGUFSource`); a file of block-quantized matrices is held in
+    ``gguf_dequantized_dtype``, every tensor rounded to it, as the in-memory CLI's default
+    (``--dtype auto``) does; ``"float32"`` keeps the dequantized values exactly. An orbax directory
+    is refused by name: it is read whole."""
+    p = checkpoints.model_source(spec)
+    if p.is_file() and p.suffix == ".gguf":
+        cfg, source, _ = checkpoints.open_gguf(p, dequantized_dtype=gguf_dequantized_dtype)
+    elif p.is_dir() and (p / "config.json").is_file():
+        cfg, source = checkpoints.open_hf_dir(p)
+    else:
         raise checkpoints.CheckpointError(
-            f"streaming reads a Hugging Face directory (config.json + safetensors); {spec or 'the default model'} is not one "
-            "(GGUF files, orbax directories and the named models are loaded whole: run without --stream)")
-    cfg, source = checkpoints.open_hf_dir(p)
+            f"streaming reads a Hugging Face directory (config.json + safetensors) or a GGUF file; {p} is neither "
+            "(orbax directories are loaded whole: run without --stream)")
     # weights are held in the checkpoint's dtype (half of float32 for bf16) and promoted exactly in every product
     return StreamedModel(dataclasses.replace(cfg, dtype=dtype, param_dtype=cfg.storage_dtype), source)

@@ -29,9 +29,10 @@ _GEMMA = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_la
           "post_feedforward_layernorm": "post_ffw_norm"}
 
 
-def write_gguf(path, arch, cfg, weights, tokenizer_from=None):
+def write_gguf(path, arch, cfg, weights, tokenizer_from=None, linear_type=None):
     """``weights`` (HF names and layout) as a GGUF in llama.cpp's layout (llama's q/k rows permuted,
-    Gemma's norms as 1 + weight), F32; with the tokenizer metadata of the GGUF ``tokenizer_from``."""
+    Gemma's norms as 1 + weight), F32 (the blocks' linear layers quantized to ``linear_type``, e.g.
+    ``"Q8_0"``, if given); with the tokenizer metadata of the GGUF ``tokenizer_from``."""
     from awp_jax.formats.gguf import _permute
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -62,7 +63,11 @@ def write_gguf(path, arch, cfg, weights, tokenizer_from=None):
             v = v + np.float32(1.0)  # llama.cpp's convert script stores Gemma's norm scales as 1 + weight
         if arch == "llama" and (".q_proj." in k or ".k_proj." in k):
             v = _permute(v, cfg.num_heads if ".q_proj." in k else cfg.num_kv_heads)  # llama.cpp's rotary row order
-        w.add_tensor(name, np.ascontiguousarray(v, np.float32))
+        if linear_type is not None and k.endswith("_proj.weight"):
+            q = gguf.GGMLQuantizationType[linear_type]
+            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(v, np.float32), q), raw_dtype=q)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(v, np.float32))
     if tokenizer_from is not None:
         src = gguf.GGUFReader(str(tokenizer_from))
         for field in src.fields.values():

@@ -1,6 +1,7 @@
 """Streaming (``--stream``): one block in memory at a time, the same model as the in-memory path,
 sharded output that transformers loads, resumable, bad shards named."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -73,6 +74,32 @@ def test_streamed_run_equals_the_in_memory_run_and_its_shards_load_in_transforme
     model, _ = checkpoints.load_model(tmp_path / "stream", with_tokenizer=False)
     ours = np.asarray(model(tokens))
     assert np.max(np.abs(ours - theirs)) < 1e-3 * max(1.0, np.max(np.abs(theirs)))
+
+
+def test_a_gguf_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, tmp_path):
+    """A llama GGUF with Q8_0 linear layers (q/k rows in llama.cpp's order): its source gives every
+    tensor as the whole-file loader does, one at a time, and a streamed run equals the in-memory one."""
+    from test_gguf_families import write_gguf
+
+    cfg = dataclasses.replace(_config(2), storage_dtype="float32")
+    gguf_path = tmp_path / "m.gguf"
+    write_gguf(gguf_path, "llama", cfg, random_weights(cfg, 4), tokenizer_from=assets.fetch(assets.DEFAULT_MODEL), linear_type="Q8_0")
+    want_cfg, want, _ = checkpoints.load_gguf(gguf_path, with_tokenizer=False)
+    got_cfg, source, _ = checkpoints.open_gguf(gguf_path)
+    assert got_cfg == want_cfg and got_cfg.storage_dtype == "float32" and set(source) == set(want)
+    assert source.type_name("model.layers.0.self_attn.q_proj.weight") == "Q8_0"
+    for k in want:
+        assert source.spec(k) == (want[k].shape, np.dtype(np.float32)) and np.array_equal(source[k], want[k]), k
+
+    cmd = _cmd(bf16_dir, None)
+    cmd[cmd.index("--model") + 1] = str(gguf_path)
+    mem, stream = cmd.copy(), cmd + ["--stream"]
+    mem[mem.index("--out") + 1], stream[stream.index("--out") + 1] = str(tmp_path / "mem"), str(tmp_path / "stream")
+    assert main(mem) == 0 and main(stream) == 0
+    a, b = checkpoints.load_hf_dir(tmp_path / "mem")[1], checkpoints.load_hf_dir(tmp_path / "stream")[1]
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / n / "awp_report.json").read_text()) for n in ("mem", "stream"))
+    assert ra["perplexity"] == rb["perplexity"]
 
 
 def test_streamed_resume_after_failure_is_bit_identical(bf16_dir, tmp_path, monkeypatch):
@@ -153,8 +180,9 @@ def test_a_missing_or_truncated_shard_is_named(bf16_dir, tmp_path):
 
 
 def test_stream_refusals(bf16_dir, tmp_path, capsys):
-    with pytest.raises(checkpoints.CheckpointError, match="streaming reads a Hugging Face directory"):
-        streaming.open_model(assets.fetch(assets.DEFAULT_MODEL))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoints.CheckpointError, match="streaming reads a Hugging Face directory .* or a GGUF file"):
+        streaming.open_model(tmp_path / "empty")
     for extra, message in [
         (["--stream", "--format", "compressed-tensors", "--bits", "4"], "--format compressed-tensors does not write a streamed model"),
         (["--stream", "--dtype", "float32"], "--dtype float32 is not supported with it"),
