@@ -84,13 +84,13 @@ class GGUFSource(Mapping):
     tensor asked for. llama.cpp's q/k row permutation is undone for llama, and Gemma's norm scales,
     stored as ``1 + weight``, are given back as ``weight``. Each tensor comes in its stored dtype
     (F32/F16/BF16) or, block-quantized (Q4_1, Q4_K, ...), in float32, where its dequantized values
-    are exact (or rounded to :attr:`dequantized_to`); :meth:`float32` gives any tensor's values as
-    they are stored, in float32."""
+    are exact; with :attr:`held_as` set, every tensor is given rounded to that dtype.
+    :meth:`float32` gives any tensor's values as they are stored, in float32."""
 
     _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-    # the storage dtype of a file whose matrices are block-quantized, which every tensor is given in
-    # (rounded to it, if 16-bit); None: the matrices are F16/BF16/F32 and each tensor comes as stored
-    dequantized_to: str | None = None
+    # the dtype every tensor is given in, rounded to it (open_gguf sets it for a file whose matrices
+    # are block-quantized, a streamed model to its storage dtype); None: each tensor as stored
+    held_as: str | None = None
 
     def __init__(self, path: pathlib.Path, reader, arch: str, heads: int, kv_heads: int):
         self.path, self.arch, self._heads, self._kv_heads = path, arch, heads, kv_heads
@@ -108,7 +108,7 @@ class GGUFSource(Mapping):
     def spec(self, name: str) -> tuple[tuple[int, ...], Any]:
         """Shape (Hugging Face layout) and numpy dtype of tensor ``name``, without dequantizing it."""
         t = self._tensors[name]
-        return tuple(int(d) for d in reversed(t.shape)), dtypes.np_dtype(self.dequantized_to or self._PLAIN[t.tensor_type.name])
+        return tuple(int(d) for d in reversed(t.shape)), dtypes.np_dtype(self.held_as or self._PLAIN.get(t.tensor_type.name, "float32"))
 
     def float32(self, name: str) -> np.ndarray:
         import gguf
@@ -182,7 +182,7 @@ def open_gguf(path: os.PathLike, *, dequantized_dtype: str = "float32"):
     if len(block_types) == 1 and next(iter(block_types)) in GGUFSource._PLAIN:
         storage = GGUFSource._PLAIN[next(iter(block_types))]
     else:
-        storage = source.dequantized_to = dtypes.check(dequantized_dtype)
+        storage = source.held_as = dtypes.check(dequantized_dtype)
     vocab = source.spec("model.embed_tokens.weight")[0][0]
     if arch == "gemma3":
         return _gemma3_gguf_config(field, source, storage, heads, kv_heads, hidden, vocab), source, reader
@@ -212,7 +212,7 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
     Q4_K, ...) have none: their dequantized values are exact in float32 only; ``dequantized_dtype``
     is the storage dtype they take then (another than float32 rounds every tensor to it)."""
     cfg, source, reader = open_gguf(path, dequantized_dtype=dequantized_dtype)
-    weights = {k: np.asarray(source[k], np.float32) for k in source}  # one tensor at a time
+    weights = {k: dtypes.round_to(source.float32(k), source.held_as or "float32") for k in source}  # one tensor at a time
     return cfg, weights, (_gguf_tokenizer(pathlib.Path(path), reader) if with_tokenizer else None)
 
 

@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--num-processes", type=int, default=1, help="compress with this many processes (jax.distributed; default 1)")
     comp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, with --num-processes > 1")
     comp.add_argument("--process-id", type=int, default=None, help="this process's index, with --num-processes > 1")
-    comp.add_argument("--mesh", default="auto", help="device mesh for the calibration forward and the solves: model=M,stack=S "
+    comp.add_argument("--mesh", default="auto", help="device mesh for the calibration forward, the solves and the evaluations: model=M,stack=S "
                       "(M x S must equal the device count; rows of W and the model's tensor-parallel split over model, "
                       "layer stacks and calibration batches over stack), auto (every local device on model; one device: "
                       "none) or none (one device). Default auto")

@@ -126,8 +126,8 @@ def window_nll(model: Llama, windows: np.ndarray, batch_size: int = 8, progress:
         return np.concatenate(out)[:n]
     graphdef, state = nnx.split(model)
     fn = _nll_fn(graphdef)
-    if layout is not None:
-        state = layout.block(state)  # the blocks' parameters by the rules table, the rest replicated
+    if layout is not None:  # the blocks' parameters by the rules table, the rest replicated
+        state = type(layout)(layout.mesh).block(state)  # (its own layout: ``replicated`` lists the calibration's)
     out = []
     bar = None
     if progress:

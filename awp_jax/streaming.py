@@ -139,13 +139,16 @@ class StreamedModel:
 def open_model(spec: os.PathLike | str | None, *, dtype: str = "float32", gguf_dequantized_dtype: str = "bfloat16") -> StreamedModel:
     """A :class:`StreamedModel` of a Hugging Face directory, a GGUF file or a named model (``None``:
     the default model); ``dtype``: the forward pass's. A GGUF's tensors are dequantized one at a
-    time (:class:`awp_jax.checkpoints.GGUFSource`); a file of block-quantized matrices is held in
-    ``gguf_dequantized_dtype``, every tensor rounded to it, as the in-memory CLI's default
-    (``--dtype auto``) does; ``"float32"`` keeps the dequantized values exactly. An orbax directory
+    time (:class:`awp_jax.checkpoints.GGUFSource`) and held in the matrices' dtype, every tensor
+    rounded to it, as the in-memory CLI's default (``--dtype auto``) does: F16/BF16 as stored, and
+    ``gguf_dequantized_dtype`` for block-quantized matrices; ``"float32"`` keeps the dequantized values exactly. An orbax directory
     is refused by name: it is read whole."""
     p = checkpoints.model_source(spec)
     if p.is_file() and p.suffix == ".gguf":
         cfg, source, _ = checkpoints.open_gguf(p, dequantized_dtype=gguf_dequantized_dtype)
+        # every tensor in the blocks' dtype, as the in-memory --dtype auto holds them (llama.cpp
+        # stores norms as F32 beside F16/BF16 matrices): the written model is the evaluated one
+        source.held_as = cfg.storage_dtype
     elif p.is_dir() and (p / "config.json").is_file():
         cfg, source = checkpoints.open_hf_dir(p)
     else:

@@ -53,22 +53,34 @@ for kv in (4, 2):  # kv=2: a key/value head is split across two devices
     y = calibration.run_block(blk, [lay.batch(x)], lay.replicate(ctx), lay)[0]
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=5e-6 * float(np.abs(y_ref).max()))
 
-# perplexity on the mesh (batches of 4 split over stack, the last padded), in memory and streamed from disk
+# perplexity on the mesh, in memory and streamed from disk: batches of 4 split over stack (the last
+# padded), and batches of 3, which the stack axis does not divide (replicated)
 import tempfile, pathlib
 from awp_jax import perplexity, streaming
 from awp_jax.export import save_hf_dir
+
+class Recording(sharding.ForwardLayout):  # what perplexity placed where
+    batches, states = [], []
+    def batch(self, x):
+        Recording.batches.append(super().batch(x)); return Recording.batches[-1]
+    def block(self, state):
+        Recording.states.append(super().block(state)); return Recording.states[-1]
+
+def spec_of(state, name):
+    return next(x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(state) if name in jax.tree_util.keystr(p))
+
 win = np.random.default_rng(1).integers(0, 101, (7, 32)).astype(np.int32)
-ref = perplexity.window_nll(m, win, batch_size=4, progress=False)
-lay = sharding.ForwardLayout(mesh)
-placed, batch = [], lay.batch
-lay.batch = lambda x: placed.append(batch(x)) or placed[-1]
-got = perplexity.window_nll(m, win, batch_size=4, progress=False, layout=lay)
-np.testing.assert_allclose(got, ref, rtol=1e-5)
-assert [x.sharding.spec for x in placed] == [jax.sharding.PartitionSpec("stack")] * 2, placed  # it ran on the mesh
 d = pathlib.Path(tempfile.mkdtemp()) / "m"
 save_hf_dir(m, d)
-streamed = perplexity.window_nll(streaming.open_model(d), win, batch_size=4, progress=False, layout=sharding.ForwardLayout(mesh))
-np.testing.assert_allclose(streamed, ref, rtol=1e-5)
+P = jax.sharding.PartitionSpec
+for bs, split in ((4, P("stack")), (3, P())):
+    ref = perplexity.window_nll(m, win, batch_size=bs, progress=False)
+    for model, n_states, per_batch in ((m, 1, 1), (streaming.open_model(d), cfg.num_layers, 2)):  # streamed: hidden states and tokens
+        Recording.batches.clear(); Recording.states.clear()
+        got = perplexity.window_nll(model, win, batch_size=bs, progress=False, layout=Recording(mesh))
+        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=f"batch {bs} {type(model).__name__}")
+        assert [x.sharding.spec for x in Recording.batches] == [split] * (-(-7 // bs) * per_batch), Recording.batches
+        assert len(Recording.states) == n_states and all(spec_of(s, "q_proj") == P("model") for s in Recording.states)
 
 # the parameters are laid out by the rules table
 state = lay.block(nnx.state(m.layers[0]))

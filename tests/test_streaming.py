@@ -76,20 +76,25 @@ def test_streamed_run_equals_the_in_memory_run_and_its_shards_load_in_transforme
     assert np.max(np.abs(ours - theirs)) < 1e-3 * max(1.0, np.max(np.abs(theirs)))
 
 
-def test_a_gguf_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, tmp_path):
-    """A llama GGUF with Q8_0 linear layers (q/k rows in llama.cpp's order): its source gives every
-    tensor as the whole-file loader does, one at a time, and a streamed run equals the in-memory one."""
+@pytest.mark.parametrize("linear_type", ["Q8_0", "F16"])
+def test_a_gguf_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, tmp_path, linear_type):
+    """A llama GGUF (q/k rows in llama.cpp's order) with Q8_0 or F16 linear layers beside F32 norms
+    and embedding: its source gives each tensor's values one at a time, and a streamed run equals the
+    in-memory one (both hold every tensor in bfloat16 / float16, as --dtype auto does)."""
+    import gguf
     from test_gguf_families import write_gguf
 
     cfg = dataclasses.replace(_config(2), storage_dtype="float32")
+    weights = random_weights(cfg, 4)
     gguf_path = tmp_path / "m.gguf"
-    write_gguf(gguf_path, "llama", cfg, random_weights(cfg, 4), tokenizer_from=assets.fetch(assets.DEFAULT_MODEL), linear_type="Q8_0")
-    want_cfg, want, _ = checkpoints.load_gguf(gguf_path, with_tokenizer=False)
+    write_gguf(gguf_path, "llama", cfg, weights, tokenizer_from=assets.fetch(assets.DEFAULT_MODEL), linear_type=linear_type)
     got_cfg, source, _ = checkpoints.open_gguf(gguf_path)
-    assert got_cfg == want_cfg and got_cfg.storage_dtype == "float32" and set(source) == set(want)
-    assert source.type_name("model.layers.0.self_attn.q_proj.weight") == "Q8_0"
-    for k in want:
-        assert source.spec(k) == (want[k].shape, np.dtype(np.float32)) and np.array_equal(source[k], want[k]), k
+    assert got_cfg.storage_dtype == {"Q8_0": "float32", "F16": "float16"}[linear_type] and set(source) == set(weights)
+    q = gguf.GGMLQuantizationType[linear_type]
+    for k, w in weights.items():  # the values written, through gguf's own quantizer for the linear layers
+        want = gguf.quants.dequantize(gguf.quants.quantize(w, q), q) if k.endswith("_proj.weight") else w
+        assert source.type_name(k) == (linear_type if k.endswith("_proj.weight") else "F32"), k
+        assert source.spec(k)[0] == w.shape and np.array_equal(source.float32(k), want), k
 
     cmd = _cmd(bf16_dir, None)
     cmd[cmd.index("--model") + 1] = str(gguf_path)
@@ -97,7 +102,8 @@ def test_a_gguf_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, t
     mem[mem.index("--out") + 1], stream[stream.index("--out") + 1] = str(tmp_path / "mem"), str(tmp_path / "stream")
     assert main(mem) == 0 and main(stream) == 0
     a, b = checkpoints.load_hf_dir(tmp_path / "mem")[1], checkpoints.load_hf_dir(tmp_path / "stream")[1]
-    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    held = dtypes.np_dtype({"Q8_0": "bfloat16", "F16": "float16"}[linear_type])
+    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype == held and np.array_equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((tmp_path / n / "awp_report.json").read_text()) for n in ("mem", "stream"))
     assert ra["perplexity"] == rb["perplexity"]
 
