@@ -170,7 +170,8 @@ def write_report(name, store, path):
             lines.append(f"| {lab} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio} |")
             got.append((r["perplexity"], lab))
         if got:
-            lines += ["", f"Lowest perplexity: {min(got)[1]} ({min(got)[0]:.2f})."]
+            of = "" if len(got) == len(labels) else f" of the {len(got)} of {len(labels)} rows run"
+            lines += ["", f"Lowest perplexity{of}: {min(got)[1]} ({min(got)[0]:.2f})."]
         lines.append("")
     path.write_text("\n".join(lines))
 
