@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Callable
 
 import numpy as np
@@ -76,7 +76,7 @@ class StreamedModel:
 
     streamed = True
 
-    def __init__(self, cfg, source: checkpoints.SafetensorsSource | checkpoints.GGUFSource):
+    def __init__(self, cfg, source: Mapping):
         cls = models.model_class(cfg)
         shapes = cls.shapes(cfg)
         missing = [k for k in shapes if k not in source]
@@ -139,16 +139,15 @@ class StreamedModel:
 def open_model(spec: os.PathLike | str | None, *, dtype: str = "float32", gguf_dequantized_dtype: str = "bfloat16") -> StreamedModel:
     """A :class:`StreamedModel` of a Hugging Face directory, a GGUF file or a named model (``None``:
     the default model); ``dtype``: the forward pass's. A GGUF's tensors are dequantized one at a
-    time (:class:`awp_jax.checkpoints.GGUFSource`) and held in the matrices' dtype, every tensor
-    rounded to it, as the in-memory CLI's default (``--dtype auto``) does: F16/BF16 as stored, and
-    ``gguf_dequantized_dtype`` for block-quantized matrices; ``"float32"`` keeps the dequantized values exactly. An orbax directory
-    is refused by name: it is read whole."""
+    time (:class:`awp_jax.checkpoints.GGUFSource`), block-quantized matrices to
+    ``gguf_dequantized_dtype`` (``"float32"`` keeps their values exactly). Every tensor is held in
+    the linear layers' dtype, rounded to it, as the in-memory CLI's default (``--dtype auto``) holds
+    them: norms stored wider (llama.cpp's F32 norms beside F16 matrices, a bf16 directory with F32
+    norms) are rounded, so the model written is the model evaluated. An orbax directory is refused
+    by name: it is read whole."""
     p = checkpoints.model_source(spec)
     if p.is_file() and p.suffix == ".gguf":
         cfg, source, _ = checkpoints.open_gguf(p, dequantized_dtype=gguf_dequantized_dtype)
-        # every tensor in the blocks' dtype, as the in-memory --dtype auto holds them (llama.cpp
-        # stores norms as F32 beside F16/BF16 matrices): the written model is the evaluated one
-        source.held_as = cfg.storage_dtype
     elif p.is_dir() and (p / "config.json").is_file():
         cfg, source = checkpoints.open_hf_dir(p)
     else:
@@ -156,4 +155,34 @@ def open_model(spec: os.PathLike | str | None, *, dtype: str = "float32", gguf_d
             f"streaming reads a Hugging Face directory (config.json + safetensors) or a GGUF file; {p} is neither "
             "(orbax directories are loaded whole: run without --stream)")
     # weights are held in the checkpoint's dtype (half of float32 for bf16) and promoted exactly in every product
-    return StreamedModel(dataclasses.replace(cfg, dtype=dtype, param_dtype=cfg.storage_dtype), source)
+    return StreamedModel(dataclasses.replace(cfg, dtype=dtype, param_dtype=cfg.storage_dtype), _HeldAs(source, cfg.storage_dtype))
+
+
+class _HeldAs(Mapping):
+    """The tensors of ``source`` (a :class:`awp_jax.checkpoints.SafetensorsSource` or
+    :class:`~awp_jax.checkpoints.GGUFSource`), each given in ``dtype``, rounded to it."""
+
+    def __init__(self, source, dtype: str):
+        self.source, self.dtype, self.path = source, dtype, source.path
+
+    def spec(self, name: str):
+        shape, dt = self.source.spec(name)  # a dtype that is no float type stays, for StreamedModel to refuse
+        return shape, (dtypes.np_dtype(self.dtype) if dtypes.name_of(dt) is not None else dt)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        x = self.source[name]
+        if x.dtype == dtypes.np_dtype(self.dtype):
+            return x
+        try:
+            return dtypes.cast_exact(dtypes.round_to(x, self.dtype), self.dtype, name)
+        except ValueError as e:
+            raise checkpoints.CheckpointError(f"{self.path}: tensor {name} cannot be held in {self.dtype}: {e}") from e
+
+    def __contains__(self, name) -> bool:
+        return name in self.source
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self):
+        return len(self.source)

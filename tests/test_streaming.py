@@ -108,6 +108,33 @@ def test_a_gguf_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, t
     assert ra["perplexity"] == rb["perplexity"]
 
 
+def test_norms_stored_wider_than_the_linear_layers_are_held_as_the_in_memory_run_holds_them(bf16_dir, tmp_path):
+    """bf16 linear layers beside float32 norms that bf16 cannot hold: both paths round the norms to
+    bf16 (--dtype auto), so the streamed output is the in-memory one, bit for bit."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "model"
+    shutil.copytree(bf16_dir / "model", d)
+    w = load_file(str(d / "model.safetensors"))
+    rng = np.random.default_rng(5)
+    for k in w:
+        if k.endswith("norm.weight"):
+            w[k] = (1 + 0.01 * rng.standard_normal(w[k].shape)).astype(np.float32)
+    save_file(w, str(d / "model.safetensors"))
+    cmd = _cmd(bf16_dir, None)
+    cmd[cmd.index("--model") + 1] = str(d)
+    mem, stream = cmd.copy(), cmd + ["--stream"]
+    mem[mem.index("--out") + 1], stream[stream.index("--out") + 1] = str(tmp_path / "mem"), str(tmp_path / "stream")
+    assert main(mem) == 0 and main(stream) == 0
+    a, b = checkpoints.load_hf_dir(tmp_path / "mem")[1], checkpoints.load_hf_dir(tmp_path / "stream")[1]
+    bf16 = dtypes.np_dtype("bfloat16")
+    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype == bf16 and np.array_equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / n / "awp_report.json").read_text()) for n in ("mem", "stream"))
+    assert ra["perplexity"] == rb["perplexity"]
+
+
 def test_streamed_resume_after_failure_is_bit_identical(bf16_dir, tmp_path, monkeypatch):
     spec, opts = methods.Constraint(sparsity=0.5), methods.AWPOptions(max_iter=10)
     windows = np.random.default_rng(0).integers(0, 2000, (4, 64)).astype(np.int32)
