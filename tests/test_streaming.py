@@ -79,15 +79,17 @@ def test_streamed_run_equals_the_in_memory_run_and_its_shards_load_in_transforme
 @pytest.mark.parametrize("linear_type", ["Q8_0", "F16"])
 def test_a_gguf_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, tmp_path, linear_type):
     """A llama GGUF (q/k rows in llama.cpp's order) with Q8_0 or F16 linear layers beside F32 norms
-    and embedding: its source gives each tensor's values one at a time, and a streamed run equals the
-    in-memory one (both hold every tensor in bfloat16 / float16, as --dtype auto does)."""
+    and embedding: its source gives each tensor's values one at a time, the streamed model holds
+    every tensor as the in-memory load does (bfloat16 / float16, as --dtype auto), and (F16) a whole
+    streamed run equals the in-memory one."""
     import gguf
     from test_gguf_families import write_gguf
 
     cfg = dataclasses.replace(_config(2), storage_dtype="float32")
     weights = random_weights(cfg, 4)
     gguf_path = tmp_path / "m.gguf"
-    write_gguf(gguf_path, "llama", cfg, weights, tokenizer_from=assets.fetch(assets.DEFAULT_MODEL), linear_type=linear_type)
+    tok = assets.fetch(assets.DEFAULT_MODEL) if linear_type == "F16" else None  # the CLI run needs one
+    write_gguf(gguf_path, "llama", cfg, weights, tokenizer_from=tok, linear_type=linear_type)
     got_cfg, source, _ = checkpoints.open_gguf(gguf_path)
     assert got_cfg.storage_dtype == {"Q8_0": "float32", "F16": "float16"}[linear_type] and set(source) == set(weights)
     q = gguf.GGMLQuantizationType[linear_type]
@@ -96,43 +98,56 @@ def test_a_gguf_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, t
         assert source.type_name(k) == (linear_type if k.endswith("_proj.weight") else "F32"), k
         assert source.spec(k)[0] == w.shape and np.array_equal(source.float32(k), want), k
 
+    # the streamed model holds what the in-memory --dtype auto load holds, tensor by tensor
+    from awp_jax.models import weights_of
+
+    held = dtypes.np_dtype({"Q8_0": "bfloat16", "F16": "float16"}[linear_type])
+    mem_w = weights_of(checkpoints.load_model(gguf_path, storage_dtype="auto", with_tokenizer=False)[0])
+    streamed = streaming.open_model(gguf_path)
+    for k in weights:
+        t = streamed.tensor(k)
+        assert t.dtype == held and np.array_equal(t.astype(np.float32), np.asarray(mem_w[k], np.float32)), k
+    if linear_type == "Q8_0":
+        return  # the whole-run comparison below (~50 s, most of it the GGUF tokenizer) runs on the F16 file
     cmd = _cmd(bf16_dir, None)
     cmd[cmd.index("--model") + 1] = str(gguf_path)
     mem, stream = cmd.copy(), cmd + ["--stream"]
     mem[mem.index("--out") + 1], stream[stream.index("--out") + 1] = str(tmp_path / "mem"), str(tmp_path / "stream")
     assert main(mem) == 0 and main(stream) == 0
     a, b = checkpoints.load_hf_dir(tmp_path / "mem")[1], checkpoints.load_hf_dir(tmp_path / "stream")[1]
-    held = dtypes.np_dtype({"Q8_0": "bfloat16", "F16": "float16"}[linear_type])
     assert set(a) == set(b) and all(a[k].dtype == b[k].dtype == held and np.array_equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((tmp_path / n / "awp_report.json").read_text()) for n in ("mem", "stream"))
     assert ra["perplexity"] == rb["perplexity"]
 
 
 def test_norms_stored_wider_than_the_linear_layers_are_held_as_the_in_memory_run_holds_them(bf16_dir, tmp_path):
-    """bf16 linear layers beside float32 norms that bf16 cannot hold: both paths round the norms to
-    bf16 (--dtype auto), so the streamed output is the in-memory one, bit for bit."""
+    """bf16 linear layers beside float32 norms that bf16 cannot hold: the streamed model evaluates
+    and writes them rounded to bf16, as the in-memory --dtype auto holds them (so the model written
+    is the model evaluated; the whole-run equality of the two paths: the tests above)."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
+
+    from awp_jax.models import weights_of
 
     d = tmp_path / "model"
     shutil.copytree(bf16_dir / "model", d)
     w = load_file(str(d / "model.safetensors"))
     rng = np.random.default_rng(5)
-    for k in w:
-        if k.endswith("norm.weight"):
-            w[k] = (1 + 0.01 * rng.standard_normal(w[k].shape)).astype(np.float32)
+    norms = [k for k in w if k.endswith("norm.weight")]
+    for k in norms:
+        w[k] = (1 + 0.01 * rng.standard_normal(w[k].shape)).astype(np.float32)
     save_file(w, str(d / "model.safetensors"))
-    cmd = _cmd(bf16_dir, None)
-    cmd[cmd.index("--model") + 1] = str(d)
-    mem, stream = cmd.copy(), cmd + ["--stream"]
-    mem[mem.index("--out") + 1], stream[stream.index("--out") + 1] = str(tmp_path / "mem"), str(tmp_path / "stream")
-    assert main(mem) == 0 and main(stream) == 0
-    a, b = checkpoints.load_hf_dir(tmp_path / "mem")[1], checkpoints.load_hf_dir(tmp_path / "stream")[1]
+    mem = weights_of(checkpoints.load_model(d, storage_dtype="auto", with_tokenizer=False)[0])
+    streamed = streaming.open_model(d)
     bf16 = dtypes.np_dtype("bfloat16")
-    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype == bf16 and np.array_equal(a[k], b[k]) for k in a)
-    ra, rb = (json.loads((tmp_path / n / "awp_report.json").read_text()) for n in ("mem", "stream"))
-    assert ra["perplexity"] == rb["perplexity"]
+    for k in norms:
+        written = streamed.tensor(k)
+        assert written.dtype == bf16 and not np.array_equal(written.astype(np.float32), w[k]), k  # rounded
+        assert np.array_equal(written.astype(np.float32), np.asarray(mem[k], np.float32)), k
+    block = streamed.layers[1]  # what the forward computes with
+    assert np.array_equal(np.asarray(block.input_layernorm.weight[...], np.float32),
+                          streamed.tensor("model.layers.1.input_layernorm.weight").astype(np.float32))
 
 
 def test_streamed_resume_after_failure_is_bit_identical(bf16_dir, tmp_path, monkeypatch):
