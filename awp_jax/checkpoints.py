@@ -33,7 +33,7 @@ from awp_jax import assets, dtypes
 from awp_jax import models
 from awp_jax.models import LlamaConfig
 
-__all__ = ["CheckpointError", "GGUFSource", "load_hf_dir", "load_gguf", "open_gguf", "load_checkpoint", "load_model", "load_default", "load_tokenizer"]
+__all__ = ["CheckpointError", "GGUFSource", "HeldAs", "TensorSource", "load_hf_dir", "load_gguf", "open_gguf", "load_checkpoint", "load_model", "load_default", "load_tokenizer"]
 
 
 class CheckpointError(ValueError):
@@ -78,19 +78,58 @@ def _gguf_name(name: str, arch: str = "llama") -> str | None:
     return None
 
 
-class GGUFSource(Mapping):
+class TensorSource(Mapping):
+    """Tensors by Hugging Face name, read one at a time: ``source[name]`` the array, ``spec(name)``
+    its shape and numpy dtype without reading it. Membership, iteration and length come from
+    ``_index`` (a mapping keyed by the names; Mapping's defaults would read every tensor)."""
+
+    _index: Mapping
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], Any]:
+        raise NotImplementedError
+
+    def __contains__(self, name) -> bool:
+        return name in self._index
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self):
+        return len(self._index)
+
+
+class HeldAs(TensorSource):
+    """The tensors of ``source``, each given in ``dtype``, rounded to it (round to nearest even):
+    how a model is held when its tensors are stored in several dtypes (F32 norms beside F16 or
+    block-quantized matrices) or in none (block-quantized values, exact in float32 only)."""
+
+    def __init__(self, source: TensorSource, dtype: str):
+        self.source, self.dtype, self.path, self._index = source, dtypes.check(dtype), source.path, source
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], Any]:
+        shape, dt = self.source.spec(name)  # a dtype that is no float type stays, for its reader to refuse
+        return shape, (dtypes.np_dtype(self.dtype) if dtypes.name_of(dt) is not None else dt)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        x = self.source[name]
+        if x.dtype == dtypes.np_dtype(self.dtype):
+            return x
+        try:
+            return dtypes.cast_exact(dtypes.round_to(x, self.dtype), self.dtype, name)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: tensor {name} cannot be held in {self.dtype}: {e}") from e
+
+
+class GGUFSource(TensorSource):
     """The tensors of a GGUF file under their Hugging Face names and layout, dequantized one at a
     time from the memory-mapped file (``gguf.GGUFReader``): nothing is held in memory but the
     tensor asked for. llama.cpp's q/k row permutation is undone for llama, and Gemma's norm scales,
     stored as ``1 + weight``, are given back as ``weight``. Each tensor comes in its stored dtype
     (F32/F16/BF16) or, block-quantized (Q4_1, Q4_K, ...), in float32, where its dequantized values
-    are exact; with :attr:`held_as` set, every tensor is given rounded to that dtype.
-    :meth:`float32` gives any tensor's values as they are stored, in float32."""
+    are exact (:class:`HeldAs` gives them in another dtype). :meth:`float32` gives any tensor's
+    values in float32."""
 
     _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-    # the dtype every tensor is given in, rounded to it (open_gguf sets it for a file whose matrices
-    # are block-quantized, a streamed model to its storage dtype); None: each tensor as stored
-    held_as: str | None = None
 
     def __init__(self, path: pathlib.Path, reader, arch: str, heads: int, kv_heads: int):
         self.path, self.arch, self._heads, self._kv_heads = path, arch, heads, kv_heads
@@ -100,6 +139,7 @@ class GGUFSource(Mapping):
             if hf is None:
                 raise CheckpointError(f"unexpected tensor {t.name!r} in {path}")
             self._tensors[hf] = t
+        self._index = self._tensors
 
     def type_name(self, name: str) -> str:
         """The GGUF block type of tensor ``name`` (F32, F16, Q4_K, ...)."""
@@ -108,7 +148,7 @@ class GGUFSource(Mapping):
     def spec(self, name: str) -> tuple[tuple[int, ...], Any]:
         """Shape (Hugging Face layout) and numpy dtype of tensor ``name``, without dequantizing it."""
         t = self._tensors[name]
-        return tuple(int(d) for d in reversed(t.shape)), dtypes.np_dtype(self.held_as or self._PLAIN.get(t.tensor_type.name, "float32"))
+        return tuple(int(d) for d in reversed(t.shape)), dtypes.np_dtype(self._PLAIN.get(t.tensor_type.name, "float32"))
 
     def float32(self, name: str) -> np.ndarray:
         import gguf
@@ -127,17 +167,16 @@ class GGUFSource(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         want = dtypes.name_of(self.spec(name)[1])
-        w = dtypes.round_to(self.float32(name), want)  # exact unless block-quantized matrices take a 16-bit dtype
-        return w if want == "float32" else dtypes.cast_exact(w, want, name)
+        w = self.float32(name)
+        return w if want == "float32" else dtypes.cast_exact(w, want, name)  # F16/BF16 values: exact
 
-    def __contains__(self, name) -> bool:
-        return name in self._tensors
 
-    def __iter__(self):
-        return iter(self._tensors)
-
-    def __len__(self):
-        return len(self._tensors)
+def _stored_matrix_dtype(reader) -> str | None:
+    """The dtype a GGUF file's block matrices are stored in (judged by q_proj and down_proj): F16,
+    BF16 or F32 when all are; None when any is block-quantized (Q4_1, Q4_K, ...), whose dequantized
+    values are exact in float32 only."""
+    types = {t.tensor_type.name for t in reader.tensors if ".attn_q." in t.name or ".ffn_down." in t.name}
+    return GGUFSource._PLAIN[next(iter(types))] if len(types) == 1 and next(iter(types)) in GGUFSource._PLAIN else None
 
 
 def open_gguf(path: os.PathLike, *, dequantized_dtype: str = "float32"):
@@ -176,13 +215,9 @@ def open_gguf(path: os.PathLike, *, dequantized_dtype: str = "float32"):
     kv_heads = int(field(f"{arch}.attention.head_count_kv", heads))
     hidden = int(field(f"{arch}.embedding_length"))
     source = GGUFSource(path, reader, arch, heads, kv_heads)
-    # the block matrices' type: F16/BF16/F32 as stored; block-quantized types dequantize to float32
-    # values that no 16-bit type holds exactly, so their storage dtype is float32
-    block_types = {t.tensor_type.name for t in reader.tensors if ".attn_q." in t.name or ".ffn_down." in t.name}
-    if len(block_types) == 1 and next(iter(block_types)) in GGUFSource._PLAIN:
-        storage = GGUFSource._PLAIN[next(iter(block_types))]
-    else:
-        storage = source.held_as = dtypes.check(dequantized_dtype)
+    # the block matrices' type: F16/BF16/F32 as stored; block-quantized types dequantize to values
+    # exact in float32 only, and take dequantized_dtype (float32 keeps them exactly)
+    storage = _stored_matrix_dtype(reader) or dtypes.check(dequantized_dtype)
     vocab = source.spec("model.embed_tokens.weight")[0][0]
     if arch == "gemma3":
         return _gemma3_gguf_config(field, source, storage, heads, kv_heads, hidden, vocab), source, reader
@@ -212,7 +247,9 @@ def load_gguf(path: os.PathLike, *, with_tokenizer: bool = True, dequantized_dty
     Q4_K, ...) have none: their dequantized values are exact in float32 only; ``dequantized_dtype``
     is the storage dtype they take then (another than float32 rounds every tensor to it)."""
     cfg, source, reader = open_gguf(path, dequantized_dtype=dequantized_dtype)
-    weights = {k: dtypes.round_to(source.float32(k), source.held_as or "float32") for k in source}  # one tensor at a time
+    if _stored_matrix_dtype(reader) is None:  # block-quantized matrices
+        source = HeldAs(source, cfg.storage_dtype)  # every tensor rounded, as the streamed model holds it
+    weights = {k: np.asarray(source[k], np.float32) for k in source}  # one tensor at a time
     return cfg, weights, (_gguf_tokenizer(pathlib.Path(path), reader) if with_tokenizer else None)
 
 
@@ -306,7 +343,7 @@ def load_tokenizer(path: os.PathLike):
         raise CheckpointError(f"cannot build a tokenizer from {path}: {e}") from e
 
 
-class SafetensorsSource(Mapping):
+class SafetensorsSource(TensorSource):
     """The tensors of a Hugging Face directory (``model.safetensors`` or the shards its
     ``model.safetensors.index.json`` lists), read one at a time in their stored dtype: nothing is
     held in memory but the tensor asked for. A shard that is missing, truncated or corrupt is named
@@ -328,6 +365,7 @@ class SafetensorsSource(Mapping):
         else:
             raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
         self._headers: dict[str, dict] = {}
+        self._index = self._where
 
     def _open(self, shard: str):
         from safetensors import SafetensorError, safe_open
@@ -374,15 +412,6 @@ class SafetensorsSource(Mapping):
                 return f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read {name} from {self.path / shard} (truncated or corrupt?): {e}") from e
-
-    def __contains__(self, name) -> bool:  # from the index: Mapping's default would read the tensor
-        return name in self._where
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self):
-        return len(self._where)
 
 
 def _hf_config(path: pathlib.Path):

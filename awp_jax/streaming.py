@@ -155,34 +155,4 @@ def open_model(spec: os.PathLike | str | None, *, dtype: str = "float32", gguf_d
             f"streaming reads a Hugging Face directory (config.json + safetensors) or a GGUF file; {p} is neither "
             "(orbax directories are loaded whole: run without --stream)")
     # weights are held in the checkpoint's dtype (half of float32 for bf16) and promoted exactly in every product
-    return StreamedModel(dataclasses.replace(cfg, dtype=dtype, param_dtype=cfg.storage_dtype), _HeldAs(source, cfg.storage_dtype))
-
-
-class _HeldAs(Mapping):
-    """The tensors of ``source`` (a :class:`awp_jax.checkpoints.SafetensorsSource` or
-    :class:`~awp_jax.checkpoints.GGUFSource`), each given in ``dtype``, rounded to it."""
-
-    def __init__(self, source, dtype: str):
-        self.source, self.dtype, self.path = source, dtype, source.path
-
-    def spec(self, name: str):
-        shape, dt = self.source.spec(name)  # a dtype that is no float type stays, for StreamedModel to refuse
-        return shape, (dtypes.np_dtype(self.dtype) if dtypes.name_of(dt) is not None else dt)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        x = self.source[name]
-        if x.dtype == dtypes.np_dtype(self.dtype):
-            return x
-        try:
-            return dtypes.cast_exact(dtypes.round_to(x, self.dtype), self.dtype, name)
-        except ValueError as e:
-            raise checkpoints.CheckpointError(f"{self.path}: tensor {name} cannot be held in {self.dtype}: {e}") from e
-
-    def __contains__(self, name) -> bool:
-        return name in self.source
-
-    def __iter__(self):
-        return iter(self.source)
-
-    def __len__(self):
-        return len(self.source)
+    return StreamedModel(dataclasses.replace(cfg, dtype=dtype, param_dtype=cfg.storage_dtype), checkpoints.HeldAs(source, cfg.storage_dtype))
