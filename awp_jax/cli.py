@@ -262,6 +262,9 @@ def _compress(args) -> int:
         raise ValueError(f"--allocation {alloc.rule} spreads an unstructured --sparsity over the blocks; "
                          f"{constraint.describe()} has none")
     correction = None if args.error_correction is None else targets.ErrorCorrection(alpha=args.error_correction)
+    from awp_jax import calibration
+
+    token_cap = calibration.check_token_cap(args.token_cap)
     if correction is not None and args.mode != "sequential":
         raise ValueError("--error-correction needs --mode sequential (the compressed model's inputs differ from the dense "
                          "model's only there)")
@@ -342,7 +345,8 @@ def _compress(args) -> int:
                                      [dataclasses.replace(constraint, sparsity=s) for s in block_sparsity],
                                      options, mode=args.mode, batch_size=args.batch_size,
                                      progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings,
-                                     encoded=encoded, executor=executor, error_correction=correction)
+                                     encoded=encoded, executor=executor, error_correction=correction,
+                                     token_cap=token_cap)
     if getattr(executor.layout, "replicated", None):
         print("note: kept whole on every device in the calibration forward (the model axis does not divide their split "
               "dimension): " + ", ".join(sorted(executor.layout.replicated)), file=sys.stderr)
@@ -356,7 +360,8 @@ def _compress(args) -> int:
         "devices": [str(d) for d in jax.devices()], "executor": executor.name, "matmul_gflops_float32": round(gflops, 1), "command": sys.argv,
         "model": str(args.model or "default"), "dtype": model.cfg.storage_dtype,
         "recipe": recipe.to_dict(), "method": method, "constraint": dataclasses.asdict(constraint), "options": opts,
-        "calibration": {"text": str(args.calib), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "mode": args.mode},
+        "calibration": {"text": str(args.calib), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "mode": args.mode,
+                        "token_cap": token_cap},
         "evaluation": {"text": str(args.eval_text), "seqlen": args.eval_seqlen, "windows": args.eval_windows},
         "allocation": {**dataclasses.asdict(alloc), "block_sparsity": block_sparsity},
         "error_correction": None if correction is None else dataclasses.asdict(correction),
@@ -436,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--error-correction", type=float, default=None, metavar="ALPHA",
                       help="fit each layer, fed the compressed model's inputs, to the dense model's outputs, with this "
                            "fraction of the correction in (0, 1] (QEP's alpha; default: off). Works with every method")
+    comp.add_argument("--token-cap", type=float, default=None, metavar="K",
+                      help="cap each calibration token's share of the statistics C at K times the median token's squared "
+                           "norm (a window's first tokens can carry most of C's trace); every method fits the capped C. "
+                           "At least 1 (default: off)")
     comp.add_argument("--batch-size", type=int, default=8)
     comp.add_argument("--num-processes", type=int, default=1, help="compress with this many processes (jax.distributed; default 1)")
     comp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, with --num-processes > 1")

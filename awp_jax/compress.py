@@ -107,6 +107,7 @@ def compress_model(
     min_expert_tokens: int = calibration.MIN_EXPERT_TOKENS,
     executor: execution.Executor | None = None,
     error_correction: targets_lib.ErrorCorrection | None = None,
+    token_cap: float | None = None,
 ) -> list[dict]:
     """Compress ``model`` in place; returns one report row per layer (see the module docstring).
 
@@ -136,11 +137,16 @@ def compress_model(
     weights ``W_α`` against ``C``, and the report's ``rel_objective`` is relative to that target
     (``tr((W_α−Θ)C(W_α−Θ)ᵀ) / tr(W_α C W_αᵀ)``, the error-correcting objective up to a constant).
 
+    ``token_cap``: cap each calibration token's share of the statistics at this multiple of the
+    median token's squared norm (:mod:`awp_jax.calibration`; ``None``, the default: no cap). Every
+    method then fits the capped ``C``, and ``rel_objective`` is relative to it.
+
     ``executor``: where the layers are compressed and the calibration forward runs
     (:mod:`awp_jax.execution`); ``None``: :func:`awp_jax.execution.choose` without a mesh (one
     device, or the processes of ``jax.distributed``)."""
     rank, n_proc = jax.process_index(), jax.process_count()
     progress = progress and rank == 0
+    token_cap = calibration.check_token_cap(token_cap)
     per_block = not isinstance(constraint, methods.Constraint)
     constraints = list(constraint) if per_block else [constraint] * len(model.layers)
     if len(constraints) != len(model.layers) or not all(isinstance(c, methods.Constraint) for c in constraints):
@@ -163,6 +169,8 @@ def compress_model(
             full["min_expert_tokens"] = min_expert_tokens
         if error_correction is not None:
             full["error_correction"] = repr(error_correction)
+        if token_cap is not None:  # absent when off: run directories of earlier versions stay valid
+            full["token_cap"] = token_cap
         store = RunStore(run_dir, full, len(model.layers), write=rank == 0)
         if n_proc > 1:
             starts = execution._allgather(np.asarray([store.done], np.int32))
@@ -256,5 +264,6 @@ def compress_model(
                                  start_block=start, after_prefix=None if mode == "sequential" else load_done,
                                  min_expert_tokens=min_expert_tokens, layout=executor.layout,
                                  cross=error_correction is not None,
-                                 before_prefix=load_done if error_correction is not None else None)
+                                 before_prefix=load_done if error_correction is not None else None,
+                                 token_cap=token_cap)
     return report

@@ -70,6 +70,41 @@ def test_sequential_sees_compressed_blocks_parallel_does_not(windows):
     assert not np.allclose(seq[1]["attn_in"], dense[1]["attn_in"], rtol=1e-3)
 
 
+def test_token_cap_weighs_each_token_by_its_batch_median(tiny, windows):
+    """C = Σ w_t x_t x_tᵀ / n with w_t = min(1, k · median ||x||² / ||x_t||²), the median over each
+    batch's tokens: checked against the block inputs computed directly, batch by batch; a cap above
+    every token changes nothing, and the capped tokens' share of the trace is at most k · median."""
+    k, bs = 1.5, 3
+    plain = calibration.block_statistics(tiny, windows, batch_size=bs)
+    capped = calibration.block_statistics(tiny, windows, batch_size=bs, token_cap=k)
+    huge = calibration.block_statistics(tiny, windows, batch_size=bs, token_cap=1e30)
+    manual = _manual_inputs(tiny, windows)
+    per_batch = bs * windows.shape[1]
+    n_capped = 0
+    for s, c, h, m in zip(plain, capped, huge, manual):
+        for name, x in m.items():
+            np.testing.assert_array_equal(h[name], s[name])
+            want, before = np.zeros((x.shape[1], x.shape[1])), n_capped
+            for b in range(0, len(x), per_batch):
+                xb = x[b : b + per_batch]
+                sq = np.sum(xb * xb, axis=1)
+                w = np.minimum(1.0, k * np.median(sq) / sq)
+                n_capped += int(np.sum(w < 1))
+                assert np.all(w * sq <= k * np.median(sq) * (1 + 1e-9))
+                want += (xb * w[:, None]).T @ xb
+            want /= len(x)
+            np.testing.assert_allclose(c[name], want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
+            if n_capped > before:  # (after an RMSNorm with unit weights every token has the same norm: none capped)
+                assert np.trace(c[name]) < np.trace(s[name])
+    assert n_capped > 0
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), float("inf"), -1])
+def test_bad_token_cap_rejected(tiny, windows, bad):
+    with pytest.raises(ValueError, match="token_cap must be a finite number >= 1"):
+        calibration.block_statistics(tiny, windows, token_cap=bad)
+
+
 def test_bad_mode_rejected(tiny, windows):
     with pytest.raises(ValueError, match="mode must be"):
         calibration.block_statistics(tiny, windows, mode="lazy")
