@@ -12,6 +12,8 @@ seed 0, sequential). Every row reports two perplexities:
 - *evaluation*: the first 64 512-token windows of the Wikipedia articles, as in quality.md.
 
 OWL rows also record the zeros the model holds (the global ratio: equal to the uniform row's).
+Token cap rows: the calibration statistics with each token's share capped (``--token-cap``;
+see awp_jax.calibration), K picked on held-out text with GPTQ INT3.
 Rows are kept in bench/results/frontier_runs.json (resumable; rows of an earlier
 bench/results/allocation_runs.json, if one is there, are taken over).
 """
@@ -38,6 +40,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 PLUS = dict(init="sparsegpt", max_iter=50, step_rule="lambda_max", step_scale=1.0, refit_iters=50, refit_damping=0.1)
 LAMBDAS = (0.04, 0.08, 0.12, 0.16)  # the OWL lambda sweep (held-out text, Wanda at 70 %); OWL's default is 0.08
 ALPHAS = (0.5, 1.0)  # the error-correction alpha sweep (held-out text, GPTQ INT3 g128)
+CAPS = (20, 5, 100)  # the calibration token cap sweep (held-out text, GPTQ INT3 g128), in the order run
 INT3 = dict(bits=3, group_size=128)
 COLUMNS = {"0.5": dict(sparsity=0.5), "0.7": dict(sparsity=0.7), "INT3 g128": INT3, "2:4": dict(nm=(2, 4)),
            "INT2 g128": dict(bits=2, group_size=128)}
@@ -99,7 +102,7 @@ def main(argv=None):
     ev = data.eval_windows(data.tokenize(tok, data.evaluation_text()), 512, 64)
     uniform = allocation.Allocation("uniform")
 
-    def run(column, label, method, spec, alloc=uniform, ec=None):
+    def run(column, label, method, spec, alloc=uniform, ec=None, cap=None):
         k = f"{column}|{label}"
         if k in store or args.report:
             return store.get(k)
@@ -112,10 +115,10 @@ def main(argv=None):
             sp = allocation.allocate(model, calib, con.sparsity, alloc, progress=True)
         t_alloc = time.perf_counter() - t0
         cons = con if sp is None else [dataclasses.replace(con, sparsity=s) for s in sp]
-        compress.compress_model(model, calib, method, cons, opt, progress=True, error_correction=ec)
+        compress.compress_model(model, calib, method, cons, opt, progress=True, error_correction=ec, token_cap=cap)
         secs = time.perf_counter() - t0
         row = {"column": column, "label": label, "method": method, "rule": alloc.rule, "m": alloc.m, "lam": alloc.lam,
-               "alpha": None if ec is None else ec.alpha, "block_sparsity": sp or [con.sparsity] * len(model.layers),
+               "alpha": None if ec is None else ec.alpha, "token_cap": cap, "block_sparsity": sp or [con.sparsity] * len(model.layers),
                "zeros": zeros_of(model), "seconds": round(secs, 1), "allocation_seconds": round(t_alloc, 1),
                "heldout_ppl": perplexity.perplexity(model, held, batch_size=8).perplexity}
         row["eval_ppl"] = perplexity.perplexity(model, ev, batch_size=8).perplexity
@@ -180,7 +183,21 @@ def main(argv=None):
     run("0.7", "awp+ (SparseGPT start, damped CG refit) uniform", "awp", PLUS)
     run("2:4", "awp+ (SparseGPT start, damped CG refit)", "awp", PLUS)
     run("0.5", "awp+ (SparseGPT start, damped CG refit) uniform", "awp", PLUS)
-    # 10. INT3 g128: the grid refit (least-squares group scales with the codes fixed) after GPTQ and after AWP from
+    # 10. the calibration token cap (a window's first tokens can carry most of C's trace): K on held-out text with
+    #     GPTQ INT3, then the chosen K with AWP from AWQ at INT3, SparseGPT at 70 % and Wanda at 50 %, beside their plain rows
+    gptq_rows = [run("INT3 g128", "gptq", "gptq", {})] + [run("INT3 g128", f"gptq token cap={k}", "gptq", {}, cap=k) for k in CAPS]
+    plain, capped = gptq_rows[0], gptq_rows[1:]
+    cap = pick(capped, CAPS, None)
+    if cap is not None and plain is not None and capped[CAPS.index(cap)]["heldout_ppl"] >= plain["heldout_ppl"]:
+        cap = None  # no cap helps GPTQ on held-out text: no further rows
+    if cap is not None:
+        run("INT3 g128", "awp (AWQ start)", "awp", {"init": "awq"})
+        run("INT3 g128", f"awp (AWQ start) token cap={cap}", "awp", {"init": "awq"}, cap=cap)
+        run("0.7", "sparsegpt uniform", "sparsegpt", {})
+        run("0.7", f"sparsegpt token cap={cap} uniform", "sparsegpt", {}, cap=cap)
+        run("0.5", "wanda uniform", "wanda", {})
+        run("0.5", f"wanda token cap={cap} uniform", "wanda", {}, cap=cap)
+    # 11. INT3 g128: the grid refit (least-squares group scales with the codes fixed) after GPTQ and after AWP from
     #     AWQ, beside the plain methods' held-out figures
     run("INT3 g128", "gptq", "gptq", {})
     run("INT3 g128", "gptq, grid refit", "gptq", {"grid_refit": True})
@@ -195,8 +212,8 @@ def write_report(store, path):
              "calibration-text tokens no calibration window touches (OWL's lambda and the correction's alpha are picked "
              "there); evaluation: 64 x 512 tokens of the Wikipedia articles (as quality.md). OWL outlier threshold m = 5. "
              "Seconds: wall time of allocation + compression, on a shared 2-core machine (ad hoc).", "",
-             "| column | method | allocation | error correction | block sparsity min..max | zeros | held-out ppl | evaluation ppl | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| column | method | allocation | error correction | token cap | block sparsity min..max | zeros | held-out ppl | evaluation ppl | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     if "dense" in store:
         lines.insert(-2, f"Dense model: held-out {store['dense']['heldout_ppl']:.2f}, evaluation {store['dense']['eval_ppl']:.2f}.\n")
     for k, r in store.items():
@@ -206,8 +223,9 @@ def write_report(store, path):
         column = {"0.5": "50%", "0.7": "70%"}.get(column, column)
         alloc = "uniform" if r["rule"] == "uniform" else f"OWL lambda={r['lam']}"
         ec = "–" if r.get("alpha") is None else f"alpha={r['alpha']}"
-        name = r["label"].split(" uniform")[0].split(" owl")[0].split(" ec ")[0].strip()
-        lines.append(f"| {column} | {name} | {alloc} | {ec} | {min(r['block_sparsity']):.4f}..{max(r['block_sparsity']):.4f} "
+        name = r["label"].split(" uniform")[0].split(" owl")[0].split(" ec ")[0].split(" token cap")[0].strip()
+        cap = "–" if r.get("token_cap") is None else f"{r['token_cap']:g}"
+        lines.append(f"| {column} | {name} | {alloc} | {ec} | {cap} | {min(r['block_sparsity']):.4f}..{max(r['block_sparsity']):.4f} "
                      f"| {r['zeros']} | {r['heldout_ppl']:.2f} | {r['eval_ppl']:.2f} | {r['seconds']:.0f} |")
     quality = path.parent / "quality_runs.json"
     if quality.exists():  # the plain rows this table is compared with (same calibration and evaluation windows)
