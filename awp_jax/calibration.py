@@ -65,7 +65,7 @@ def check_token_cap(cap) -> float | None:
         return None
     cap = float(cap)
     if not np.isfinite(cap) or cap < 1:
-        raise ValueError(f"token_cap must be a finite number >= 1 (a multiple of the median token's squared norm), got {cap}")
+        raise ValueError(f"token_cap (--token-cap) must be a finite number >= 1 (a multiple of the median token's squared norm), got {cap}")
     return cap
 
 

@@ -101,7 +101,7 @@ def test_token_cap_weighs_each_token_by_its_batch_median(tiny, windows):
 
 @pytest.mark.parametrize("bad", [0.5, float("nan"), float("inf"), -1])
 def test_bad_token_cap_rejected(tiny, windows, bad):
-    with pytest.raises(ValueError, match="token_cap must be a finite number >= 1"):
+    with pytest.raises(ValueError, match=r"token_cap \(--token-cap\) must be a finite number >= 1"):
         calibration.block_statistics(tiny, windows, token_cap=bad)
 
 
