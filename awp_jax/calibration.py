@@ -25,7 +25,8 @@ Token cap (``token_cap``, default off): a few tokens can dominate ``C`` — a wi
 position often carries massive activations (an "attention sink"; on the default model up to 99.8 %
 of some statistics' trace), so a solver that fits ``C`` spends its effort on them. With a cap
 ``k``, each token's input is scaled so that its squared norm is at most ``k`` times the median
-squared norm of that statistic's tokens in its batch: ``C = Σ_t w_t x_t x_tᵀ / n`` with
+squared norm of that statistic's tokens in its batch (of ``batch_size`` windows; an expert's:
+the tokens routed to it): ``C = Σ_t w_t x_t x_tᵀ / n`` with
 ``w_t = min(1, k · median_s ||x_s||² / ||x_t||²)``. Only the statistics change; the forward
 (and so the next block's inputs) does not.
 """
@@ -47,14 +48,20 @@ __all__ = ["block_statistics", "run_block", "token_weights", "MIN_EXPERT_TOKENS"
 MIN_EXPERT_TOKENS = 16
 
 
-def token_weights(v, cap: float | None):
+def token_weights(v, cap: float | None, mask=None):
     """``sqrt(w_t)`` for the tokens of an input ``v`` (``[..., B, L, d]``; see the module docstring),
     shape ``[..., B, L, 1]``: each token's squared norm capped at ``cap`` times the median over the
-    ``B · L`` tokens (of each leading index). A median of 0 caps nothing. ``None``: all ones."""
+    ``B · L`` tokens (of each leading index) or, with ``mask`` (``[B, L]``, an expert's routing),
+    over the tokens it selects. A median of 0 (or of no token) caps nothing. ``None``: all ones."""
     if cap is None:
         return jnp.ones(v.shape[:-1] + (1,), v.dtype)
     sq = jnp.sum(v * v, axis=-1)  # [..., B, L]
-    med = jnp.median(sq.reshape(sq.shape[:-2] + (-1,)), axis=-1)[..., None, None]
+    flat = sq.reshape(sq.shape[:-2] + (-1,))
+    if mask is None:
+        med = jnp.median(flat, axis=-1)
+    else:
+        med = jnp.nanmedian(jnp.where(mask.reshape(-1) > 0, flat, jnp.nan), axis=-1)
+    med = med[..., None, None]
     ratio = jnp.where((med > 0) & (sq > cap * med), cap * med / jnp.where(sq > 0, sq, 1.0), 1.0)
     return jnp.sqrt(ratio)[..., None]
 
@@ -69,22 +76,26 @@ def check_token_cap(cap) -> float | None:
     return cap
 
 
-def _routed_grams(v, mask):
+def _routed_grams(v, mask, token_cap: float | None = None):
     """Per-expert sums for an input ``v`` (``[B, L, d]`` shared by the experts, or ``[E, B, L, d]``
     one per expert) and the routing mask ``[B, L, E]``: ``routed [E, d, d]`` over each expert's
     routed tokens, ``all`` over every token (``[d, d]`` or ``[E, d, d]``), ``tokens [E]``. One
-    expert at a time (``lax.map``), so memory stays at one input's size."""
+    expert at a time (``lax.map``), so memory stays at one input's size. ``token_cap``: each
+    expert's tokens weighed by the median of the tokens routed to it; ``all`` by the median of all."""
     per_expert = v.ndim == 4
     masks = jnp.moveaxis(mask, -1, 0)  # [E, B, L]
 
     def one(args):
         m, ve = args
+        if token_cap is not None:
+            ve = ve * token_weights(ve, token_cap, m)
         return jnp.einsum("bli,blj->ij", ve * m[..., None], ve, precision="highest")
 
     if per_expert:
         routed = jax.lax.map(one, (masks, v))
     else:  # the shared input is closed over, not copied once per expert
         routed = jax.lax.map(lambda m: one((m, v)), masks)
+    v = v * token_weights(v, token_cap) if token_cap is not None else v  # the fallback's: every token
     if per_expert:
         everything = jax.lax.map(lambda ve: jnp.einsum("bli,blj->ij", ve, ve, precision="highest"), v)
     else:
@@ -120,7 +131,7 @@ def _finish(totals: dict, n_tokens: int, routed: tuple, min_expert_tokens: int) 
 
 
 @functools.lru_cache(maxsize=8)  # one set of compiled functions per block structure (and token cap)
-def _block_fns(graphdef, token_cap: float | None = None):
+def _block_fns(graphdef, token_cap: float | None):
     @jax.jit
     def stats(state, x, ctx):  # x [B, L, D] -> (y, {name: X Xᵀ summed over B·L})
         blk = nnx.merge(graphdef, state)
@@ -130,10 +141,10 @@ def _block_fns(graphdef, token_cap: float | None = None):
         grams = {}
         for k, v in values.items():
             v = v.astype(jnp.float32)
-            v = v * token_weights(v, token_cap) if token_cap is not None else v
             if k in getattr(blk, "ROUTED", ()):
-                grams[k] = _routed_grams(v, mask)
+                grams[k] = _routed_grams(v, mask, token_cap)
             else:
+                v = v * token_weights(v, token_cap) if token_cap is not None else v
                 grams[k] = jnp.einsum("bli,blj->ij", v, v, precision="highest")
         return y, grams
 
@@ -169,7 +180,7 @@ def run_block(block, hidden: list, ctx: tuple, layout=None) -> list:
     """Each batch of ``hidden`` through ``block`` (its sown inputs dropped). Waits for the results:
     dispatch is asynchronous, and a caller that builds the next block while this one still runs
     would hold several blocks at once. ``layout``: see :func:`block_statistics`."""
-    run_fn = _block_fns(nnx.graphdef(block))[2]
+    run_fn = _block_fns(nnx.graphdef(block), None)[2]  # the forward does not depend on the cap
     state = _placed(nnx.state(block), layout)
     return jax.block_until_ready([run_fn(state, x, ctx) for x in hidden])
 

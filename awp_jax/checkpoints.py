@@ -81,7 +81,7 @@ def _gguf_name(name: str, arch: str = "llama") -> str | None:
 class TensorSource(Mapping):
     """Tensors by Hugging Face name, read one at a time: ``source[name]`` the array, ``spec(name)``
     its shape and numpy dtype without reading it. Membership, iteration and length come from
-    ``_index`` (a mapping keyed by the names; Mapping's defaults would read every tensor)."""
+    ``_index`` (a mapping keyed by the names), never from reading a tensor."""
 
     _index: Mapping
 

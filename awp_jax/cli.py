@@ -442,9 +442,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="fit each layer, fed the compressed model's inputs, to the dense model's outputs, with this "
                            "fraction of the correction in (0, 1] (QEP's alpha; default: off). Works with every method")
     comp.add_argument("--token-cap", type=float, default=None, metavar="K",
-                      help="cap each calibration token's share of the statistics C at K times the median token's squared "
-                           "norm (a window's first tokens can carry most of C's trace); every method fits the capped C. "
-                           "At least 1 (default: off)")
+                      help="cap each calibration token's share of the statistics C at K times the median squared norm "
+                           "of that statistic's tokens in its batch of --batch-size windows (a window's first tokens can "
+                           "carry most of C's trace); every method fits the capped C (the OWL allocation reads the "
+                           "uncapped one). At least 1 (default: off)")
     comp.add_argument("--batch-size", type=int, default=8)
     comp.add_argument("--num-processes", type=int, default=1, help="compress with this many processes (jax.distributed; default 1)")
     comp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, with --num-processes > 1")

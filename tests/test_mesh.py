@@ -99,7 +99,7 @@ cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_laye
                   head_dim=16, rope_theta=10000.0, max_position_embeddings=256)
 m = Llama(cfg, random_weights(cfg, seed=5, scale=0.2))
 lay = sharding.ForwardLayout(mesh)
-stats_fn = calibration._block_fns(nnx.graphdef(m.layers[0]))[0]
+stats_fn = calibration._block_fns(nnx.graphdef(m.layers[0]), None)[0]
 hlo = stats_fn.lower(lay.block(nnx.state(m.layers[0])), lay.batch(jnp.zeros((4, 32, 64))), lay.replicate(m.context(32))).compile().as_text()
 ops = [l for l in hlo.splitlines() if re.search(r"= .*\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(", l)]
 kinds = collections.Counter(re.search(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)", l).group(1) for l in ops)

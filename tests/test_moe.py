@@ -76,12 +76,23 @@ def _one_sided_router(cfg, w, scale=20.0):
     return w
 
 
-def test_per_expert_statistics_are_over_the_routed_tokens():
+def _capped(x, cap):
+    """Rows of ``x`` scaled as the token cap weighs them (the median over these rows; one batch)."""
+    if cap is None:
+        return x
+    sq = np.sum(np.asarray(x, np.float64) ** 2, axis=1)
+    return x * np.sqrt(np.minimum(1.0, cap * np.median(sq) / sq))[:, None]
+
+
+@pytest.mark.parametrize("k", [None, 1.5])
+def test_per_expert_statistics_are_over_the_routed_tokens(k):
+    """Each expert's statistics over the tokens routed to it; with a token cap, each token weighed
+    by the median of that expert's routed tokens (the router input's: of all tokens)."""
     cfg = MIXTRAL
     w = random_weights(cfg, seed=2, scale=0.2)
     model = build(cfg, w)
     windows = np.random.default_rng(1).integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)
-    stats = calibration.block_statistics(model, windows, mode="parallel", min_expert_tokens=1)
+    stats = calibration.block_statistics(model, windows, mode="parallel", min_expert_tokens=1, token_cap=k)
     # reference: the block's router input and expert activations, routed by hand
     blk = model.layers[1]
     from flax import nnx
@@ -100,8 +111,11 @@ def test_per_expert_statistics_are_over_the_routed_tokens():
         n_e = int(sel.sum())
         total += n_e
         assert int(stats[1][f"expert_in.{e}#tokens"]) == n_e > 0
-        assert_gram_close(stats[1][f"expert_in.{e}"], m[sel])
-        assert_gram_close(stats[1][f"expert_down_in.{e}"], act[e][sel])
+        assert_gram_close(stats[1][f"expert_in.{e}"], _capped(m[sel], k))
+        assert_gram_close(stats[1][f"expert_down_in.{e}"], _capped(act[e][sel], k))
+        if k is not None:  # the cap bites: some routed token of this expert is weighed down
+            sq = np.sum(act[e][sel].astype(np.float64) ** 2, axis=1)
+            assert np.any(sq > k * np.median(sq))
         assert not bool(stats[1][f"expert_in.{e}#fallback"])
     assert total == windows.size * cfg.experts_per_token
     np.testing.assert_allclose(stats[1]["attn_in"].shape, (cfg.hidden_size, cfg.hidden_size))

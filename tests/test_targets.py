@@ -79,6 +79,45 @@ def test_cross_moments_follow_the_dense_and_the_compressed_streams():
         calibration.block_statistics(model, _windows(), mode="parallel", on_block=on_block, cross=True)
 
 
+def test_token_cap_weighs_both_streams_by_the_compressed_streams_tokens():
+    """With a token cap the cross moment is Σ w_t x_dense,t x_tᵀ / n, w_t from the compressed stream
+    (the median over each batch of 8 windows), checked at block 1 against the two streams computed
+    directly."""
+    from flax import nnx
+
+    cfg, k = dataclasses.replace(SMALL, num_layers=2), 1.5
+    model = Llama(cfg, random_weights(cfg, 3))
+    pruned = {}
+
+    def on_block(i, stats):
+        pruned[i] = stats
+        for n in model.layers[i].LINEARS:
+            lin = model.layers[i].linear(n)
+            lin.weight[...] = lin.weight[...] * (jnp.abs(lin.weight[...]) > jnp.median(jnp.abs(lin.weight[...])))
+
+    windows = _windows()
+    calibration.block_statistics(model, windows, on_block=on_block, cross=True, token_cap=k)
+    dense = Llama(cfg, random_weights(cfg, 3))
+    ctx = dense.context(windows.shape[1])
+    x0 = dense.embed(jnp.asarray(windows))
+    h_d = nnx.capture(dense.layers[0], nnx.Intermediate)(x0, *ctx)[0]
+    h = nnx.capture(model.layers[0], nnx.Intermediate)(x0, *ctx)[0]  # block 0 as compressed
+    cap_d = nnx.capture(dense.layers[1], nnx.Intermediate)(h_d, *ctx)[1]
+    cap = nnx.capture(dense.layers[1], nnx.Intermediate)(h, *ctx)[1]  # block 1 still dense when calibrated
+    bites = 0
+    for name in model.layers[1].LINEARS.values():
+        xd = np.asarray(cap_d[name].get_value()[0], np.float64).reshape(-1, cap_d[name].get_value()[0].shape[-1])
+        x = np.asarray(cap[name].get_value()[0], np.float64).reshape(xd.shape)
+        sq = np.sum(x * x, axis=1)
+        w = np.minimum(1.0, k * np.median(sq) / sq)  # one batch: 8 windows
+        bites += int(np.sum(w < 1))
+        want_c, want_cross = (x * w[:, None]).T @ x / len(x), (xd * w[:, None]).T @ x / len(x)
+        scale = np.abs(want_c).max()
+        np.testing.assert_allclose(pruned[1][name], want_c, rtol=1e-3, atol=2e-5 * scale)
+        np.testing.assert_allclose(pruned[1][name + "#cross"], want_cross, rtol=1e-3, atol=2e-5 * scale)
+    assert bites > 0
+
+
 def test_error_correcting_pipeline_fits_the_dense_outputs_better():
     """Whole model: with the corrected targets the compressed model's logits on the calibration
     windows are closer to the dense model's (what the objective asks; out-of-sample gains are a
