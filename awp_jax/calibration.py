@@ -48,13 +48,11 @@ __all__ = ["block_statistics", "run_block", "token_weights", "MIN_EXPERT_TOKENS"
 MIN_EXPERT_TOKENS = 16
 
 
-def token_weights(v, cap: float | None, mask=None):
+def token_weights(v, cap: float, mask=None):
     """``sqrt(w_t)`` for the tokens of an input ``v`` (``[..., B, L, d]``; see the module docstring),
     shape ``[..., B, L, 1]``: each token's squared norm capped at ``cap`` times the median over the
     ``B · L`` tokens (of each leading index) or, with ``mask`` (``[B, L]``, an expert's routing),
-    over the tokens it selects. A median of 0 (or of no token) caps nothing. ``None``: all ones."""
-    if cap is None:
-        return jnp.ones(v.shape[:-1] + (1,), v.dtype)
+    over the tokens it selects. A median of 0 (or of no token) caps nothing."""
     sq = jnp.sum(v * v, axis=-1)  # [..., B, L]
     flat = sq.reshape(sq.shape[:-2] + (-1,))
     if mask is None:

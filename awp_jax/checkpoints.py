@@ -21,6 +21,7 @@ tensor names → arrays in the ``[out, in]`` layout; :func:`load_model` builds t
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -85,8 +86,9 @@ class TensorSource(Mapping):
 
     _index: Mapping
 
+    @abc.abstractmethod  # with Mapping's __getitem__: what each source implements
     def spec(self, name: str) -> tuple[tuple[int, ...], Any]:
-        raise NotImplementedError
+        """Shape and numpy dtype of tensor ``name``, without reading its data."""
 
     def __contains__(self, name) -> bool:
         return name in self._index
