@@ -1,6 +1,9 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import jax
@@ -9,6 +12,18 @@ import pytest
 
 # Shape bugs fail loudly instead of broadcasting silently.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# One persistent XLA compilation cache for the test session, shared with every process the tests
+# start (CLI runs, fake-device scripts, notebook kernels inherit the environment): they compile the
+# same programs for the same tiny models again and again, and on 2 cores compiling is most of their
+# time. A fresh directory per session, removed at exit, so that nothing carries over between runs.
+_XLA_CACHE = tempfile.mkdtemp(prefix="awp-jax-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def correlated_activations(rng: np.random.Generator, d_in: int, n: int, n_outliers: int = 4, outlier_scale: float = 20.0):
