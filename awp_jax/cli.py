@@ -334,7 +334,9 @@ def _compress(args) -> int:
     # finished blocks are kept here until the output is written, so a killed run resumes
     run_dir = out.parent / f".{out.name}.run"
     weights_settings = {"model": str(args.model or "default"), "awp_jax_version": awp_jax.__version__}
-    encoded: dict | None = None if args.stream else {}
+    # streamed, the encoded layers stay in the run directory (read back one at a time by the writer);
+    # the hf format's compressed/ (orbax, written whole) is not written then
+    encoded: dict | None = None if args.stream and args.format == "hf" else {}
     if args.stream and args.format == "hf":
         print("note: --stream writes the dense weights; the lossless compressed/ form is not written in this mode yet", file=sys.stderr)
     block_sparsity = None
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                       "500MB; a larger model is written as shards with model.safetensors.index.json (default 50GB, as transformers)")
     comp.add_argument("--stream", action="store_true", help="keep one block in memory at a time: blocks are read from the "
                       "checkpoint when needed, compressed blocks kept on disk, the output written tensor by tensor (a Hugging "
-                      "Face directory or GGUF file in, --format hf out; weights keep the checkpoint's dtype, bfloat16 for a "
+                      "Face directory or GGUF file in, --format hf or compressed-tensors out; weights keep the checkpoint's dtype, bfloat16 for a "
                       "GGUF's block-quantized tensors as with --dtype auto)")
     comp.add_argument("-v", "--verbose", action="store_true", help="one line per layer")
     _add_option_flags(comp)

@@ -113,7 +113,8 @@ def compress_model(
 
     ``encoded``: a dict to fill with the lossless compressed form of every layer
     (:func:`awp_jax.packed.encode`), keyed by the weight's Hugging Face name (``None``: not kept).
-    The weights written into the model are exactly ``packed.decode`` of it.
+    The weights written into the model are exactly ``packed.decode`` of it. For a streamed model its
+    values are :class:`awp_jax.runstore.StoredLayer` views of the run directory, read when asked.
 
     A model whose blocks live on disk (:class:`awp_jax.streaming.StreamedModel`) needs ``run_dir``:
     each compressed block is read back from there when it is next needed.
@@ -188,13 +189,18 @@ def compress_model(
         raise ValueError("streaming with several processes is not supported yet; load the model whole")
     keep = encoded is not None
 
+    def keep_encoded(i: int, enc: dict) -> None:
+        # a streamed model's encoded layers stay in the run directory, read back field by field when written
+        if keep:
+            enc = store.stored_layers(i) if streamed else enc
+            encoded.update({model.linear_key(i, n): e for n, e in enc.items()})
+
     def load_done():
         for i in range(start):
-            rows, enc = store.load(i, model.layers[i], with_encoded=keep)
+            rows, enc = store.load(i, model.layers[i], with_encoded=keep and not streamed)
             store.mark_stored(model, i)
             report.extend(rows)
-            if keep:
-                encoded.update({model.linear_key(i, n): e for n, e in enc.items()})
+            keep_encoded(i, enc)
 
     if error_correction is not None and mode != "sequential":
         raise ValueError("error-correcting targets need sequential calibration (--mode sequential)")
@@ -256,8 +262,7 @@ def compress_model(
             store.save(i, blk, rows, enc_block)
             store.mark_stored(model, i)
         report.extend(rows)
-        if keep:
-            encoded.update({model.linear_key(i, n): e for n, e in enc_block.items()})
+        keep_encoded(i, enc_block)
         memory.trim()  # the block's statistics and solver buffers are freed
 
     calibration.block_statistics(model, windows, mode=mode, batch_size=batch_size, on_block=on_block, progress=progress,

@@ -16,15 +16,44 @@ import functools
 import json
 import os
 import pathlib
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["RunStore", "RunMismatchError"]
+__all__ = ["RunStore", "RunMismatchError", "StoredLayer"]
 
 
 class RunMismatchError(ValueError):
     """The run directory holds a run made with other settings."""
+
+
+class StoredLayer(Mapping):
+    """One layer's encoded form (the dict of :func:`awp_jax.packed.encode`) in a block file, read
+    field by field when asked: a streamed run's writers hold one layer's codes at a time, never the
+    model's. ``meta`` is kept; every other field is read from the file on each access."""
+
+    def __init__(self, file: pathlib.Path, name: str, meta: dict, fields: tuple[str, ...]):
+        self._file, self._name, self._meta, self._fields = file, name, meta, fields
+
+    def __getitem__(self, key: str):
+        if key == "meta":
+            return self._meta
+        if key not in self._fields:
+            raise KeyError(key)
+        from safetensors import safe_open
+
+        with safe_open(str(self._file), framework="numpy") as f:
+            return f.get_tensor(f"{self._name}::{key}")
+
+    def __contains__(self, key) -> bool:  # without reading the field
+        return key == "meta" or key in self._fields
+
+    def __iter__(self):
+        return iter(("meta", *self._fields))
+
+    def __len__(self) -> int:
+        return 1 + len(self._fields)
 
 
 class RunStore:
@@ -89,6 +118,17 @@ class RunStore:
                     enc[n][field] = f.get_tensor(key)
             self._linears_from(f, blk)
         return rows, enc
+
+    def stored_layers(self, i: int) -> dict[str, StoredLayer]:
+        """Block ``i``'s encoded layers (by the block's layer name), each read from the file only
+        when a field is asked for (:class:`StoredLayer`)."""
+        from safetensors import safe_open
+
+        file = self.block_file(i)
+        with safe_open(str(file), framework="numpy") as f:
+            metas = json.loads(f.metadata()["encoded"])
+            keys = [k.split("::") for k in f.keys() if "::" in k]
+        return {n: StoredLayer(file, n, m, tuple(field for ln, field in keys if ln == n)) for n, m in metas.items()}
 
     def load_linears(self, i: int, blk) -> None:
         """Block ``i``'s compressed linear layers, into ``blk``."""

@@ -12,8 +12,9 @@ The pipeline (:func:`awp_jax.compress.compress_model`) writes every compressed b
 directory and tells the model so (``layers.stored(i, loader)``): from then on block ``i`` is built
 from the checkpoint with its linear layers read back by ``loader``. Evaluation
 (:func:`awp_jax.perplexity.perplexity`) carries the hidden states block by block, and the ``hf``
-output (:mod:`awp_jax.formats.hf`) writes tensor by tensor (:meth:`StreamedModel.tensor`), so no
-step ever holds the whole model.
+and ``compressed-tensors`` outputs (:mod:`awp_jax.formats`) write tensor by tensor
+(:meth:`StreamedModel.tensor`; the packed layers from the run directory's encoded form,
+:class:`awp_jax.runstore.StoredLayer`), so no step ever holds the whole model.
 
 Memory: one block and the outer tensors in the checkpoint's dtype, the calibration hidden states
 (``n × seqlen × hidden`` floats, twice), one block's C matrices, and the solver's buffers for one

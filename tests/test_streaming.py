@@ -154,7 +154,8 @@ def test_streamed_resume_after_failure_is_bit_identical(bf16_dir, tmp_path, monk
     spec, opts = methods.Constraint(sparsity=0.5), methods.AWPOptions(max_iter=10)
     windows = np.random.default_rng(0).integers(0, 2000, (4, 64)).astype(np.int32)
     ref, _ = checkpoints.load_model(bf16_dir / "model", storage_dtype="auto", with_tokenizer=False)
-    compress.compress_model(ref, windows, "awp", spec, opts, progress=False)
+    ref_enc = {}
+    compress.compress_model(ref, windows, "awp", spec, opts, progress=False, encoded=ref_enc)
 
     real = methods.compress_layers
     calls = {"n": 0}
@@ -172,10 +173,18 @@ def test_streamed_resume_after_failure_is_bit_identical(bf16_dir, tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "run").glob("block_*")) == ["block_0000.safetensors"]
     monkeypatch.setattr(methods, "compress_layers", real)
     model = streaming.open_model(bf16_dir / "model")
-    compress.compress_model(model, windows, "awp", spec, opts, progress=False, run_dir=tmp_path / "run")
+    enc = {}
+    compress.compress_model(model, windows, "awp", spec, opts, progress=False, run_dir=tmp_path / "run", encoded=enc)
     want = ref.weights()
     for k in model.tensor_names():
         assert np.array_equal(model.tensor(k).astype(np.float32), want[k]), k
+    # the encoded layers stay on disk (block 0 resumed, blocks 1-2 compressed now), read back field by field
+    from awp_jax import runstore
+
+    assert list(enc) == list(ref_enc) and all(isinstance(e, runstore.StoredLayer) for e in enc.values())
+    for k, e in enc.items():
+        assert set(e) == set(ref_enc[k]) and e["meta"] == ref_enc[k]["meta"] and "perm" not in e, k
+        assert all(np.array_equal(e[f], ref_enc[k][f]) for f in e if f != "meta"), k
     with pytest.raises(ValueError, match="needs run_dir"):
         compress.compress_model(streaming.open_model(bf16_dir / "model"), windows, "awp", spec, opts, progress=False)
 
@@ -206,6 +215,26 @@ def test_streamed_peak_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
     assert grew < block / 2, f"peak RSS {peaks}: 3 more blocks of {block / 1e6:.0f} MB added {grew / 1e6:.0f} MB"
 
 
+def test_a_streamed_run_writes_compressed_tensors_as_the_in_memory_run_does(bf16_dir, tmp_path):
+    """``--stream --format compressed-tensors``: the packed layers are read back from the run
+    directory one at a time, and the file holds what the in-memory run's holds."""
+    from safetensors import safe_open
+
+    ct = ["--format", "compressed-tensors", "--bits", "4", "--group-size", "64", "--no-symmetric"]
+    assert main(_cmd(bf16_dir, tmp_path / "mem", *ct)) == 0
+    assert main(_cmd(bf16_dir, tmp_path / "stream", *ct, "--stream")) == 0
+    ca, cb = (json.loads((tmp_path / n / "config.json").read_text()) for n in ("mem", "stream"))
+    assert ca == cb and cb["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    with safe_open(str(tmp_path / "mem" / "model.safetensors"), "numpy") as fa, \
+            safe_open(str(tmp_path / "stream" / "model.safetensors"), "numpy") as fb:
+        assert set(fa.keys()) == set(fb.keys()) and any(k.endswith("weight_zero_point") for k in fb.keys())
+        for k in fa.keys():
+            a, b = fa.get_tensor(k), fb.get_tensor(k)
+            assert a.dtype == b.dtype and np.array_equal(a, b), k
+    ra, rb = (json.loads((tmp_path / n / "awp_report.json").read_text()) for n in ("mem", "stream"))
+    assert ra["perplexity"] == rb["perplexity"]
+
+
 def test_a_missing_or_truncated_shard_is_named(bf16_dir, tmp_path):
     import shutil
 
@@ -232,7 +261,7 @@ def test_stream_refusals(bf16_dir, tmp_path, capsys):
     with pytest.raises(checkpoints.CheckpointError, match="streaming reads a Hugging Face directory .* or a GGUF file"):
         streaming.open_model(tmp_path / "empty")
     for extra, message in [
-        (["--stream", "--format", "compressed-tensors", "--bits", "4"], "--format compressed-tensors does not write a streamed model"),
+        (["--stream", "--format", "gguf", "--bits", "4"], "--format gguf does not write a streamed model"),
         (["--stream", "--dtype", "float32"], "--dtype float32 is not supported with it"),
         (["--max-shard-size", "lots"], "max shard size must be"),
         (["--format", "orbax", "--max-shard-size", "1GB"], "--max-shard-size is an option of another output format"),

@@ -36,8 +36,7 @@ import numpy as np
 
 from awp_jax import dtypes, packed
 from awp_jax.formats import Format, FormatError, linear_layers
-from awp_jax.formats.hf import write_dense
-from awp_jax.models import weights_of
+from awp_jax.formats.hf import dense_tensors, write_dense
 
 BITS = (4, 8)
 
@@ -91,13 +90,15 @@ def constrain(constraint, method: str, options, model, *, source=None):
     return dataclasses.replace(constraint, scale_dtype=model.cfg.storage_dtype, partial_groups=False)
 
 
-def quantization_config(model, encoded: dict) -> dict:
+def quantization_config(dense_specs: dict, encoded) -> dict:
+    """The ``quantization_config`` of a model whose weights are ``dense_specs`` (``{name: (shape,
+    dtype)}``, :func:`awp_jax.formats.hf.dense_tensors`) with ``encoded``'s layers compressed."""
     metas = {json.dumps({k: e["meta"].get(k) for k in ("bits", "group_size", "symmetric")}) for e in encoded.values()}
     if len(metas) != 1 or any(e["meta"]["kind"] != "quant" for e in encoded.values()):
         raise FormatError("compressed-tensors: every compressed layer must be quantized on one grid")
     grid = json.loads(metas.pop())
-    ignore = sorted(k[: -len(".weight")] for k, v in weights_of(model).items()
-                    if k.endswith(".weight") and np.ndim(v) == 2 and k not in encoded and "embed_tokens" not in k)
+    ignore = sorted(k[: -len(".weight")] for k, (shape, _) in dense_specs.items()
+                    if k.endswith(".weight") and len(shape) == 2 and k not in encoded and "embed_tokens" not in k)
     weights = {"num_bits": grid["bits"], "type": "int", "symmetric": grid["symmetric"], "group_size": grid["group_size"],
                "strategy": "group" if grid["group_size"] else "channel", "dynamic": False}
     return {"config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
@@ -106,7 +107,19 @@ def quantization_config(model, encoded: dict) -> dict:
             "kv_cache_scheme": None, "global_compression_ratio": None, "ignore": ignore}
 
 
-def layer_tensors(enc: dict, dtype: str) -> dict[str, np.ndarray]:
+def layer_specs(meta: dict, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{suffix: (shape, dtype name)}`` of the tensors :func:`layer_tensors` gives for a layer with ``meta``."""
+    bits, g = meta["bits"], meta["group_size"]
+    d_out, d_in = meta["shape"]
+    groups = d_in // g if g else 1
+    out = {"weight_packed": ((d_out, -(-d_in * bits // 32)), "int32"), "weight_scale": ((d_out, groups), dtype),
+           "weight_shape": ((2,), "int64")}
+    if not meta["symmetric"]:
+        out["weight_zero_point"] = ((-(-d_out * bits // 32), groups), "int32")
+    return out
+
+
+def layer_tensors(enc, dtype: str) -> dict[str, np.ndarray]:
     """The pack-quantized tensors of one encoded layer (suffixes ``weight_packed`` etc.)."""
     meta = enc["meta"]
     if "perm" in enc or "col_scale_inv" in enc or meta.get("float_min"):
@@ -121,21 +134,40 @@ def layer_tensors(enc: dict, dtype: str) -> dict[str, np.ndarray]:
     return out
 
 
-def write(tmp: pathlib.Path, model, encoded: dict, *, tokenizer=None, source=None) -> None:
+def write(tmp: pathlib.Path, model, encoded, *, tokenizer=None, source=None) -> None:
+    """Every tensor in the model's order, each compressed layer's packed tensors in its place; one
+    layer's packed tensors are held at a time (a streamed model's are read from its run directory)."""
     dt = model.cfg.storage_dtype
-    tensors = {k: dtypes.cast_exact(v, dt, k) for k, v in weights_of(model).items() if k not in encoded}
-    for name, enc in encoded.items():
-        prefix = name[: -len("weight")]
-        tensors.update({prefix + k: v for k, v in layer_tensors(enc, dt).items()})
-    config = {**model.cfg.to_hf_dict(), "quantization_config": quantization_config(model, encoded)}
-    write_dense(tmp, model, tokenizer=tokenizer, config=config, tensors=tensors)
+    dense, get_dense = dense_tensors(model, consume=True)
+    specs, layer_of = {}, {}
+    for k, spec in dense.items():
+        if k not in encoded:
+            specs[k] = spec
+            continue
+        prefix = k[: -len("weight")]
+        for suffix, sp in layer_specs(encoded[k]["meta"], dt).items():
+            specs[prefix + suffix], layer_of[prefix + suffix] = sp, (k, suffix)
+    held: dict = {}
+
+    def get(name):
+        if name not in layer_of:
+            return get_dense(name)
+        k, suffix = layer_of[name]
+        if held.get("layer") != k:
+            held.clear()
+            held.update(layer=k, tensors=layer_tensors(encoded[k], dt))
+        return held["tensors"][suffix]
+
+    config = {**model.cfg.to_hf_dict(), "quantization_config": quantization_config(dense, encoded)}
+    write_dense(tmp, model, tokenizer=tokenizer, config=config, tensors=(specs, get))
 
 
-def verify(tmp: pathlib.Path, model, encoded: dict) -> None:
-    """Read the file back: every layer's codes, scales and zero points decode to the model's weights."""
+def verify(tmp: pathlib.Path, model, encoded) -> None:
+    """Read the file back: every layer's codes, scales and zero points decode to the model's weights
+    (a streamed model's one layer at a time)."""
     from safetensors import safe_open
 
-    weights = weights_of(model)
+    _, weight = dense_tensors(model)
     with safe_open(str(tmp / "model.safetensors"), framework="numpy") as f:
         for name, enc in encoded.items():
             p = name[: -len("weight")]
@@ -149,9 +181,9 @@ def verify(tmp: pathlib.Path, model, encoded: dict) -> None:
             else:
                 zero = np.full(scale.shape, 2 ** (bits - 1), np.float32)
             vals = ((codes.reshape(d_out, -1, g) - zero[..., None]) * scale[..., None]).reshape(d_out, d_in)
-            if not np.array_equal(dtypes.round_to(vals, model.cfg.storage_dtype), np.asarray(weights[name], np.float32)):
+            if not np.array_equal(dtypes.round_to(vals, model.cfg.storage_dtype), np.asarray(weight(name), np.float32)):
                 raise RuntimeError(f"compressed-tensors: {name} read back from {tmp / 'model.safetensors'} differs from the model's weights")
 
 
 FORMAT = Format("compressed-tensors", "INT4/INT8 pack-quantized safetensors (vLLM, transformers)", write, verify, constrain,
-                column_scales=False)
+                column_scales=False, streams=True)
