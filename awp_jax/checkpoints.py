@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -181,20 +182,35 @@ def _stored_matrix_dtype(reader) -> str | None:
     return GGUFSource._PLAIN[next(iter(types))] if len(types) == 1 and next(iter(types)) in GGUFSource._PLAIN else None
 
 
+@functools.lru_cache(maxsize=4)
+def _parsed_gguf(path: str, size: int, mtime_ns: int):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
+def gguf_reader(path: os.PathLike):
+    """``gguf.GGUFReader`` of a GGUF file (memory-mapped, read only), parsed once per process while
+    the file is unchanged (same size and modification time; the last 4 files are kept). Parsing the
+    metadata of a 49k-token vocabulary takes seconds, and one run reads the same file for its
+    config, weights, tokenizer and (``--format gguf``) the output's metadata."""
+    p = pathlib.Path(path).resolve()
+    if not p.is_file():
+        raise CheckpointError(f"GGUF file not found: {path}")
+    st = p.stat()
+    try:
+        return _parsed_gguf(str(p), st.st_size, st.st_mtime_ns)
+    except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
+        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
+
+
 def open_gguf(path: os.PathLike, *, dequantized_dtype: str = "float32"):
     """``(config, source, reader)`` of a GGUF file without dequantizing its weights: ``source`` a
     :class:`GGUFSource`, the config's ``storage_dtype`` the block matrices' type (F16/BF16/F32 as
     stored; ``dequantized_dtype`` for block-quantized ones, whose dequantized values are exact in
     float32 only)."""
-    import gguf
-
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"GGUF file not found: {path}")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
-        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
+    reader = gguf_reader(path)
 
     def field(key, default=None):
         f = reader.fields.get(key)
@@ -298,12 +314,7 @@ def _gguf_tokenizer(path: pathlib.Path, reader=None):
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     if reader is None:
-        import gguf
-
-        try:
-            reader = gguf.GGUFReader(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
+        reader = gguf_reader(path)
     try:
         metadata = {k: f.contents() for k, f in reader.fields.items()
                     if k.startswith("tokenizer.") or k == "general.architecture"}

@@ -137,7 +137,8 @@ class StreamedModel:
         return np.asarray(self.source[name])
 
 
-def open_model(spec: os.PathLike | str | None, *, dtype: str = "float32", gguf_dequantized_dtype: str = "bfloat16") -> StreamedModel:
+def open_model(spec: os.PathLike | str | None, *, dtype: str = "float32", gguf_dequantized_dtype: str = "bfloat16",
+               storage_dtype: str | None = None) -> StreamedModel:
     """A :class:`StreamedModel` of a Hugging Face directory, a GGUF file or a named model (``None``:
     the default model); ``dtype``: the forward pass's. A GGUF's tensors are dequantized one at a
     time (:class:`awp_jax.checkpoints.GGUFSource`), block-quantized matrices to
@@ -145,7 +146,9 @@ def open_model(spec: os.PathLike | str | None, *, dtype: str = "float32", gguf_d
     the linear layers' dtype, rounded to it, as the in-memory CLI's default (``--dtype auto``) holds
     them: norms stored wider (llama.cpp's F32 norms beside F16 matrices, a bf16 directory with F32
     norms) are rounded, so the model written is the model evaluated. An orbax directory is refused
-    by name: it is read whole."""
+    by name: it is read whole. ``storage_dtype``: hold (and write) every tensor in this dtype instead
+    of the checkpoint's, rounded to it as above (``"float32"``, exact for every checkpoint, for an
+    output grid whose values only float32 holds: ``--format gguf --gguf-type Q4_0``)."""
     p = checkpoints.model_source(spec)
     if p.is_file() and p.suffix == ".gguf":
         cfg, source, _ = checkpoints.open_gguf(p, dequantized_dtype=gguf_dequantized_dtype)
@@ -156,4 +159,8 @@ def open_model(spec: os.PathLike | str | None, *, dtype: str = "float32", gguf_d
             f"streaming reads a Hugging Face directory (config.json + safetensors) or a GGUF file; {p} is neither "
             "(orbax directories are loaded whole: run without --stream)")
     # weights are held in the checkpoint's dtype (half of float32 for bf16) and promoted exactly in every product
+    if storage_dtype is not None:
+        if storage_dtype not in dtypes.STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {', '.join(dtypes.STORAGE_DTYPES)}, got {storage_dtype!r}")
+        cfg = dataclasses.replace(cfg, storage_dtype=storage_dtype)
     return StreamedModel(dataclasses.replace(cfg, dtype=dtype, param_dtype=cfg.storage_dtype), checkpoints.HeldAs(source, cfg.storage_dtype))

@@ -257,8 +257,9 @@ def test_the_cli_writes_each_format_with_the_recipes_start_for_it(tmp_path, gguf
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     out = tmp_path / "out"
-    rc = main(["compress", "--model", str(gguf_with_tokenizer), "--calib", str(text), "--nsamples", "4", "--seqlen", "64",
-               "--eval-text", str(text), "--eval-windows", "2", "--eval-seqlen", "64", "--out", str(out), *flags])
+    args = ["compress", "--model", str(gguf_with_tokenizer), "--calib", str(text), "--nsamples", "4", "--seqlen", "64",
+            "--eval-text", str(text), "--eval-windows", "2", "--eval-seqlen", "64", *flags]
+    rc = main([*args, "--out", str(out)])
     assert rc == 0 and (out / written).is_file() and not (out / "compressed").exists()
     report = json.loads((out / "awp_report.json").read_text())
     # the default recipe (fast) starts quantization from AWQ, whose column scales neither format stores:
@@ -280,6 +281,10 @@ def test_the_cli_writes_each_format_with_the_recipes_start_for_it(tmp_path, gguf
         tok = checkpoints.model_tokenizer(gguf_with_tokenizer)
         ev = data.eval_windows(data.tokenize(tok, data.load_text(text)), 64, 2)
         assert perplexity.perplexity(again, ev).perplexity == pytest.approx(ppl, rel=1e-6)
+        # streamed (one block in memory, held in float32 for the block grid; the file written tensor by
+        # tensor in two passes): the same file, byte for byte
+        assert main([*args, "--out", str(tmp_path / "streamed"), "--stream"]) == 0
+        assert (tmp_path / "streamed" / written).read_bytes() == (out / written).read_bytes()
     with pytest.raises(SystemExit):  # a format option of another format is refused by name
         main(["compress", "--model", str(gguf_with_tokenizer), "--calib", str(text), "--out", str(tmp_path / "x"),
               "--format", "hf", "--gguf-type", "Q4_0"])

@@ -261,7 +261,7 @@ def test_stream_refusals(bf16_dir, tmp_path, capsys):
     with pytest.raises(checkpoints.CheckpointError, match="streaming reads a Hugging Face directory .* or a GGUF file"):
         streaming.open_model(tmp_path / "empty")
     for extra, message in [
-        (["--stream", "--format", "gguf", "--bits", "4"], "--format gguf does not write a streamed model"),
+        (["--stream", "--format", "orbax"], "--format orbax does not write a streamed model"),
         (["--stream", "--dtype", "float32"], "--dtype float32 is not supported with it"),
         (["--max-shard-size", "lots"], "max shard size must be"),
         (["--format", "orbax", "--max-shard-size", "1GB"], "--max-shard-size is an option of another output format"),

@@ -31,7 +31,6 @@ import numpy as np
 
 from awp_jax import dtypes, packed
 from awp_jax.formats import Format, FormatError, linear_layers
-from awp_jax.models import weights_of
 
 BLOCK = 32
 #: grid fields of the constraint for each block type; ``None``: a dense type (pruning only)
@@ -55,14 +54,12 @@ def _check_type(gguf_type) -> str:
 
 
 def _source_arch(source) -> str:
-    import gguf
-
-    from awp_jax.checkpoints import _GGUF_ARCH_BLOCK
+    from awp_jax.checkpoints import _GGUF_ARCH_BLOCK, gguf_reader
 
     if source is None or pathlib.Path(source).suffix != ".gguf" or not pathlib.Path(source).is_file():
         raise FormatError("--format gguf copies the metadata and tokenizer of the source model, which must be a .gguf file "
                           f"(got {source}); converting a Hugging Face directory to GGUF is not supported yet")
-    arch = gguf.GGUFReader(str(source)).fields["general.architecture"].contents()
+    arch = gguf_reader(source).fields["general.architecture"].contents()
     if arch not in _GGUF_ARCH_BLOCK:
         raise FormatError(f"--format gguf: architecture {arch!r} is not written (supported: {', '.join(_GGUF_ARCH_BLOCK)})")
     return arch
@@ -143,14 +140,52 @@ def _to_gguf_layout(name: str, w: np.ndarray, arch: str, heads: int, kv_heads: i
     return w
 
 
-def write(tmp: pathlib.Path, model, encoded: dict, *, tokenizer=None, source=None, gguf_type=None) -> None:
+def _tensors(reader, model, encoded, t: str, arch: str, *, data: bool):
+    """``(gguf name, info, raw)`` of every tensor as it is written, in the source's order: ``info``
+    ``(byte shape, numpy dtype, nbytes, ggml type)``; ``raw`` the bytes to write (``data``) or
+    ``None``. A compressed layer's blocks are made only when ``data`` is asked for; every other
+    tensor is read one at a time (a streamed model's blocks, :mod:`awp_jax.streaming`, from disk)."""
     import gguf
 
     from awp_jax.checkpoints import _gguf_name
+    from awp_jax.formats.hf import dense_tensors
+
+    heads, kv_heads = model.cfg.num_heads, model.cfg.num_kv_heads
+    _, weight = dense_tensors(model)
+    qtype = gguf.GGMLQuantizationType[t]
+    for tensor in reader.tensors:
+        name = _gguf_name(tensor.name, arch)
+        if name in encoded and GRIDS[t] is not None:
+            d_out, d_in = encoded[name]["meta"]["shape"]
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            raw = None
+            if data:
+                rows = _to_gguf_layout(name, np.arange(d_out)[:, None], arch, heads, kv_heads)[:, 0]
+                raw = blocks(encoded[name], t, rows)
+            yield tensor.name, ((d_out, d_in // block * size), np.dtype(np.uint8), d_out * d_in // block * size, qtype), raw
+            continue
+        w = _to_gguf_layout(name, np.asarray(weight(name), np.float32), arch, heads, kv_heads)
+        stored = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(w.shape)
+        if np.array_equal(stored, w):  # unchanged: as the source stored it
+            raw, kind = tensor.data, tensor.tensor_type
+        else:
+            dense = "F32" if w.ndim == 1 else (t if GRIDS[t] is None else {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[model.cfg.storage_dtype])
+            exact = dtypes.cast_exact(w, _DENSE_DTYPE[dense], name).astype(np.float32)
+            raw, kind = gguf.quants.quantize(exact, gguf.GGMLQuantizationType[dense]), gguf.GGMLQuantizationType[dense]
+        yield tensor.name, (raw.shape, raw.dtype, raw.nbytes, kind), raw if data else None
+        del w, stored, raw
+
+
+def write(tmp: pathlib.Path, model, encoded, *, tokenizer=None, source=None, gguf_type=None) -> None:
+    """Two passes over the tensors, one at a time: their shapes and types for the header, then
+    their bytes (a streamed model's blocks are read twice; no pass holds more than one tensor)."""
+    import gguf
+
+    from awp_jax.checkpoints import gguf_reader
 
     t = _check_type(gguf_type)
     arch = _source_arch(source)
-    reader = gguf.GGUFReader(str(source))
+    reader = gguf_reader(source)
     writer = gguf.GGUFWriter(str(tmp / "model.gguf"), arch)
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
@@ -158,53 +193,41 @@ def write(tmp: pathlib.Path, model, encoded: dict, *, tokenizer=None, source=Non
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
     writer.add_file_type(_FILE_TYPE[t])
-    heads, kv_heads = model.cfg.num_heads, model.cfg.num_kv_heads
-    weights = weights_of(model)
-    qtype = gguf.GGMLQuantizationType[t]
-    for tensor in reader.tensors:
-        name = _gguf_name(tensor.name, arch)
-        if name in encoded and GRIDS[t] is not None:
-            enc = encoded[name]
-            rows = np.arange(enc["meta"]["shape"][0])
-            rows = _to_gguf_layout(name, rows[:, None], arch, heads, kv_heads)[:, 0]
-            writer.add_tensor(tensor.name, blocks(enc, t, rows), raw_dtype=qtype)
-            continue
-        w = _to_gguf_layout(name, np.asarray(weights[name], np.float32), arch, heads, kv_heads)
-        stored = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(w.shape)
-        if np.array_equal(stored, w):  # unchanged: as the source stored it
-            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-            continue
-        dense = "F32" if w.ndim == 1 else (t if GRIDS[t] is None else {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[model.cfg.storage_dtype])
-        exact = dtypes.cast_exact(w, _DENSE_DTYPE[dense], name).astype(np.float32)
-        raw = gguf.quants.quantize(exact, gguf.GGMLQuantizationType[dense])
-        writer.add_tensor(tensor.name, raw, raw_dtype=gguf.GGMLQuantizationType[dense])
+    for name, (shape, dtype, nbytes, kind), _ in _tensors(reader, model, encoded, t, arch, data=False):
+        writer.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for name, (shape, dtype, nbytes, kind), raw in _tensors(reader, model, encoded, t, arch, data=True):
+        if raw.nbytes != nbytes or raw.dtype != dtype:
+            raise RuntimeError(f"gguf: {name} changed between the two passes ({dtype} {nbytes} B, then {raw.dtype} {raw.nbytes} B)")
+        writer.write_tensor_data(raw)
     writer.close()
 
 
-def verify(tmp: pathlib.Path, model, encoded: dict, *, gguf_type=None) -> None:
-    """Read the file back with ``gguf``: every tensor dequantizes to the model's weights bit for bit."""
+def verify(tmp: pathlib.Path, model, encoded, *, gguf_type=None) -> None:
+    """Read the file back with ``gguf``: every tensor dequantizes to the model's weights bit for bit
+    (a streamed model's one tensor at a time)."""
     import gguf
 
     from awp_jax.checkpoints import _gguf_name
+    from awp_jax.formats.hf import dense_tensors
 
     path = tmp / "model.gguf"
     reader = gguf.GGUFReader(str(path))
     arch = reader.fields["general.architecture"].contents()
-    weights = weights_of(model)
+    specs, weight = dense_tensors(model)
     seen = set()
     for tensor in reader.tensors:
         name = _gguf_name(tensor.name, arch)
-        want = _to_gguf_layout(name, np.asarray(weights[name], np.float32), arch, model.cfg.num_heads, model.cfg.num_kv_heads)
+        want = _to_gguf_layout(name, np.asarray(weight(name), np.float32), arch, model.cfg.num_heads, model.cfg.num_kv_heads)
         got = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(want.shape)
         if not np.array_equal(got, want):
             raise RuntimeError(f"{path}: {tensor.name} ({tensor.tensor_type.name}) does not read back as the model's {name}")
         seen.add(name)
-    if set(weights) - seen:
-        raise RuntimeError(f"{path}: tensors missing: {sorted(set(weights) - seen)[:5]}")
+    if set(specs) - seen:
+        raise RuntimeError(f"{path}: tensors missing: {sorted(set(specs) - seen)[:5]}")
 
 
 FORMAT = Format("gguf", "llama.cpp GGUF: Q8_0/Q4_0/Q4_1 blocks on the grid the method optimised, or F32/F16/BF16",
-                write, verify, constrain, options=("gguf_type",), column_scales=False)
+                write, verify, constrain, options=("gguf_type",), column_scales=False, streams=True)
