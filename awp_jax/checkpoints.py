@@ -485,6 +485,58 @@ def _storage_dtype(weights: dict, where) -> str:
     return _dtype_name({str(np.asarray(v).dtype) for k, v in weights.items() if k.endswith("_proj.weight")}, where)
 
 
+class OrbaxSource(TensorSource):
+    """The tensors of an orbax directory (:func:`awp_jax.packed.save_orbax`, e.g. a run's
+    ``compressed/``) restored one at a time (orbax partial restore); a compressed layer is decoded
+    when asked for, in float32 (its values are those of the dtype it was stored for, ``meta['dtype']``)."""
+
+    def __init__(self, path: os.PathLike):
+        from awp_jax import packed
+
+        try:
+            self._leaves = packed.OrbaxLeaves(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise CheckpointError(str(e)) from e
+        self.path, self.meta = pathlib.Path(path), self._leaves.meta
+        self._index = dict.fromkeys([*self.meta["params"], *self.meta["layers"]])
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], Any]:
+        if name in self.meta["layers"]:
+            return tuple(self.meta["layers"][name]["shape"]), np.dtype(np.float32)
+        return self._leaves.shape_dtype(name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from awp_jax import packed
+
+        if name not in self._index:
+            raise KeyError(name)
+        try:
+            if name in self.meta["layers"]:
+                return packed.decode(self._leaves.restore("layers", name))
+            return self._leaves.restore("params", name)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+
+    def storage_dtype(self) -> str:
+        """The dtype its linear layers were stored for (a compressed layer's ``meta['dtype']``, a dense one's own)."""
+        found = {m.get("dtype", "float32") for m in self.meta["layers"].values()}
+        found |= {str(self.spec(k)[1]) for k in self.meta["params"] if k.endswith("_proj.weight")}
+        return _dtype_name(found, self.path)
+
+
+def open_orbax_dir(path: os.PathLike):
+    """``(config, source)`` of an orbax directory without restoring its weights: ``source`` an
+    :class:`OrbaxSource`, the config's ``storage_dtype`` the one its linear layers were stored for."""
+    from transformers import AutoConfig
+
+    source = OrbaxSource(path)
+    try:
+        cfg = models.config_from_hf(AutoConfig.for_model(**source.meta["config"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{pathlib.Path(path) / 'awp_jax.json'}: bad model config: {e}") from e
+    return dataclasses.replace(cfg, storage_dtype=source.storage_dtype()), source
+
+
 def load_orbax_dir(path: os.PathLike, *, with_tokenizer: bool = True, sharding=None):
     """Config, dense weights (compressed layers decoded) and tokenizer from an orbax directory."""
     from transformers import AutoConfig

@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                       "500MB; a larger model is written as shards with model.safetensors.index.json (default 50GB, as transformers)")
     comp.add_argument("--stream", action="store_true", help="keep one block in memory at a time: blocks are read from the "
                       "checkpoint when needed, compressed blocks kept on disk, the output written tensor by tensor (a Hugging "
-                      "Face directory or GGUF file in, --format hf, compressed-tensors or gguf out; weights keep the checkpoint's dtype, bfloat16 for a "
+                      "Face directory, orbax directory or GGUF file in, --format hf, compressed-tensors or gguf out; weights keep the checkpoint's dtype, bfloat16 for a "
                       "GGUF's block-quantized tensors as with --dtype auto)")
     comp.add_argument("-v", "--verbose", action="store_true", help="one line per layer")
     _add_option_flags(comp)

@@ -239,17 +239,7 @@ def _unkey(key: str) -> str:
     return key.replace("/", ".")
 
 
-def load_orbax(path: os.PathLike, *, sharding=None) -> tuple[dict, dict[str, Any], dict[str, dict]]:
-    """``(config, dense weights, encoded layers)`` from :func:`save_orbax`'s directory.
-
-    ``sharding``: ``None`` (host arrays) or a function ``(name, shape) -> jax.sharding.Sharding``
-    placing each restored array (dense parameters and the compressed arrays alike); compressed
-    layers are decoded on the host. Raises ``CheckpointError``-style ``ValueError`` naming the file
-    when the directory is incomplete or corrupt."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    path = pathlib.Path(path).absolute()
+def _orbax_meta(path: pathlib.Path) -> dict:
     meta_file = path / "awp_jax.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not an awp_jax orbax checkpoint (no awp_jax.json)")
@@ -259,6 +249,61 @@ def load_orbax(path: os.PathLike, *, sharding=None) -> tuple[dict, dict[str, Any
         raise ValueError(f"{meta_file} is corrupt: {e}") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+class OrbaxLeaves:
+    """:func:`save_orbax`'s directory read one tensor at a time (orbax partial restore, to host
+    numpy arrays): ``meta`` (its ``awp_jax.json``), :meth:`shape_dtype` without reading,
+    :meth:`restore` a dense parameter or a compressed layer's fields. Raises ``ValueError`` naming
+    the directory when it is incomplete or corrupt."""
+
+    def __init__(self, path: os.PathLike):
+        self.path = pathlib.Path(path).absolute()
+        self.meta = _orbax_meta(self.path)
+        try:
+            with _checkpointer() as ckptr:
+                self._abstract = ckptr.metadata(self.path / "state").item_metadata
+        except Exception as e:
+            raise ValueError(f"cannot read the orbax checkpoint in {self.path / 'state'} (incomplete or corrupt?): {e}") from e
+        missing = [k for k in self.meta["params"] if _key(k) not in self._abstract.get("params", {})]
+        missing += [k for k in self.meta["layers"] if _key(k) not in self._abstract.get("layers", {})]
+        if missing:
+            raise ValueError(f"{self.path}: tensors missing from the checkpoint: {sorted(missing)[:5]}")
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of dense parameter ``name``."""
+        leaf = self._abstract["params"][_key(name)]
+        return tuple(leaf.shape), np.dtype(leaf.dtype)
+
+    def restore(self, group: str, name: str):
+        """``group`` ``"params"``: the dense array; ``"layers"``: the layer's encoded dict (with ``meta``)."""
+        import jax
+        import orbax.checkpoint as ocp
+
+        sub = self._abstract[group][_key(name)]
+        item = {group: {_key(name): jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), sub)}}
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        try:
+            with ocp.PyTreeCheckpointer() as ckptr:
+                got = ckptr.restore(self.path / "state", args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+        except Exception as e:  # orbax raises many types for missing / truncated files
+            raise ValueError(f"cannot restore {name} from the orbax checkpoint in {self.path / 'state'} (incomplete or corrupt?): {e}") from e
+        got = got[group][_key(name)]
+        return got if group == "params" else {**got, "meta": self.meta["layers"][name]}
+
+
+def load_orbax(path: os.PathLike, *, sharding=None) -> tuple[dict, dict[str, Any], dict[str, dict]]:
+    """``(config, dense weights, encoded layers)`` from :func:`save_orbax`'s directory.
+
+    ``sharding``: ``None`` (host arrays) or a function ``(name, shape) -> jax.sharding.Sharding``
+    placing each restored array (dense parameters and the compressed arrays alike); compressed
+    layers are decoded on the host. Raises ``CheckpointError``-style ``ValueError`` naming the file
+    when the directory is incomplete or corrupt."""
+    import jax
+
+    path = pathlib.Path(path).absolute()
+    meta = _orbax_meta(path)
     try:
         with _checkpointer() as ckptr:
             abstract = ckptr.metadata(path / "state").item_metadata

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
-from awp_jax import checkpoints, dtypes, models
+from awp_jax import checkpoints, dtypes, models, packed
 
 __all__ = ["StreamedModel", "open_model"]
 
@@ -139,25 +139,28 @@ class StreamedModel:
 
 def open_model(spec: os.PathLike | str | None, *, dtype: str = "float32", gguf_dequantized_dtype: str = "bfloat16",
                storage_dtype: str | None = None) -> StreamedModel:
-    """A :class:`StreamedModel` of a Hugging Face directory, a GGUF file or a named model (``None``:
+    """A :class:`StreamedModel` of a Hugging Face directory, an orbax directory, a GGUF file or a named model (``None``:
     the default model); ``dtype``: the forward pass's. A GGUF's tensors are dequantized one at a
     time (:class:`awp_jax.checkpoints.GGUFSource`), block-quantized matrices to
     ``gguf_dequantized_dtype`` (``"float32"`` keeps their values exactly). Every tensor is held in
     the linear layers' dtype, rounded to it, as the in-memory CLI's default (``--dtype auto``) holds
     them: norms stored wider (llama.cpp's F32 norms beside F16 matrices, a bf16 directory with F32
-    norms) are rounded, so the model written is the model evaluated. An orbax directory is refused
-    by name: it is read whole. ``storage_dtype``: hold (and write) every tensor in this dtype instead
+    norms) are rounded, so the model written is the model evaluated. An orbax directory's tensors
+    are restored one at a time (:class:`awp_jax.checkpoints.OrbaxSource`), compressed layers
+    decoded. ``storage_dtype``: hold (and write) every tensor in this dtype instead
     of the checkpoint's, rounded to it as above (``"float32"``, exact for every checkpoint, for an
     output grid whose values only float32 holds: ``--format gguf --gguf-type Q4_0``)."""
     p = checkpoints.model_source(spec)
     if p.is_file() and p.suffix == ".gguf":
         cfg, source, _ = checkpoints.open_gguf(p, dequantized_dtype=gguf_dequantized_dtype)
+    elif p.is_dir() and packed.is_orbax_dir(p):
+        cfg, source = checkpoints.open_orbax_dir(p)
     elif p.is_dir() and (p / "config.json").is_file():
         cfg, source = checkpoints.open_hf_dir(p)
     else:
         raise checkpoints.CheckpointError(
-            f"streaming reads a Hugging Face directory (config.json + safetensors) or a GGUF file; {p} is neither "
-            "(orbax directories are loaded whole: run without --stream)")
+            f"streaming reads a Hugging Face directory (config.json + safetensors), an orbax directory (awp_jax.json + "
+            f"state/, e.g. a run's compressed/) or a GGUF file; {p} is none of them")
     # weights are held in the checkpoint's dtype (half of float32 for bf16) and promoted exactly in every product
     if storage_dtype is not None:
         if storage_dtype not in dtypes.STORAGE_DTYPES:

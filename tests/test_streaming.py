@@ -235,6 +235,39 @@ def test_a_streamed_run_writes_compressed_tensors_as_the_in_memory_run_does(bf16
     assert ra["perplexity"] == rb["perplexity"]
 
 
+def test_an_orbax_directory_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, tmp_path):
+    """An orbax directory (a run's ``compressed/`` form: compressed layers beside dense tensors) is
+    restored one tensor at a time, compressed layers decoded; the streamed model holds what the
+    in-memory load holds, and a whole ``--stream`` run from it equals the in-memory one."""
+    import shutil
+
+    model, tok = checkpoints.load_model(bf16_dir / "model", storage_dtype="auto")
+    windows = np.random.default_rng(0).integers(0, 2000, (4, 64)).astype(np.int32)
+    enc = {}
+    compress.compress_model(model, windows, "wanda", methods.Constraint(sparsity=0.5), progress=False, encoded=enc)
+    orb = tmp_path / "orb"
+    checkpoints.save_orbax_model(model, orb, tokenizer=tok, encoded=enc)
+    streamed = streaming.open_model(orb)
+    assert streamed.cfg.storage_dtype == "bfloat16" and set(streamed.tensor_names()) == set(model.weights())
+    mem = checkpoints.load_model(orb, storage_dtype="auto", with_tokenizer=False)[0].weights()
+    for k in streamed.tensor_names():
+        t = streamed.tensor(k)
+        assert t.dtype == dtypes.np_dtype("bfloat16") and np.array_equal(t.astype(np.float32), mem[k]), k
+
+    cmd = _cmd(bf16_dir, None)
+    cmd[cmd.index("--model") + 1] = str(orb)
+    mem_cmd, stream_cmd = cmd.copy(), cmd + ["--stream"]
+    mem_cmd[mem_cmd.index("--out") + 1], stream_cmd[stream_cmd.index("--out") + 1] = str(tmp_path / "mem"), str(tmp_path / "stream")
+    assert main(mem_cmd) == 0 and main(stream_cmd) == 0
+    a, b = checkpoints.load_hf_dir(tmp_path / "mem")[1], checkpoints.load_hf_dir(tmp_path / "stream")[1]
+    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+
+    shutil.rmtree(next(p for p in (orb / "state").iterdir() if p.is_dir()))  # the tensors' data files
+    with pytest.raises(checkpoints.CheckpointError, match="orb"):
+        src = streaming.open_model(orb)
+        src.tensor(src.tensor_names()[-1])
+
+
 def test_a_missing_or_truncated_shard_is_named(bf16_dir, tmp_path):
     import shutil
 
