@@ -76,6 +76,20 @@ def test_streamed_run_equals_the_in_memory_run_and_its_shards_load_in_transforme
     assert np.max(np.abs(ours - theirs)) < 1e-3 * max(1.0, np.max(np.abs(theirs)))
 
 
+def _assert_streamed_run_equals_in_memory(bf16_dir, model, tmp_path, held):
+    """The CLI run of :func:`_cmd` on ``model``, in memory and with ``--stream``: the same tensors,
+    bit for bit and held in ``held``, and the same perplexity."""
+    cmd = _cmd(bf16_dir, None)
+    cmd[cmd.index("--model") + 1] = str(model)
+    for name, extra in (("mem", []), ("stream", ["--stream"])):
+        cmd[cmd.index("--out") + 1] = str(tmp_path / name)
+        assert main(cmd + extra) == 0
+    a, b = checkpoints.load_hf_dir(tmp_path / "mem")[1], checkpoints.load_hf_dir(tmp_path / "stream")[1]
+    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype == held and np.array_equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / n / "awp_report.json").read_text()) for n in ("mem", "stream"))
+    assert ra["perplexity"] == rb["perplexity"]
+
+
 @pytest.mark.parametrize("linear_type", ["Q8_0", "F16"])
 def test_a_gguf_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, tmp_path, linear_type):
     """A llama GGUF (q/k rows in llama.cpp's order) with Q8_0 or F16 linear layers beside F32 norms
@@ -109,15 +123,7 @@ def test_a_gguf_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, t
         assert t.dtype == held and np.array_equal(t.astype(np.float32), np.asarray(mem_w[k], np.float32)), k
     if linear_type == "Q8_0":
         return  # the whole-run comparison below (~50 s, most of it the GGUF tokenizer) runs on the F16 file
-    cmd = _cmd(bf16_dir, None)
-    cmd[cmd.index("--model") + 1] = str(gguf_path)
-    mem, stream = cmd.copy(), cmd + ["--stream"]
-    mem[mem.index("--out") + 1], stream[stream.index("--out") + 1] = str(tmp_path / "mem"), str(tmp_path / "stream")
-    assert main(mem) == 0 and main(stream) == 0
-    a, b = checkpoints.load_hf_dir(tmp_path / "mem")[1], checkpoints.load_hf_dir(tmp_path / "stream")[1]
-    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype == held and np.array_equal(a[k], b[k]) for k in a)
-    ra, rb = (json.loads((tmp_path / n / "awp_report.json").read_text()) for n in ("mem", "stream"))
-    assert ra["perplexity"] == rb["perplexity"]
+    _assert_streamed_run_equals_in_memory(bf16_dir, gguf_path, tmp_path, held)
 
 
 def test_norms_stored_wider_than_the_linear_layers_are_held_as_the_in_memory_run_holds_them(bf16_dir, tmp_path):
@@ -254,13 +260,7 @@ def test_an_orbax_directory_streams_tensor_by_tensor_and_gives_the_in_memory_run
         t = streamed.tensor(k)
         assert t.dtype == dtypes.np_dtype("bfloat16") and np.array_equal(t.astype(np.float32), mem[k]), k
 
-    cmd = _cmd(bf16_dir, None)
-    cmd[cmd.index("--model") + 1] = str(orb)
-    mem_cmd, stream_cmd = cmd.copy(), cmd + ["--stream"]
-    mem_cmd[mem_cmd.index("--out") + 1], stream_cmd[stream_cmd.index("--out") + 1] = str(tmp_path / "mem"), str(tmp_path / "stream")
-    assert main(mem_cmd) == 0 and main(stream_cmd) == 0
-    a, b = checkpoints.load_hf_dir(tmp_path / "mem")[1], checkpoints.load_hf_dir(tmp_path / "stream")[1]
-    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+    _assert_streamed_run_equals_in_memory(bf16_dir, orb, tmp_path, dtypes.np_dtype("bfloat16"))
 
     shutil.rmtree(next(p for p in (orb / "state").iterdir() if p.is_dir()))  # the tensors' data files
     with pytest.raises(checkpoints.CheckpointError, match="orb"):
