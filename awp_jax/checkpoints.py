@@ -527,20 +527,22 @@ class OrbaxSource(TensorSource):
 def open_orbax_dir(path: os.PathLike):
     """``(config, source)`` of an orbax directory without restoring its weights: ``source`` an
     :class:`OrbaxSource`, the config's ``storage_dtype`` the one its linear layers were stored for."""
+    source = OrbaxSource(path)
+    return dataclasses.replace(_orbax_config(path, source.meta), storage_dtype=source.storage_dtype()), source
+
+
+def _orbax_config(path: os.PathLike, meta: dict):
+    """The model config an orbax directory's ``awp_jax.json`` holds."""
     from transformers import AutoConfig
 
-    source = OrbaxSource(path)
     try:
-        cfg = models.config_from_hf(AutoConfig.for_model(**source.meta["config"]))
+        return models.config_from_hf(AutoConfig.for_model(**meta["config"]))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{pathlib.Path(path) / 'awp_jax.json'}: bad model config: {e}") from e
-    return dataclasses.replace(cfg, storage_dtype=source.storage_dtype()), source
 
 
 def load_orbax_dir(path: os.PathLike, *, with_tokenizer: bool = True, sharding=None):
     """Config, dense weights (compressed layers decoded) and tokenizer from an orbax directory."""
-    from transformers import AutoConfig
-
     from awp_jax import packed
 
     path = pathlib.Path(path)
@@ -548,10 +550,7 @@ def load_orbax_dir(path: os.PathLike, *, with_tokenizer: bool = True, sharding=N
         meta, params, encoded = packed.load_orbax(path, sharding=sharding)
     except (ValueError, FileNotFoundError) as e:
         raise CheckpointError(str(e)) from e
-    try:
-        cfg = models.config_from_hf(AutoConfig.for_model(**meta["config"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / 'awp_jax.json'}: bad model config: {e}") from e
+    cfg = _orbax_config(path, meta)
     weights = packed.dense_weights(params, encoded)
     stored = {e["meta"].get("dtype", "float32") for e in encoded.values()}
     cfg = dataclasses.replace(cfg, storage_dtype=stored.pop() if len(stored) == 1 else _storage_dtype(weights, path))
