@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from awp_jax import interrupts
+
 
 __all__ = ["block_statistics", "run_block", "token_weights", "MIN_EXPERT_TOKENS"]
 
@@ -279,6 +281,7 @@ def block_statistics(
 
         layers = tqdm(layers, desc=f"calibration ({mode})", unit="block")
     for li in layers:
+        interrupts.check()  # a signal whose KeyboardInterrupt was swallowed stops the run here
         state = _placed(nnx.state(model.layers[li]), layout)
         stats_fn, grams_fn, run_fn, cross_fn = fns(li)
         totals = None

@@ -248,7 +248,7 @@ def _compress(args) -> int:
     import jax
 
     import awp_jax
-    from awp_jax import checkpoints, compress, data, formats, perplexity
+    from awp_jax import checkpoints, compress, data, formats, interrupts, perplexity
 
     recipe, method, constraint, options = _resolve_run(args)
     from awp_jax import allocation as allocation_lib
@@ -371,6 +371,7 @@ def _compress(args) -> int:
         "error_correction": None if correction is None else dataclasses.asdict(correction),
         "perplexity": ppl, "seconds": round(time.perf_counter() - t_start, 1), "layers": layers,
     }
+    interrupts.check()  # not after a signal: the output is written only by a run that was not stopped
     formats.save(model, out, format=args.format, encoded=encoded, tokenizer=tok, source=source, report=report,
                  overwrite=args.overwrite, input_bytes=_dir_bytes(source), **fmt_options)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -497,14 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     run = {"demo": _demo, "compress": _compress, "eval": _eval}[args.command]
-    import signal
+    from awp_jax import interrupts
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, on_term)
     try:
-        return run(args)
+        with interrupts.handled():  # SIGINT and SIGTERM: a clean exit that says how to resume
+            return run(args)
     except KeyboardInterrupt:
         where = ""
         if args.command == "compress":
@@ -513,8 +511,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(130, f"awp-jax {args.command}: interrupted{where}\n")
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError, ArithmeticError) as e:  # errors a user can act on
         parser.exit(2, f"awp-jax {args.command}: error: {e}\n")
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

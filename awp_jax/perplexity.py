@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from awp_jax import interrupts
 from awp_jax.models import Llama
 
 __all__ = ["PerplexityResult", "perplexity", "window_nll"]
@@ -96,6 +97,7 @@ def _streamed_nll(model, batches: list[np.ndarray], progress: bool, layout=None)
 
         layers = tqdm(layers, desc=f"perplexity (seqlen {batches[0].shape[1]}, block by block)", unit="block", leave=False)
     for i in layers:
+        interrupts.check()
         hidden = run_block(model.layers[i], hidden, ctx, layout)
     graphdef, state = nnx.split(model.outer)
     fn = _head_fn(graphdef)
@@ -135,6 +137,7 @@ def window_nll(model: Llama, windows: np.ndarray, batch_size: int = 8, progress:
 
         bar = tqdm(total=n, desc=f"perplexity (seqlen {windows.shape[1]})", unit="win", leave=False)
     for batch in batches:
+        interrupts.check()
         out.append(np.asarray(fn(state, _tokens(batch, layout)), np.float64))
         if bar:
             bar.update(len(batch))

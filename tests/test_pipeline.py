@@ -365,8 +365,8 @@ def test_cli_killed_then_rerun_gives_the_uninterrupted_output(small_dir, uninter
     assert not list(run_dir.glob(".block_*"))  # no half-written block left behind
     assert (run_dir / "block_0000.safetensors").exists()
     if sig == "SIGINT":
-        # the CLI turns SIGTERM into the KeyboardInterrupt SIGINT raises (cli.main's handler): from
-        # here on the two are the same path, whose rerun the SIGTERM case checks (~25 s saved)
+        # the CLI handles SIGINT and SIGTERM alike (awp_jax.interrupts): from here on the two are
+        # the same path, whose rerun the SIGTERM case checks (~25 s saved)
         return
     subprocess.run(_compress_cmd(small_dir, out), check=True, env=env, capture_output=True)
     assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
