@@ -27,7 +27,7 @@ import functools
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -560,27 +560,54 @@ def load_orbax_dir(path: os.PathLike, *, with_tokenizer: bool = True, sharding=N
     return cfg, weights, tok
 
 
+def stored_tensors(model, *, consume: bool = False) -> tuple[dict, Callable[[str], np.ndarray]]:
+    """``(specs, get)`` of every weight as it is stored: ``specs`` ``{name: (shape, dtype name)}`` in
+    writing order (a streamed model's block by block), ``get(name)`` the array in that dtype. A model
+    whose blocks live on disk (:mod:`awp_jax.streaming`) gives one tensor at a time; ``consume``:
+    an in-memory model's copy of each weight is dropped once it has been given (for one pass of writing)."""
+    if getattr(model, "streamed", False):
+        return {k: (model.source.spec(k)[0], model.tensor_dtype(k)) for k in model.tensor_names()}, model.tensor
+    weights = models.weights_of(model)
+    dt = model.cfg.storage_dtype
+
+    def get(k):
+        return dtypes.cast_exact(weights.pop(k) if consume else weights[k], dt, k)
+
+    return {k: (np.shape(v), dt) for k, v in weights.items()}, get
+
+
 def save_orbax_model(model, path: os.PathLike, *, tokenizer=None, encoded: dict | None = None, extra: dict | None = None):
     """Write ``model`` as an orbax directory (``--model`` accepts it). ``encoded``: layers to store in
-    their compressed form (from :func:`awp_jax.compress.compress_model`); the rest are dense."""
+    their compressed form (from :func:`awp_jax.compress.compress_model`); the rest are dense, in the
+    storage dtype. A model whose blocks live on disk (:mod:`awp_jax.streaming`) is written one block
+    at a time (:class:`awp_jax.packed.OrbaxWriter`). Each compressed layer must decode to the
+    model's weights, bit for bit, or nothing is written."""
     from awp_jax import packed
-    from awp_jax.models import weights_of
 
-    from awp_jax import dtypes
-
-    path = pathlib.Path(path)
-    dt = model.cfg.storage_dtype
-    weights = {k: np.asarray(v, np.float32) for k, v in weights_of(model).items()}
-    for name, enc in (encoded or {}).items():
-        if not np.array_equal(packed.decode(enc), weights[name]):
-            raise ValueError(f"{name}: the model's weights differ from its compressed form; refusing to write")
-    for name, v in weights.items():
-        if name not in (encoded or {}):
-            weights[name] = dtypes.cast_exact(v, dt, name)
-    packed.save_orbax(path, model.cfg.to_hf_dict(), weights, encoded, extra=extra)
+    encoded = encoded or {}
+    specs, get = stored_tensors(model, consume=True)
+    parts: dict[int, list[str]] = {}
+    if getattr(model, "streamed", False):  # the outer tensors, then block by block
+        for k in specs:
+            parts.setdefault(int(k.split(".")[2]) if k.startswith("model.layers.") else -1, []).append(k)
+    else:
+        parts[0] = list(specs)  # in memory already: one part
+    with packed.OrbaxWriter(path, model.cfg.to_hf_dict(), extra=extra) as writer:
+        for names in parts.values():
+            params, layers = {}, {}
+            for k in names:
+                v = get(k)
+                if k in encoded:
+                    enc = {f: (encoded[k][f] if f == "meta" else np.asarray(encoded[k][f])) for f in encoded[k]}
+                    if not np.array_equal(packed.decode(enc), np.asarray(v, np.float32)):
+                        raise ValueError(f"{k}: the model's weights differ from its compressed form; refusing to write")
+                    layers[k] = enc
+                else:
+                    params[k] = v
+            writer.add(params, layers)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
-    return path
+    return pathlib.Path(path)
 
 
 def load_checkpoint(spec: os.PathLike | str | None = None, *, with_tokenizer: bool = True, gguf_dequantized_dtype: str = "float32"):

@@ -336,11 +336,8 @@ def _compress(args) -> int:
     # finished blocks are kept here until the output is written, so a killed run resumes
     run_dir = out.parent / f".{out.name}.run"
     weights_settings = {"model": str(args.model or "default"), "awp_jax_version": awp_jax.__version__}
-    # streamed, the encoded layers stay in the run directory (read back one at a time by the writer);
-    # the hf format's compressed/ (orbax, written whole) is not written then
-    encoded: dict | None = None if args.stream and args.format == "hf" else {}
-    if args.stream and args.format == "hf":
-        print("note: --stream writes the dense weights; the lossless compressed/ form is not written in this mode yet", file=sys.stderr)
+    # streamed, the encoded layers stay in the run directory (read back one at a time by the writer)
+    encoded: dict = {}
     block_sparsity = None
     if alloc.rule != "uniform":
         block_sparsity = allocation_lib.allocate(model, calib, constraint.sparsity, alloc, batch_size=args.batch_size,

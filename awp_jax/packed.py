@@ -38,7 +38,7 @@ import numpy as np
 
 from awp_jax import dtypes
 
-__all__ = ["encode", "decode", "grid_values", "unpacked_codes", "NotLosslessError", "save_orbax", "load_orbax", "is_orbax_dir", "stored_bits"]
+__all__ = ["encode", "decode", "grid_values", "unpacked_codes", "NotLosslessError", "save_orbax", "OrbaxWriter", "load_orbax", "is_orbax_dir", "stored_bits"]
 
 FORMAT = "awp_jax.orbax/1"
 
@@ -188,8 +188,8 @@ def _decode_exact(enc: dict[str, Any]) -> np.ndarray:
 # --------------------------------------------------------------------------- orbax checkpoints
 
 def _checkpointer():
-    """A StandardCheckpointer for this process alone (in a multi-process run only one process
-    writes, so orbax must not wait for the others at its barriers)."""
+    """A StandardCheckpointer for this process alone (each process restores on its own, and in a
+    multi-process run only one writes, so orbax must not wait for the others at its barriers)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -198,37 +198,108 @@ def _checkpointer():
     return ocp.StandardCheckpointer(multiprocessing_options=opts)
 
 
+def _tree_metadata(state: pathlib.Path):
+    """The shapes and dtypes of the pytree in ``state`` (read by the pytree handler, which needs no
+    checkpoint-level metadata: :class:`OrbaxWriter`'s partial saves write none there)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(state))
+
+
 def is_orbax_dir(path: os.PathLike) -> bool:
     p = pathlib.Path(path)
     return (p / "awp_jax.json").is_file() and (p / "state").is_dir()
 
 
+class OrbaxWriter:
+    """:func:`save_orbax`'s directory written a part at a time (orbax's partial save: each
+    :meth:`add` appends its tensors to the checkpoint, nothing written before is read back), so a
+    model whose blocks live on disk is written one block at a time. Written beside ``path`` and
+    renamed into place by :meth:`close`; left as a context manager with an exception, nothing
+    appears under ``path`` and the partial directory is removed.
+
+    In a multi-process run (where only one process writes) the parts are kept and written in one
+    save by :meth:`close`: orbax's partial save and its finalization wait for every process at
+    collectives of their own. Such a model is in memory whole anyway (streaming is one process)."""
+
+    def __init__(self, path: os.PathLike, config: dict, *, extra: dict | None = None):
+        import jax
+
+        self.path = pathlib.Path(path).absolute()
+        if self.path.exists():
+            raise FileExistsError(f"{self.path} already exists")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
+        self._meta = {"format": FORMAT, "config": config, "layers": {}, "params": [], **(extra or {})}
+        self._kept: dict | None = {"params": {}, "layers": {}} if jax.process_count() > 1 else None
+
+    def add(self, params: dict[str, np.ndarray], encoded: dict[str, dict] | None = None) -> None:
+        """Append dense ``params`` (HF names → arrays) and ``encoded`` layers (HF names → encoded
+        dicts with ``meta``; any Mapping, e.g. one read lazily from disk). A name may be given once."""
+        from orbax.checkpoint.experimental.v1 import partial
+
+        encoded = encoded or {}
+        again = (set(params) | set(encoded)) & (set(self._meta["params"]) | set(self._meta["layers"]))
+        if again or set(params) & set(encoded):
+            raise ValueError(f"{self.path}: tensors given twice: {sorted(again or set(params) & set(encoded))[:5]}")
+        tree = {}
+        if params:
+            tree["params"] = {_key(k): np.asarray(v) for k, v in params.items()}
+        if encoded:
+            tree["layers"] = {_key(k): {f: np.asarray(e[f]) for f in e if f != "meta"} for k, e in encoded.items()}
+        if not tree:
+            return
+        if self._kept is not None:
+            for group, items in tree.items():
+                self._kept[group].update(items)
+        else:
+            partial.save(self._tmp / "ckpt", tree)
+        self._meta["params"] += sorted(params)
+        self._meta["layers"].update({k: e["meta"] for k, e in encoded.items()})
+
+    def close(self) -> pathlib.Path:
+        from orbax.checkpoint.experimental.v1 import partial
+
+        if not (self._meta["params"] or self._meta["layers"]):
+            raise ValueError(f"{self.path}: nothing was written")
+        if self._kept is not None:
+            with _checkpointer() as ckptr:
+                ckptr.save(self._tmp / "state", {k: v for k, v in self._kept.items() if v})
+                ckptr.wait_until_finished()
+        else:
+            partial.finalize(self._tmp / "ckpt")
+            os.replace(self._tmp / "ckpt" / "state", self._tmp / "state")  # the pytree; orbax's own top-level files go
+            shutil.rmtree(self._tmp / "ckpt")
+        self._meta["params"].sort()
+        (self._tmp / "awp_jax.json").write_text(json.dumps(self._meta, indent=1))
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "OrbaxWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+
 def save_orbax(path: os.PathLike, config: dict, weights: dict[str, np.ndarray], encoded: dict[str, dict] | None = None,
                *, extra: dict | None = None) -> pathlib.Path:
     """Write ``weights`` (HF names → arrays; those in ``encoded`` are stored in their compressed
-    form instead) as an orbax checkpoint directory. Written beside ``path`` and renamed into place."""
-    import orbax.checkpoint as ocp
-
-    path = pathlib.Path(path).absolute()
-    if path.exists():
-        raise FileExistsError(f"{path} already exists")
+    form instead) as an orbax checkpoint directory (:class:`OrbaxWriter` in one part)."""
     encoded = encoded or {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
-        tree = {"params": {_key(k): np.asarray(v) for k, v in weights.items() if k not in encoded},
-                "layers": {_key(k): {f: np.asarray(a) for f, a in e.items() if f != "meta"} for k, e in encoded.items()}}
-        meta = {"format": FORMAT, "config": config, "layers": {k: e["meta"] for k, e in encoded.items()},
-                "params": sorted(k for k in weights if k not in encoded), **(extra or {})}
-        with _checkpointer() as ckptr:
-            ckptr.save(tmp / "state", tree)
-            ckptr.wait_until_finished()
-        (tmp / "awp_jax.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    with OrbaxWriter(path, config, extra=extra) as w:
+        w.add({k: v for k, v in weights.items() if k not in encoded}, encoded)
+    return w.path
 
 
 def _key(name: str) -> str:
@@ -262,8 +333,7 @@ class OrbaxLeaves:
         self.path = pathlib.Path(path).absolute()
         self.meta = _orbax_meta(self.path)
         try:
-            with _checkpointer() as ckptr:
-                self._abstract = ckptr.metadata(self.path / "state").item_metadata
+            self._abstract = _tree_metadata(self.path / "state")
         except Exception as e:
             raise ValueError(f"cannot read the orbax checkpoint in {self.path / 'state'} (incomplete or corrupt?): {e}") from e
         missing = [k for k in self.meta["params"] if _key(k) not in self._abstract.get("params", {})]
@@ -305,8 +375,8 @@ def load_orbax(path: os.PathLike, *, sharding=None) -> tuple[dict, dict[str, Any
     path = pathlib.Path(path).absolute()
     meta = _orbax_meta(path)
     try:
+        abstract = _tree_metadata(path / "state")
         with _checkpointer() as ckptr:
-            abstract = ckptr.metadata(path / "state").item_metadata
             if sharding is not None:
                 def place(kp, leaf):
                     name = "/".join(str(getattr(k, "key", k)) for k in kp)

@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from awp_jax import assets, checkpoints
+from awp_jax import assets, checkpoints, packed
 from awp_jax.export import save_hf_dir
 from awp_jax.models import Llama, random_weights
 from tests.test_pipeline import SMALL
@@ -24,8 +25,6 @@ def setup(tmp_path_factory):
     tok = checkpoints.load_tokenizer(assets.fetch(assets.DEFAULT_MODEL))
     save_hf_dir(Llama(cfg, random_weights(cfg, 21)), d / "model", tokenizer=tok)
     words = "the of and a in to is was for on as with by he at from his an were are which this".split()
-    import numpy as np
-
     rng = np.random.default_rng(1)
     (d / "text.txt").write_text("\n\n".join(" ".join(rng.choice(words, 300)) for _ in range(20)))
     return d
@@ -58,6 +57,11 @@ def test_two_processes_equal_one_and_only_process_0_writes(setup, tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert (tmp_path / "two" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
+    # the lossless compressed/ form too (one process writes it in parts, several in one save)
+    (m1, p1, e1), (m2, p2, e2) = (packed.load_orbax(tmp_path / n / "compressed") for n in ("one", "two"))
+    assert m1["layers"] == m2["layers"] and m1["params"] == m2["params"] and set(e1) == set(e2) and e1
+    assert all(np.array_equal(p1[k], p2[k]) for k in p1)
+    assert all(np.array_equal(e1[k][f], e2[k][f]) for k in e1 for f in e1[k] if f != "meta")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no run dir left, nothing else written
     assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]
 

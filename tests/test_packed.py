@@ -108,6 +108,27 @@ def test_a_plain_flax_checkpoint_round_trips(tmp_path):
         checkpoints.save_orbax_model(model, tmp_path / "flax")
 
 
+def test_the_orbax_writer_appends_parts_and_leaves_nothing_when_it_fails(tmp_path):
+    r = np.random.default_rng(0)
+    w = {f"model.layers.{i}.mlp.down_proj.weight": r.standard_normal((8, 32)).astype(np.float32) for i in range(3)}
+    enc = {k: packed.encode(np.where(np.abs(v) > 0.5, v, 0), pruned=True) for k, v in w.items()}
+    with packed.OrbaxWriter(tmp_path / "parts", {"x": 1}) as wr:
+        for i, k in enumerate(w):  # one part per "block": a dense tensor and a compressed layer
+            wr.add({f"n{i}": w[k][0]}, {k: enc[k]})
+    meta, params, layers = packed.load_orbax(tmp_path / "parts")
+    assert meta["config"] == {"x": 1} and meta["params"] == ["n0", "n1", "n2"] and set(layers) == set(w)
+    assert all(np.array_equal(params[f"n{i}"], w[k][0]) for i, k in enumerate(w))
+    assert all(np.array_equal(packed.decode(layers[k]), packed.decode(enc[k])) for k in w)
+
+    with pytest.raises(ValueError, match="given twice.*n0"):
+        with packed.OrbaxWriter(tmp_path / "twice", {}) as wr:
+            wr.add({"n0": w[k][0]})
+            wr.add({"n0": w[k][0]})
+    with pytest.raises(FileExistsError):
+        packed.OrbaxWriter(tmp_path / "parts", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]  # no partial directory left behind
+
+
 def test_corrupt_orbax_checkpoint_is_a_clear_error(tmp_path):
     model = Llama(SMALL, random_weights(SMALL, 8))
     d = checkpoints.save_orbax_model(model, tmp_path / "m")

@@ -2,8 +2,8 @@
 
 | name | what is written | holds |
 |---|---|---|
-| ``hf`` (default) | ``config.json``, ``model.safetensors`` (dense, in the checkpoint's dtype; shards and ``model.safetensors.index.json`` above ``max_shard_size``), tokenizer, ``compressed/`` (the lossless orbax form) | any method's result; a streamed model (:mod:`awp_jax.streaming`) tensor by tensor |
-| ``orbax`` | the lossless orbax form alone (codes, scales, bit-packed masks; :mod:`awp_jax.packed`) + tokenizer | any method's result |
+| ``hf`` (default) | ``config.json``, ``model.safetensors`` (dense, in the checkpoint's dtype; shards and ``model.safetensors.index.json`` above ``max_shard_size``), tokenizer, ``compressed/`` (the lossless orbax form) | any method's result; a streamed model (:mod:`awp_jax.streaming`) tensor by tensor, ``compressed/`` block by block |
+| ``orbax`` | the lossless orbax form alone (codes, scales, bit-packed masks; :mod:`awp_jax.packed`) + tokenizer | any method's result; a streamed model block by block (orbax partial saves) |
 | ``compressed-tensors`` | ``config.json`` with ``quantization_config``, ``model.safetensors`` with ``pack-quantized`` linear layers (what vLLM serves with int4/int8 kernels and transformers loads) | INT4/INT8 grids (group or per channel, symmetric or with a zero point); pruned weights stay dense inside the grid; a streamed model layer by layer |
 | ``gguf`` | ``model.gguf`` for llama.cpp: the source GGUF's metadata and tokenizer, the compressed layers in llama.cpp block types (Q8_0, Q4_0, Q4_1) or F32/F16/BF16 | AWP, RTN and GPTQ on llama.cpp's own grids (blocks of 32, float16 scales); a streamed model tensor by tensor (two passes) |
 

@@ -35,8 +35,9 @@ import pathlib
 import numpy as np
 
 from awp_jax import dtypes, packed
+from awp_jax.checkpoints import stored_tensors
 from awp_jax.formats import Format, FormatError, linear_layers
-from awp_jax.formats.hf import dense_tensors, write_dense
+from awp_jax.formats.hf import write_dense
 
 BITS = (4, 8)
 
@@ -92,7 +93,7 @@ def constrain(constraint, method: str, options, model, *, source=None):
 
 def quantization_config(dense_specs: dict, encoded) -> dict:
     """The ``quantization_config`` of a model whose weights are ``dense_specs`` (``{name: (shape,
-    dtype)}``, :func:`awp_jax.formats.hf.dense_tensors`) with ``encoded``'s layers compressed."""
+    dtype)}``, :func:`awp_jax.checkpoints.stored_tensors`) with ``encoded``'s layers compressed."""
     metas = {json.dumps({k: e["meta"].get(k) for k in ("bits", "group_size", "symmetric")}) for e in encoded.values()}
     if len(metas) != 1 or any(e["meta"]["kind"] != "quant" for e in encoded.values()):
         raise FormatError("compressed-tensors: every compressed layer must be quantized on one grid")
@@ -138,7 +139,7 @@ def write(tmp: pathlib.Path, model, encoded, *, tokenizer=None, source=None) -> 
     """Every tensor in the model's order, each compressed layer's packed tensors in its place; one
     layer's packed tensors are held at a time (a streamed model's are read from its run directory)."""
     dt = model.cfg.storage_dtype
-    dense, get_dense = dense_tensors(model, consume=True)
+    dense, get_dense = stored_tensors(model, consume=True)
     specs, layer_of = {}, {}
     for k, spec in dense.items():
         if k not in encoded:
@@ -167,7 +168,7 @@ def verify(tmp: pathlib.Path, model, encoded) -> None:
     (a streamed model's one layer at a time)."""
     from safetensors import safe_open
 
-    _, weight = dense_tensors(model)
+    _, weight = stored_tensors(model)
     with safe_open(str(tmp / "model.safetensors"), framework="numpy") as f:
         for name, enc in encoded.items():
             p = name[: -len("weight")]

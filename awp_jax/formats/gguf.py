@@ -147,11 +147,10 @@ def _tensors(reader, model, encoded, t: str, arch: str, *, data: bool):
     tensor is read one at a time (a streamed model's blocks, :mod:`awp_jax.streaming`, from disk)."""
     import gguf
 
-    from awp_jax.checkpoints import _gguf_name
-    from awp_jax.formats.hf import dense_tensors
+    from awp_jax.checkpoints import _gguf_name, stored_tensors
 
     heads, kv_heads = model.cfg.num_heads, model.cfg.num_kv_heads
-    _, weight = dense_tensors(model)
+    _, weight = stored_tensors(model)
     qtype = gguf.GGMLQuantizationType[t]
     for tensor in reader.tensors:
         name = _gguf_name(tensor.name, arch)
@@ -210,13 +209,12 @@ def verify(tmp: pathlib.Path, model, encoded, *, gguf_type=None) -> None:
     (a streamed model's one tensor at a time)."""
     import gguf
 
-    from awp_jax.checkpoints import _gguf_name
-    from awp_jax.formats.hf import dense_tensors
+    from awp_jax.checkpoints import _gguf_name, stored_tensors
 
     path = tmp / "model.gguf"
     reader = gguf.GGUFReader(str(path))
     arch = reader.fields["general.architecture"].contents()
-    specs, weight = dense_tensors(model)
+    specs, weight = stored_tensors(model)
     seen = set()
     for tensor in reader.tensors:
         name = _gguf_name(tensor.name, arch)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import pathlib
 import struct
-from typing import Callable
 
 import numpy as np
 
 from awp_jax import dtypes, memory
+from awp_jax.checkpoints import stored_tensors
 from awp_jax.formats import Format
 from awp_jax.formats import orbax as orbax_format
-from awp_jax.models import weights_of
 
 
 # transformers' save_pretrained default (5.x)
@@ -90,31 +89,15 @@ def write_safetensors(tmp: pathlib.Path, specs: dict, get, *, max_shard_size=MAX
     return files
 
 
-def dense_tensors(model, *, consume: bool = False) -> tuple[dict, Callable[[str], np.ndarray]]:
-    """``(specs, get)`` of every weight as it is stored: ``specs`` ``{name: (shape, dtype name)}`` in
-    writing order (a streamed model's block by block), ``get(name)`` the array in that dtype. A model
-    whose blocks live on disk (:mod:`awp_jax.streaming`) gives one tensor at a time; ``consume``:
-    an in-memory model's copy of each weight is dropped once it has been given (for one pass of writing)."""
-    if getattr(model, "streamed", False):
-        return {k: (model.source.spec(k)[0], model.tensor_dtype(k)) for k in model.tensor_names()}, model.tensor
-    weights = weights_of(model)
-    dt = model.cfg.storage_dtype
-
-    def get(k):
-        return dtypes.cast_exact(weights.pop(k) if consume else weights[k], dt, k)
-
-    return {k: (np.shape(v), dt) for k, v in weights.items()}, get
-
-
 def write_dense(tmp: pathlib.Path, model, *, tokenizer=None, config: dict | None = None, tensors=None,
                 max_shard_size=MAX_SHARD_SIZE) -> None:
     """``config.json`` (``config``: the one to write, default the model's), the weights in
-    safetensors form (``tensors``: ``(specs, get)`` of what to store, as :func:`dense_tensors` gives
+    safetensors form (``tensors``: ``(specs, get)`` of what to store, as :func:`awp_jax.checkpoints.stored_tensors` gives
     them; default every weight dense in the storage dtype; sharded above ``max_shard_size``), and
     the tokenizer files. Tensors are written one at a time: a model whose blocks live on disk
     (:mod:`awp_jax.streaming`) is never held whole."""
     (tmp / "config.json").write_text(json.dumps(config or model.cfg.to_hf_dict(), indent=2))
-    specs, get = dense_tensors(model, consume=True) if tensors is None else tensors
+    specs, get = stored_tensors(model, consume=True) if tensors is None else tensors
     write_safetensors(tmp, specs, get, max_shard_size=max_shard_size)
     memory.trim()
     if tokenizer is not None:
