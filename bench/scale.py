@@ -2,6 +2,7 @@
 
     python bench/scale.py                       # about 30 minutes on 2 cores; needs ~5 GB of disk
     python bench/scale.py --blocks 4 --methods wanda
+    python bench/scale.py --devices 8 --methods wanda   # the same runs on 8 fake CPU devices (--mesh auto)
 
 A synthetic Llama checkpoint with Llama-2-7B's block shapes (hidden 4096, intermediate 11008, 32
 heads; the default model's tokenizer and vocabulary, 49152) and random weights is written to disk
@@ -15,6 +16,11 @@ both, AWP with a few iterations on the smaller — and reports:
   measured by the same child exiting before it loads the model);
 * wall seconds per block and the split of the run: loading blocks from disk, the calibration
   forward (with the C accumulation), the solves, writing the output.
+
+``--devices N``: the runs see N fake CPU devices (``--xla_force_host_platform_device_count``), so
+the CLI's ``--mesh auto`` shards the blocks' parameters, the calibration forward and the solves over
+them; the devices share this host's memory and cores, so the peak is comparable with one device's
+and the time is the cost of the partitioning, not a speed-up.
 
 Results: bench/results/scale.md. The float32 matmul rate of this machine is measured at the start
 and printed beside the times.
@@ -98,8 +104,11 @@ def write_checkpoint(path: pathlib.Path, blocks: int, seed: int = 0) -> None:
     checkpoints.load_tokenizer(assets.fetch(assets.DEFAULT_MODEL)).save_pretrained(str(path))
 
 
-def child(args: list[str]) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
+def child(args: list[str], devices: int = 1) -> dict:
+    env = dict(os.environ)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    res = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"child failed ({res.returncode}): {res.stderr[-3000:]}")
     return json.loads(res.stdout.split("RESULT", 1)[1].strip().splitlines()[0])
@@ -110,6 +119,7 @@ def main(argv=None):
     ap.add_argument("--blocks", default="4,8")
     ap.add_argument("--methods", default="wanda,awp")
     ap.add_argument("--awp-iters", type=int, default=5)
+    ap.add_argument("--devices", type=int, default=1, help="fake CPU devices the runs see (default 1)")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
     args = ap.parse_args(argv)
     from awp_jax.cli import matmul_gflops
@@ -140,7 +150,7 @@ def main(argv=None):
             for method in args.methods.split(","):
                 if method == "awp" and n != min(int(b) for b in args.blocks.split(",")):
                     continue  # AWP's iterations cost the same per block: run on the smallest checkpoint only
-                if any(r["blocks"] == n and r["method"] == method for r in rows):
+                if any(r["blocks"] == n and r["method"] == method and r.get("devices", 1) == args.devices for r in rows):
                     continue
                 out = work / f"out-{n}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -148,11 +158,11 @@ def main(argv=None):
                        "--nsamples", "8", "--seqlen", "512", "--eval-windows", "0", "--out", str(out)]
                 if method == "awp":
                     cmd += ["--max-iter", str(args.awp_iters)]
-                r = child(cmd)
-                r.update(blocks=n, method=method, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops)
+                r = child(cmd, args.devices)
+                r.update(blocks=n, method=method, devices=args.devices, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops)
                 rows.append(r)
                 RESULTS.mkdir(exist_ok=True)
-                store.write_text(json.dumps({"baseline_mb": base, "rows": rows}, indent=2))
+                store.write_text(json.dumps({"baseline_mb": base, "rows": rows, **({"previous": previous} if previous else {})}, indent=2))
                 print(json.dumps(r), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
     finally:
@@ -178,22 +188,22 @@ def main(argv=None):
         "",
         f"Bound: baseline + embedding + 2 x block + C + activations = **{bound:.0f} MB**.",
         "",
-        "| blocks | method | peak MB | within bound | wall s | s / block | load | forward | solve | write | matmul GFLOP/s at its start |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| blocks | method | devices | peak MB | within bound | wall s | s / block | load | forward | solve | write | matmul GFLOP/s at its start |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["seconds"]
         lines.append(f"| {r['blocks']} | {r['method']}{' (' + str(args.awp_iters) + ' iterations)' if r['method'] == 'awp' else ''} "
-                     f"| {r['peak_mb']:.0f} | {'yes' if r['peak_mb'] <= bound else 'NO'} | {s:.0f} | {s / r['blocks']:.0f} | "
+                     f"| {r.get('devices', 1)} | {r['peak_mb']:.0f} | {'yes' if r['peak_mb'] <= bound else 'NO'} | {s:.0f} | {s / r['blocks']:.0f} | "
                      + " | ".join(f"{100 * r[k] / s:.0f} %" for k in ("load", "forward", "solve", "write")) + f" | {r['gflops']:.0f} |")
     by = {}
     for r in rows:
-        by.setdefault(r["method"], {})[r["blocks"]] = r
-    lines += ["", "Peak growth with the number of blocks (same method):", ""]
-    for m, d in by.items():
+        by.setdefault((r["method"], r.get("devices", 1)), {})[r["blocks"]] = r
+    lines += ["", "Peak growth with the number of blocks (same method and devices):", ""]
+    for (m, dev), d in by.items():
         ks = sorted(d)
         if len(ks) > 1:
-            lines.append(f"- {m}: {ks[0]} → {ks[-1]} blocks: {d[ks[-1]]['peak_mb'] - d[ks[0]]['peak_mb']:+.0f} MB "
+            lines.append(f"- {m}, {dev} device{'s' if dev > 1 else ''}: {ks[0]} → {ks[-1]} blocks: {d[ks[-1]]['peak_mb'] - d[ks[0]]['peak_mb']:+.0f} MB "
                          f"(one block in float32 is {block:.0f} MB)")
     if previous:
         lines += ["", f"Before (commit {previous['commit']}, {previous['what']}), same command:", ""]
