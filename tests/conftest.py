@@ -1,9 +1,11 @@
 import atexit
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 
 import jax
@@ -42,25 +44,74 @@ def fake_devices_env(n: int) -> dict:
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"}
 
 
-def run_on_fake_devices(n: int, *argv: str, timeout: int = 900, attempts: int = 4):
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` and its threads (Linux ``/proc``), or None."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _run_watched(argv: list[str], env: dict, timeout: float, idle: float):
+    """``subprocess.run(argv, capture_output=True, text=True)`` that also stops the process once it
+    has used under 1 CPU second in the last ``idle`` seconds (where ``/proc`` tells): a process whose
+    threads all wait on each other. Returns ``(CompletedProcess, why)``, ``why`` ``"idle"``,
+    ``"timeout"`` or None when the process ended by itself."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = [], []
+    start = time.monotonic()
+    seen = [(start, _cpu_seconds(proc.pid))]
+    why = None
+    while True:
+        try:
+            o, e = proc.communicate(timeout=5)  # a retried communicate loses no output
+            out.append(o)
+            err.append(e)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        now, cpu = time.monotonic(), _cpu_seconds(proc.pid)
+        seen.append((now, cpu))
+        past = [c for t, c in seen if now - t >= idle]
+        if cpu is not None and past and past[-1] is not None and cpu - past[-1] < 1.0:
+            why = "idle"
+        elif now - start > timeout:
+            why = "timeout"
+        if why:
+            proc.kill()
+            o, e = proc.communicate()
+            out.append(o)
+            err.append(e)
+            break
+    return subprocess.CompletedProcess(argv, proc.returncode, "".join(out), "".join(err)), why
+
+
+def run_on_fake_devices(n: int, *argv: str, timeout: int = 900, attempts: int = 4, idle: float = 120):
     """Run ``python *argv`` (e.g. ``"-c", script``) with ``n`` fake CPU devices; return the CompletedProcess.
 
     XLA's CPU collectives occasionally deadlock when eight device threads share a 2-core machine
     (3 of 11 runs of test_sharding's solve script here, in and out of the full suite: one replica
-    group's threads never reach an all-reduce that the others wait in). XLA then aborts the process after its 40 s rendezvous limit, with
-    "Termination timeout" and "rendezvous" on stderr. Such an abort, and only such an abort, is
-    retried (a test's own assertion failure ends with exit code 1 and is returned as it is); each
-    retry is reported as a warning. Each device's computation runs single-threaded
-    (``--xla_cpu_multi_thread_eigen=false``) so that eight device threads do not also compete for
-    Eigen's pool: a mitigation (2 runs without a deadlock, same time), not a proven cure; the retry
-    is what makes the tests reliable."""
+    group's threads never reach an all-reduce that the others wait in). XLA then usually aborts the
+    process after its 40 s rendezvous limit, with "Termination timeout" and "rendezvous" on stderr;
+    once (a clean-clone CI run of 7d8c80e) the process instead hung until the test's 600 s timeout.
+    Both, and only these, are retried: an abort with that message, and a process that has used
+    under 1 CPU second in ``idle`` seconds (it is stopped then, rather than waited for). A test's own
+    assertion failure ends with exit code 1 and is returned as it is; each retry is reported as a
+    warning, and a run that is still hung or past ``timeout`` after the last attempt fails the test.
+    Each device's computation runs single-threaded (``--xla_cpu_multi_thread_eigen=false``) so that
+    eight device threads do not also compete for Eigen's pool: a mitigation, not a proven cure; the
+    retry is what makes the tests reliable."""
     env = fake_devices_env(n)
     for attempt in range(1, attempts + 1):
-        r = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=timeout)
-        deadlock = r.returncode != 0 and "Termination timeout" in r.stderr and "rendezvous" in r.stderr
+        r, why = _run_watched([sys.executable, *argv], env, timeout, idle)
+        deadlock = why == "idle" or (r.returncode != 0 and "Termination timeout" in r.stderr and "rendezvous" in r.stderr)
+        if why == "timeout" or (why is not None and attempt == attempts):
+            pytest.fail(f"python {' '.join(argv[:1])} on {n} fake devices: {'no CPU used for ' + str(idle) + ' s' if why == 'idle' else 'over ' + str(timeout) + ' s'}"
+                        f" (attempt {attempt} of {attempts}); stderr: {r.stderr[-3000:]}")
         if not deadlock or attempt == attempts:
             return r
-        warnings.warn(f"XLA CPU collectives deadlocked on {n} fake devices (attempt {attempt} of {attempts}); retrying")
+        warnings.warn(f"XLA CPU collectives deadlocked on {n} fake devices ({why or 'aborted'}, attempt {attempt} of {attempts}); retrying")
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The solver on a device mesh: sharded equals unsharded, and the compiled solve communicates
-only scalars. Runs on 8 fake CPU devices in a subprocess (the device count is fixed at import)."""
+only scalars. Runs on 4 fake CPU devices in a subprocess (the device count is fixed at import)."""
 
 
 import numpy as np
@@ -16,14 +16,14 @@ import awp_jax as aj
 from awp_jax import sharding
 from awp_jax.cli import synthetic_layer
 
-L, d_out, d_in = 3, 50, 64          # 3 layers on a stack axis of 2, 50 rows on a model axis of 4: both padded
+L, d_out, d_in = 3, 51, 64          # 3 layers on a stack axis of 2, 51 rows on a model axis of 2: both padded
 w, c = (np.stack(a) for a in zip(*[synthetic_layer(s, d_out, d_in, 512) for s in range(L)]))
 configs = {"prune": aj.awp_pruning(0.5, max_iter=40), "quant": aj.awp_quantization(3, 32),
            "nm+momentum": aj.awp_nm(2, 4, max_iter=30, momentum=True), "joint": aj.awp_joint(0.5, 4, 32, init="wanda"),
            "recipe fast (refit)": aj.awp_pruning(0.5, max_iter=5, momentum=True, step_rule="lambda_max", step_scale=1.0,
                                                  refit_iters=10, refit_damping=0.1)}
 for explicit in (False, True):
-    mesh = sharding.make_mesh(model=4, stack=2, explicit=explicit)
+    mesh = sharding.make_mesh(model=2, stack=2, explicit=explicit)
     for name, cfg in configs.items():
         ref = aj.solve_pgd_stack(w, c, cfg)
         res = sharding.solve_sharded(w, c, cfg, mesh)
@@ -38,14 +38,14 @@ for explicit in (False, True):
 # last bits), so the masks and objectives agree closely, not bit for bit
 cfg = aj.awp_pruning(0.5, max_iter=60, algorithm="admm", refit_iters=5)
 ref = aj.solve_pgd_stack(w, c, cfg)
-res = sharding.solve_sharded(w, c, cfg, sharding.make_mesh(model=4, stack=2))
+res = sharding.solve_sharded(w, c, cfg, sharding.make_mesh(model=2, stack=2))
 assert np.array_equal(np.asarray(res.iterations), np.asarray(ref.iterations))
 np.testing.assert_allclose(np.asarray(res.step_size), np.asarray(ref.step_size), rtol=1e-6)
 assert np.mean((np.asarray(res.theta) != 0) == (np.asarray(ref.theta) != 0)) > 0.97
 np.testing.assert_allclose(np.asarray(res.obj_final), np.asarray(ref.obj_final), rtol=0.05)
 
 # the compiled solve: no gather of W or Θ, only all-reduces of per-layer scalars
-mesh = sharding.make_mesh(model=4, stack=2)
+mesh = sharding.make_mesh(model=2, stack=2)
 pl = sharding.placements(mesh)
 wp = jax.device_put(jnp.zeros((4, 52, 64)), pl.weights)
 cp = jax.device_put(jnp.zeros((4, 64, 64)), pl.stats)
@@ -56,7 +56,7 @@ assert kinds == {"all-reduce"}, kinds
 for l in ops:
     shapes = re.findall(r"f32\[([0-9,]*)\]", l.split("all-reduce")[0])
     assert all(s in ("", "2") for s in shapes), l  # scalars per local layer (2 layers per device)
-    assert "replica_groups={{0,1,2,3},{4,5,6,7}}" in l, l  # within a model group only
+    assert "replica_groups={{0,1},{2,3}}" in l, l  # within a model group only
 
 # layers of different shapes are grouped, not rejected
 layers = [synthetic_layer(9, 30, 64, 256), synthetic_layer(10, 40, 96, 256), synthetic_layer(11, 30, 64, 256)]
@@ -68,7 +68,9 @@ print("ok", len(ops))
 
 
 def test_sharded_solve_equals_unsharded_and_only_reduces_scalars():
-    r = run_on_fake_devices(8, "-c", SCRIPT, timeout=600)
+    # 4 devices, not 8: eight device threads on a 2-core machine deadlocked XLA's CPU collectives in 3
+    # of 4 attempts on one day (see conftest.run_on_fake_devices); test_mesh covers 8
+    r = run_on_fake_devices(4, "-c", SCRIPT, timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-4000:]
 
 
