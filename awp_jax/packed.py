@@ -232,6 +232,7 @@ class OrbaxWriter:
         self._tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
         self._meta = {"format": FORMAT, "config": config, "layers": {}, "params": [], **(extra or {})}
         self._kept: dict | None = {"params": {}, "layers": {}} if jax.process_count() > 1 else None
+        self._names: set[str] = set()  # every name added so far
 
     def add(self, params: dict[str, np.ndarray], encoded: dict[str, dict] | None = None) -> None:
         """Append dense ``params`` (HF names → arrays) and ``encoded`` layers (HF names → encoded
@@ -239,9 +240,9 @@ class OrbaxWriter:
         from orbax.checkpoint.experimental.v1 import partial
 
         encoded = encoded or {}
-        again = (set(params) | set(encoded)) & (set(self._meta["params"]) | set(self._meta["layers"]))
-        if again or set(params) & set(encoded):
-            raise ValueError(f"{self.path}: tensors given twice: {sorted(again or set(params) & set(encoded))[:5]}")
+        again = (set(params) & set(encoded)) | ((set(params) | set(encoded)) & self._names)
+        if again:
+            raise ValueError(f"{self.path}: tensors given twice: {sorted(again)[:5]}")
         tree = {}
         if params:
             tree["params"] = {_key(k): np.asarray(v) for k, v in params.items()}
@@ -254,13 +255,14 @@ class OrbaxWriter:
                 self._kept[group].update(items)
         else:
             partial.save(self._tmp / "ckpt", tree)
+        self._names |= set(params) | set(encoded)
         self._meta["params"] += sorted(params)
         self._meta["layers"].update({k: e["meta"] for k, e in encoded.items()})
 
     def close(self) -> pathlib.Path:
         from orbax.checkpoint.experimental.v1 import partial
 
-        if not (self._meta["params"] or self._meta["layers"]):
+        if not self._names:
             raise ValueError(f"{self.path}: nothing was written")
         if self._kept is not None:
             with _checkpointer() as ckptr:

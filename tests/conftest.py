@@ -1,4 +1,5 @@
 import atexit
+import collections
 import os
 import pathlib
 import shutil
@@ -61,7 +62,7 @@ def _run_watched(argv: list[str], env: dict, timeout: float, idle: float):
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = [], []
     start = time.monotonic()
-    seen = [(start, _cpu_seconds(proc.pid))]
+    seen = collections.deque([(start, _cpu_seconds(proc.pid))])  # CPU-time samples, the oldest at least ``idle`` old
     why = None
     while True:
         try:
@@ -73,8 +74,10 @@ def _run_watched(argv: list[str], env: dict, timeout: float, idle: float):
             pass
         now, cpu = time.monotonic(), _cpu_seconds(proc.pid)
         seen.append((now, cpu))
-        past = [c for t, c in seen if now - t >= idle]
-        if cpu is not None and past and past[-1] is not None and cpu - past[-1] < 1.0:
+        while len(seen) > 1 and now - seen[1][0] >= idle:
+            seen.popleft()
+        then, cpu_then = seen[0]
+        if now - then >= idle and cpu is not None and cpu_then is not None and cpu - cpu_then < 1.0:
             why = "idle"
         elif now - start > timeout:
             why = "timeout"
