@@ -275,8 +275,6 @@ def _compress(args) -> int:
 
         parse_size(args.max_shard_size)
     if args.stream:
-        if args.dtype != "auto":
-            raise ValueError(f"--stream keeps the checkpoint's dtype; --dtype {args.dtype} is not supported with it")
         if args.num_processes > 1:
             raise ValueError("--stream with --num-processes > 1 is not supported yet")
         formats.check_streams(args.format, True)
@@ -318,9 +316,10 @@ def _compress(args) -> int:
     if args.stream:
         from awp_jax import streaming
 
-        # a llama.cpp block grid holds values only float32 holds exactly: the weights are held in float32 for it
-        model = streaming.open_model(args.model, **({"gguf_dequantized_dtype": "float32", "storage_dtype": "float32"}
-                                                   if _format_grid(args) is not None else {}))
+        # held as the in-memory load holds them: another --dtype (float32 for a llama.cpp block grid, whose values only
+        # float32 holds exactly) rounds every tensor to it as it is read, a GGUF's dequantized from float32
+        model = streaming.open_model(args.model, **({"gguf_dequantized_dtype": "float32", "storage_dtype": dtype}
+                                                   if dtype != "auto" else {}))
     else:
         model, _ = checkpoints.load_model(args.model, storage_dtype=dtype, with_tokenizer=False)
     source = checkpoints.model_source(args.model)
@@ -469,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                       "500MB; a larger model is written as shards with model.safetensors.index.json (default 50GB, as transformers)")
     comp.add_argument("--stream", action="store_true", help="keep one block in memory at a time: blocks are read from the "
                       "checkpoint when needed, compressed blocks kept on disk, the output written tensor by tensor (a Hugging "
-                      "Face directory, orbax directory or GGUF file in, --format hf, compressed-tensors or gguf out; weights keep the checkpoint's dtype, bfloat16 for a "
-                      "GGUF's block-quantized tensors as with --dtype auto)")
+                      "Face directory, orbax directory or GGUF file in, --format hf, compressed-tensors, gguf or orbax out; weights held in "
+                      "--dtype, as in memory)")
     comp.add_argument("-v", "--verbose", action="store_true", help="one line per layer")
     _add_option_flags(comp)
 

@@ -124,6 +124,38 @@ def test_compressed_tensors_refuses_what_it_cannot_hold_before_calibration():
         formats.constrain("compressed-tensors", cases[0][0], "awp", None, model, gguf_type="Q4_0")
 
 
+def test_linear_widths_come_from_the_shapes_and_a_streamed_model_reads_no_block_past_the_first(tmp_path, monkeypatch):
+    """The format checks' input widths (every family, dense and mixtures: expert down_proj reads the
+    expert width) equal those of the built layers; a streamed model builds block 0 only for them."""
+    import dataclasses
+
+    from transformers import Gemma3TextConfig, Phi3Config
+
+    from awp_jax import models, streaming
+    from awp_jax.export import save_hf_dir
+    from tests.test_model import GEMMA3
+    from tests.test_moe import MIXTRAL, QWEN3_MOE
+
+    cfgs = [TINY, dataclasses.replace(TINY, model_type="qwen3"), models.config_from_hf(Gemma3TextConfig(**GEMMA3)),
+            models.config_from_hf(Phi3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                             eos_token_id=2)),
+            MIXTRAL, QWEN3_MOE]
+    for cfg in cfgs:
+        model = models.build(cfg, random_weights(cfg, 2))
+        built = sorted({int(blk.linear(n).weight.shape[-1]) for blk in model.layers for n in blk.LINEARS})
+        assert formats.linear_widths(model) == built and len(built) > 1, cfg.family
+    assert formats.linear_widths(models.build(QWEN3_MOE, random_weights(QWEN3_MOE, 2))) == [48, 64]
+
+    cfg = dataclasses.replace(TINY, num_layers=3, storage_dtype="bfloat16")
+    save_hf_dir(Llama(cfg, {k: dtypes.round_to(v, "bfloat16") for k, v in random_weights(cfg, 4).items()}), tmp_path / "m")
+    model = streaming.open_model(tmp_path / "m")
+    built = []
+    real = streaming.StreamedModel._build
+    monkeypatch.setattr(streaming.StreamedModel, "_build", lambda self, i: built.append(i) or real(self, i))
+    assert formats.linear_widths(model) == [128, 256] and built == [0]
+
+
 # --------------------------------------------------------------------------- GGUF
 
 @pytest.fixture(scope="module")

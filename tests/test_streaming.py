@@ -76,10 +76,10 @@ def test_streamed_run_equals_the_in_memory_run_and_its_shards_load_in_transforme
     assert np.max(np.abs(ours - theirs)) < 1e-3 * max(1.0, np.max(np.abs(theirs)))
 
 
-def _assert_streamed_run_equals_in_memory(bf16_dir, model, tmp_path, held):
-    """The CLI run of :func:`_cmd` on ``model``, in memory and with ``--stream``: the same tensors,
-    bit for bit and held in ``held``, and the same perplexity."""
-    cmd = _cmd(bf16_dir, None)
+def _assert_streamed_run_equals_in_memory(bf16_dir, model, tmp_path, held, *flags):
+    """The CLI run of :func:`_cmd` on ``model`` with ``flags``, in memory and with ``--stream``: the
+    same tensors, bit for bit and held in ``held``, and the same perplexity."""
+    cmd = _cmd(bf16_dir, None, *flags)
     cmd[cmd.index("--model") + 1] = str(model)
     for name, extra in (("mem", []), ("stream", ["--stream"])):
         cmd[cmd.index("--out") + 1] = str(tmp_path / name)
@@ -121,9 +121,20 @@ def test_a_gguf_streams_tensor_by_tensor_and_gives_the_in_memory_run(bf16_dir, t
     for k in weights:
         t = streamed.tensor(k)
         assert t.dtype == held and np.array_equal(t.astype(np.float32), np.asarray(mem_w[k], np.float32)), k
+    # another --dtype: dequantized to float32 and rounded to it, as the in-memory load of that dtype
+    mem_w = weights_of(checkpoints.load_model(gguf_path, storage_dtype="float16", with_tokenizer=False)[0])
+    streamed = streaming.open_model(gguf_path, gguf_dequantized_dtype="float32", storage_dtype="float16")
+    for k in weights:
+        t = streamed.tensor(k)
+        assert t.dtype == np.float16 and np.array_equal(t, np.asarray(mem_w[k], np.float16)), k
     if linear_type == "Q8_0":
         return  # the whole-run comparison below (~50 s, most of it the GGUF tokenizer) runs on the F16 file
     _assert_streamed_run_equals_in_memory(bf16_dir, gguf_path, tmp_path, held)
+
+
+def test_a_streamed_run_in_another_dtype_equals_the_in_memory_run(bf16_dir, tmp_path):
+    """--stream --dtype float32 on a bf16 checkpoint: every tensor held and written in float32, as in memory."""
+    _assert_streamed_run_equals_in_memory(bf16_dir, bf16_dir / "model", tmp_path, np.dtype(np.float32), "--dtype", "float32")
 
 
 def test_norms_stored_wider_than_the_linear_layers_are_held_as_the_in_memory_run_holds_them(bf16_dir, tmp_path):
@@ -321,7 +332,6 @@ def test_stream_refusals(bf16_dir, tmp_path, capsys):
     with pytest.raises(checkpoints.CheckpointError, match="streaming reads a Hugging Face directory .* or a GGUF file"):
         streaming.open_model(tmp_path / "empty")
     for extra, message in [
-        (["--stream", "--dtype", "float32"], "--dtype float32 is not supported with it"),
         (["--max-shard-size", "lots"], "max shard size must be"),
         (["--format", "orbax", "--max-shard-size", "1GB"], "--max-shard-size is an option of another output format"),
     ]:

@@ -144,8 +144,12 @@ def save(model, out: os.PathLike, *, format: str = "hf", encoded: dict | None = 
     return out
 
 
-def linear_layers(model):
-    """``(hf_name, weight array)`` of every compressible linear layer of ``model``."""
-    for i, blk in enumerate(model.layers):
-        for name in blk.LINEARS:
-            yield model.linear_key(i, name), blk.linear(name).weight[...]
+def linear_widths(model) -> list[int]:
+    """The input widths of ``model``'s compressible linear layers, sorted, from its config's tensor
+    shapes: no weight is read (a streamed model's blocks stay on disk), except that the layer names
+    come from block 0 (every block of a family has the same linear layers)."""
+    from awp_jax import models
+
+    shapes = models.model_class(model.cfg).shapes(model.cfg)
+    names = list(model.layers[0].LINEARS) if model.cfg.num_layers else []
+    return sorted({int(shapes[model.linear_key(i, n)][-1]) for i in range(model.cfg.num_layers) for n in names})

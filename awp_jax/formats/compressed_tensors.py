@@ -36,7 +36,7 @@ import numpy as np
 
 from awp_jax import dtypes, packed
 from awp_jax.checkpoints import stored_tensors
-from awp_jax.formats import Format, FormatError, linear_layers
+from awp_jax.formats import Format, FormatError, linear_widths
 from awp_jax.formats.hf import write_dense
 
 BITS = (4, 8)
@@ -80,7 +80,7 @@ def constrain(constraint, method: str, options, model, *, source=None):
         raise FormatError("--act-order permutes GPTQ's groups, which this writer does not store (weight_g_idx); drop --act-order")
     g = constraint.group_size
     if g is not None:
-        widths = sorted({int(w.shape[-1]) for _, w in linear_layers(model)})
+        widths = linear_widths(model)
         bad = [d for d in widths if d % g]
         if bad:
             common = np.gcd.reduce(widths)

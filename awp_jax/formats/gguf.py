@@ -30,7 +30,7 @@ import pathlib
 import numpy as np
 
 from awp_jax import dtypes, packed
-from awp_jax.formats import Format, FormatError, linear_layers
+from awp_jax.formats import Format, FormatError, linear_widths
 
 BLOCK = 32
 #: grid fields of the constraint for each block type; ``None``: a dense type (pruning only)
@@ -76,7 +76,7 @@ def constrain(constraint, method: str, options, model, *, source=None, gguf_type
                           "that a GGUF block has no place for; use --method awp (from RTN), gptq or rtn")
     if getattr(options, "act_order", False):
         raise FormatError("--act-order permutes GPTQ's groups; GGUF blocks are consecutive columns: drop --act-order")
-    widths = sorted({int(w.shape[-1]) for _, w in linear_layers(model)})
+    widths = linear_widths(model)
     if any(d % BLOCK for d in widths):
         raise FormatError(f"--format gguf needs input widths that are multiples of {BLOCK}, got {widths}")
     if grid is None:
