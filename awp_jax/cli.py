@@ -275,8 +275,6 @@ def _compress(args) -> int:
 
         parse_size(args.max_shard_size)
     if args.stream:
-        if args.num_processes > 1:
-            raise ValueError("--stream with --num-processes > 1 is not supported yet")
         formats.check_streams(args.format, True)
     if args.gguf_type is not None and args.format != "gguf":
         raise ValueError(f"--gguf-type is an option of --format gguf, not --format {args.format}")

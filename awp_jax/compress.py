@@ -185,13 +185,12 @@ def compress_model(
     streamed = hasattr(model.layers, "stored")
     if streamed and store is None:
         raise ValueError("a model whose blocks live on disk (streaming) needs run_dir: compressed blocks are kept there")
-    if streamed and n_proc > 1:
-        raise ValueError("streaming with several processes is not supported yet; load the model whole")
     keep = encoded is not None
 
     def keep_encoded(i: int, enc: dict) -> None:
         # a streamed model's encoded layers stay in the run directory, read back field by field when written
-        if keep:
+        # (by process 0, which writes them: the others may be ahead of its write of block i)
+        if keep and (rank == 0 or not streamed):
             enc = store.stored_layers(i) if streamed else enc
             encoded.update({model.linear_key(i, n): e for n, e in enc.items()})
 
@@ -258,8 +257,12 @@ def compress_model(
                 enc_block[n], rows[n] = finish(i, blk, n, w, c, res, secs, len(names), stats)
             del ws, cs, out, w, c, res  # one group's weights, statistics and results at a time
         rows = [rows[n] for n in blk.LINEARS]  # in the block's order
-        if store is not None and rank == 0:
-            store.save(i, blk, rows, enc_block)
+        if store is not None:
+            if rank == 0:
+                store.save(i, blk, rows, enc_block)
+            # streamed, block i is read back from the run directory if it is built again; every process holds
+            # the same results, process 0 has written them before it joins the next collective, and an
+            # unwritten block file is an error when read, never the dense block
             store.mark_stored(model, i)
         report.extend(rows)
         keep_encoded(i, enc_block)

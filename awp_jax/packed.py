@@ -220,7 +220,9 @@ class OrbaxWriter:
 
     In a multi-process run (where only one process writes) the parts are kept and written in one
     save by :meth:`close`: orbax's partial save and its finalization wait for every process at
-    collectives of their own. Such a model is in memory whole anyway (streaming is one process)."""
+    collectives of their own (``_check_directory_consistency`` whatever the active processes). A
+    streamed run on several processes therefore holds this form (codes, scales and masks, not the
+    float weights) whole in process 0's memory while it writes it."""
 
     def __init__(self, path: os.PathLike, config: dict, *, extra: dict | None = None):
         import jax

@@ -42,18 +42,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(d, out, iters, n=2, heartbeat=100):
+def _launch(d, out, iters, n=2, heartbeat=100, extra=()):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return [subprocess.Popen(_cmd(d, out, iters, ["--num-processes", str(n), "--process-id", str(i),
-                                                  "--coordinator", f"localhost:{port}", "--heartbeat-timeout", str(heartbeat)]),
+                                                  "--coordinator", f"localhost:{port}", "--heartbeat-timeout", str(heartbeat),
+                                                  *extra]),
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
 
 
-def test_two_processes_equal_one_and_only_process_0_writes(setup, tmp_path):
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
+def test_two_processes_equal_one_and_only_process_0_writes(setup, tmp_path, stream):
+    """Streamed (--stream), each process reads the blocks from disk and only process 0 keeps the
+    compressed ones in the run directory: the output equals the one-process in-memory run's."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run(_cmd(setup, tmp_path / "one", 40), check=True, env=env, capture_output=True)
-    procs = _launch(setup, tmp_path / "two", 40)
+    procs = _launch(setup, tmp_path / "two", 40, extra=["--stream"] if stream else [])
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert (tmp_path / "two" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
