@@ -156,7 +156,8 @@ def write_report(name, store, path):
     for col in ORDER:
         ref_name = BASELINES[col][-1]
         ref = store.get(f"{col}|{ref_name}")
-        lines += [f"## {col}", "", f"| row | perplexity | wall s | CPU s | CPU / {ref_name} |", "|---|---|---|---|---|"]
+        lines += [f"## {col}", "", f"| row | perplexity | wall s | CPU s | CPU / {ref_name} | GFLOP/s of its session |",
+                  "|---|---|---|---|---|---|"]
         # the rows of the recipes as they are now, then stored rows measured with a recipe's earlier options
         labels = [lab for c, lab, _, _ in rows() if c == col]
         labels += [k.split("|", 1)[1] for k in store if k.startswith(col + "|") and k.split("|", 1)[1] not in labels]
@@ -164,11 +165,19 @@ def write_report(name, store, path):
         for lab in sorted(labels, key=lambda lab: _label_order(col, lab)):
             r = store.get(f"{col}|{lab}")
             if r is None:
-                lines.append(f"| {lab} | not run | | | |")
+                lines.append(f"| {lab} | not run | | | | |")
                 continue
             ratio = f"{r['compress_cpu_seconds'] / ref['compress_cpu_seconds']:.2f}" if ref else f"({ref_name} not run)"
-            lines.append(f"| {lab} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio} |")
+            rate = r.get("matmul_gflops")
+            if ref and (rate is None or rate != ref.get("matmul_gflops")) and r is not ref:
+                ratio += " *"
+            lines.append(f"| {lab} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio} | "
+                         f"{'–' if rate is None else f'{rate:.0f}'} |")
             got.append((r["perplexity"], lab))
+        if any(line.endswith(" * |") or " * | " in line for line in lines[-len(labels):]):
+            lines += ["", f"\\* measured in another session than the {ref_name} row (or in one whose matmul rate was not kept with "
+                      "the row, –): these machines' speed differs by up to 4x between days, so such a ratio compares days as "
+                      "much as methods."]
         if got:
             of = "" if len(got) == len(labels) else f" of the {len(got)} of {len(labels)} rows run"
             lines += ["", f"Lowest perplexity{of}: {min(got)[1]} ({min(got)[0]:.2f})."]
@@ -229,7 +238,8 @@ def main(argv=None):
                 continue
             print(f"== {col} | {lab}: {flat}", file=sys.stderr, flush=True)
             store[k] = {"method": m, "settings": {k2: list(v) if isinstance(v, tuple) else v for k2, v in flat.items()},
-                        **quality.run_row(cfg, dense, calib, ev, m, flat, "sequential")}
+                        **quality.run_row(cfg, dense, calib, ev, m, flat, "sequential"),
+                        "matmul_gflops": store["matmul_gflops"][-1]}  # this session's rate, beside the row's times
             save()
             write_report(args.model, store, report)
             print(f"   perplexity {store[k]['perplexity']:.3f}  ({store[k]['compress_seconds']:.0f} s)", file=sys.stderr, flush=True)
