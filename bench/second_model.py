@@ -161,7 +161,7 @@ def write_report(name, store, path):
         # the rows of the recipes as they are now, then stored rows measured with a recipe's earlier options
         labels = [lab for c, lab, _, _ in rows() if c == col]
         labels += [k.split("|", 1)[1] for k in store if k.startswith(col + "|") and k.split("|", 1)[1] not in labels]
-        got = []
+        got, marked = [], False
         for lab in sorted(labels, key=lambda lab: _label_order(col, lab)):
             r = store.get(f"{col}|{lab}")
             if r is None:
@@ -170,11 +170,11 @@ def write_report(name, store, path):
             ratio = f"{r['compress_cpu_seconds'] / ref['compress_cpu_seconds']:.2f}" if ref else f"({ref_name} not run)"
             rate = r.get("matmul_gflops")
             if ref and (rate is None or rate != ref.get("matmul_gflops")) and r is not ref:
-                ratio += " *"
+                ratio, marked = ratio + " *", True
             lines.append(f"| {lab} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} | {r['compress_cpu_seconds']:.0f} | {ratio} | "
                          f"{'–' if rate is None else f'{rate:.0f}'} |")
             got.append((r["perplexity"], lab))
-        if any(line.endswith(" * |") or " * | " in line for line in lines[-len(labels):]):
+        if marked:
             lines += ["", f"\\* measured in another session than the {ref_name} row (or in one whose matmul rate was not kept with "
                       "the row, –): these machines' speed differs by up to 4x between days, so such a ratio compares days as "
                       "much as methods."]
