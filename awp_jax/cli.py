@@ -297,8 +297,9 @@ def _compress(args) -> int:
         rank = jax.process_index()
     from awp_jax import execution, sharding
 
-    # the mesh is checked against the devices before any work
-    mesh = None if args.num_processes > 1 and args.mesh == "auto" else sharding.parse_mesh(args.mesh)
+    # the mesh is checked against the devices before any work; with several processes each one's mesh
+    # spans its own devices (the processes share the layers, execution.MultiProcess)
+    mesh = sharding.parse_mesh(args.mesh, jax.local_devices() if args.num_processes > 1 else None)
     executor = execution.choose(mesh)
     t_start = time.perf_counter()
     # the texts are tokenized before the weights are loaded: tokenizing a million tokens briefly takes
@@ -452,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--mesh", default="auto", help="device mesh for the calibration forward, the solves and the evaluations: model=M,stack=S "
                       "(M x S must equal the device count; rows of W and the model's tensor-parallel split over model, "
                       "layer stacks and calibration batches over stack), auto (every local device on model; one device: "
-                      "none) or none (one device). Default auto")
+                      "none) or none (one device). With --num-processes, each process's mesh over its own devices "
+                      "(the processes share the layers). Default auto")
     comp.add_argument("--heartbeat-timeout", type=int, default=100, help="seconds before a silent process fails the run (default 100)")
     comp.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

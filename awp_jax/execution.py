@@ -8,12 +8,20 @@ code in every case; only their placement differs.
 | executor | chosen when | a group of layers | the calibration forward |
 |---|---|---|---|
 | :class:`Local` | one process, one device | solved on the default device | on the default device |
-| :class:`MultiProcess` | ``jax.distributed`` with several processes | groups dealt out among the processes in turn, each result sent to all (pickled all-gather) | every process runs it whole (the same windows, the same bits) |
 | :class:`OnMesh` | a device mesh (``--mesh``, or several local devices) | the method's sharded form (:func:`awp_jax.methods.compress_on_mesh`): AWP rows over ``"model"``, layers over ``"stack"``; SparseGPT/GPTQ rows over every device | parameters laid out by :data:`awp_jax.sharding.FORWARD_RULES`, batches over ``"stack"`` |
+| :class:`MultiProcess` | ``jax.distributed`` with several processes | groups dealt out among the processes in turn, each solved by its process's own executor (:class:`Local`, or :class:`OnMesh` over that process's devices) and its result sent to all (pickled all-gather) | every process runs it whole (the same windows, the same bits), on its own executor's placement |
 
 :func:`choose` picks one from the mesh and the process count. A method (or setting) without a
 sharded form runs on one device under :class:`OnMesh`, and :meth:`Executor.notes` says so before
 any work (e.g. magnitude and Wanda, whose layers cost next to nothing, or AWP from GPTQ's start).
+
+Several processes, each with several devices (hosts of a pod): every process's mesh spans its own
+devices only (``jax.local_devices()``), and the processes share the work by groups of layers. No
+array spans processes: a block, its statistics and its solves fit one host's devices for every
+model this package targets (a 70B block's largest ``C``, 28672² float32, is 3.3 GB), so the only
+traffic between hosts is the results' all-gather; the price is that every host runs the
+calibration forward whole. The groups of a block are dealt in turn, so more processes than a
+block has groups (seven for a dense block) leave some idle.
 """
 
 from __future__ import annotations
@@ -63,16 +71,25 @@ class Local(Executor):
 
 
 class MultiProcess(Executor):
-    """Several processes (``jax.distributed``): group ``g`` is solved by process ``g mod n`` and its
-    result sent to every process, so all hold the same compressed model (identical to one process)."""
+    """Several processes (``jax.distributed``): group ``g`` is solved by process ``g mod n`` on that
+    process's ``inner`` executor (:class:`Local` by default, or :class:`OnMesh` over its own devices)
+    and the result sent to every process, so all hold the same compressed model: identical to one
+    process with the same ``inner`` placement."""
 
-    def __init__(self):
+    def __init__(self, inner: Executor | None = None):
+        self.inner = Local() if inner is None else inner
+        if isinstance(self.inner, MultiProcess):
+            raise TypeError("MultiProcess's inner executor places one process's work: Local or OnMesh")
         self.rank, self.n = jax.process_index(), jax.process_count()
-        self.name = f"{self.n} processes"
+        self.layout = self.inner.layout
+        self.name = f"{self.n} processes" + ("" if isinstance(self.inner, Local) else f", each on a {self.inner.name}")
+
+    def notes(self, method, constraint, options):
+        return self.inner.notes(method, constraint, options)
 
     def run_group(self, g, method, ws, cs, constraint, options, what):
         owner = g % self.n
-        payload = super().run_group(g, method, ws, cs, constraint, options, what) if owner == self.rank else None
+        payload = self.inner.run_group(g, method, ws, cs, constraint, options, what) if owner == self.rank else None
         return _exchange(payload, owner, what)
 
 
@@ -97,14 +114,19 @@ class OnMesh(Executor):
 
 
 def choose(mesh=None) -> Executor:
-    """The executor for this run: :class:`MultiProcess` when ``jax.distributed`` runs several
-    processes, :class:`OnMesh` for a ``mesh`` (:func:`awp_jax.sharding.parse_mesh`), else :class:`Local`."""
+    """The executor for this run: :class:`OnMesh` for a ``mesh`` (:func:`awp_jax.sharding.parse_mesh`),
+    else :class:`Local`; wrapped in :class:`MultiProcess` when ``jax.distributed`` runs several
+    processes, where ``mesh`` must hold this process's own devices only (``parse_mesh(text,
+    jax.local_devices())``)."""
+    inner = Local() if mesh is None else OnMesh(mesh)
     if jax.process_count() > 1:
-        if mesh is not None:
-            raise ValueError("a device mesh across several processes is not supported yet: with several processes, "
-                             "leave --mesh out (each process compresses its share of the layers on its own device)")
-        return MultiProcess()
-    return Local() if mesh is None else OnMesh(mesh)
+        foreign = sorted({d.process_index for d in mesh.devices.flat} - {jax.process_index()}) if mesh is not None else []
+        if foreign:
+            raise ValueError(f"the device mesh holds devices of processes {foreign}: with several processes each one's mesh "
+                             f"spans its own devices (jax.local_devices(), {jax.local_device_count()} here) and the "
+                             "processes share the layers; a mesh spanning processes is not supported")
+        return MultiProcess(inner)
+    return inner
 
 
 def _allgather(x: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Several processes (jax.distributed on localhost, CPU) compress one model together: the output
-equals a one-process run, only process 0 writes, a crashed process fails the run, a rerun resumes."""
+equals a one-process run (each process on one device, or on a mesh of its own devices), only
+process 0 writes, a crashed process fails the run, a rerun resumes."""
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -11,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import fake_devices_env
 
 from awp_jax import assets, checkpoints, packed
 from awp_jax.export import save_hf_dir
@@ -42,22 +45,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(d, out, iters, n=2, heartbeat=100, extra=()):
+def _env(devices=1):
+    return fake_devices_env(devices) if devices > 1 else {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def _launch(d, out, iters, n=2, heartbeat=100, extra=(), devices=1):
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = _env(devices)
     return [subprocess.Popen(_cmd(d, out, iters, ["--num-processes", str(n), "--process-id", str(i),
                                                   "--coordinator", f"localhost:{port}", "--heartbeat-timeout", str(heartbeat),
                                                   *extra]),
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
-def test_two_processes_equal_one_and_only_process_0_writes(setup, tmp_path, stream):
-    """Streamed (--stream), each process reads the blocks from disk and only process 0 keeps the
-    compressed ones in the run directory: the output equals the one-process in-memory run's."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    subprocess.run(_cmd(setup, tmp_path / "one", 40), check=True, env=env, capture_output=True)
-    procs = _launch(setup, tmp_path / "two", 40, extra=["--stream"] if stream else [])
+@pytest.mark.parametrize(("stream", "devices"), [(False, 2), (True, 1)], ids=["in-memory, a 2-device mesh each", "streamed"])
+def test_two_processes_equal_one_and_only_process_0_writes(setup, tmp_path, stream, devices):
+    """Each process on a mesh of its own 2 devices (--mesh model=2): the output equals one process on
+    that mesh. Streamed (--stream), each process reads the blocks from disk and only process 0 keeps
+    the compressed ones in the run directory: the output equals the one-process in-memory run's."""
+    mesh = ["--mesh", "model=2"] if devices > 1 else []
+    r = subprocess.run(_cmd(setup, tmp_path / "one", 40, mesh), env=_env(devices), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    procs = _launch(setup, tmp_path / "two", 40, extra=(["--stream"] if stream else []) + mesh, devices=devices)
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert (tmp_path / "two" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
@@ -68,6 +77,8 @@ def test_two_processes_equal_one_and_only_process_0_writes(setup, tmp_path, stre
     assert all(np.array_equal(e1[k][f], e2[k][f]) for k in e1 for f in e1[k] if f != "meta")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no run dir left, nothing else written
     assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]
+    executor = json.loads((tmp_path / "two" / "awp_report.json").read_text())["executor"]
+    assert executor == ("2 processes, each on a mesh 1 (stack) x 2 (model) of 2 cpu devices" if devices > 1 else "2 processes"), executor
 
 
 def test_a_crashed_process_fails_the_run_and_a_rerun_resumes(setup, tmp_path):
