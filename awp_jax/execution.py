@@ -118,15 +118,15 @@ def choose(mesh=None) -> Executor:
     else :class:`Local`; wrapped in :class:`MultiProcess` when ``jax.distributed`` runs several
     processes, where ``mesh`` must hold this process's own devices only (``parse_mesh(text,
     jax.local_devices())``)."""
-    inner = Local() if mesh is None else OnMesh(mesh)
-    if jax.process_count() > 1:
-        foreign = sorted({d.process_index for d in mesh.devices.flat} - {jax.process_index()}) if mesh is not None else []
+    several = jax.process_count() > 1
+    if several and mesh is not None:
+        foreign = sorted({d.process_index for d in mesh.devices.flat} - {jax.process_index()})
         if foreign:
             raise ValueError(f"the device mesh holds devices of processes {foreign}: with several processes each one's mesh "
                              f"spans its own devices (jax.local_devices(), {jax.local_device_count()} here) and the "
                              "processes share the layers; a mesh spanning processes is not supported")
-        return MultiProcess(inner)
-    return inner
+    inner = Local() if mesh is None else OnMesh(mesh)
+    return MultiProcess(inner) if several else inner
 
 
 def _allgather(x: np.ndarray) -> np.ndarray:

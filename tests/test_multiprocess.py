@@ -102,3 +102,19 @@ def test_a_crashed_process_fails_the_run_and_a_rerun_resumes(setup, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
     assert "resuming" in outs[0][1]
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+
+
+def test_several_processes_take_a_mesh_of_their_own_devices_only(monkeypatch):
+    """execution.choose wraps the mesh executor in MultiProcess, and refuses a mesh holding another
+    process's devices (a mesh spanning processes is not built), naming those processes."""
+    import types
+
+    import jax
+
+    from awp_jax import execution
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert isinstance(execution.choose().inner, execution.Local) and execution.choose().name == "2 processes"
+    foreign = types.SimpleNamespace(devices=np.array([jax.devices()[0], types.SimpleNamespace(process_index=1)], object))
+    with pytest.raises(ValueError, match=r"holds devices of processes \[1\].*spans its own devices"):
+        execution.choose(foreign)
