@@ -246,9 +246,15 @@ def compress_model(
                 size = sum(4 * int(np.prod(blk.linear(n).weight[...].shape)) for n in names)
                 split.update({(key, n): [n] for n in names} if size > max_stack_bytes and len(names) > 1 else {key: names})
             groups = split
+        # the last group that reads each statistic: its host copy is dropped once that group holds it on the
+        # device, so a block's largest C (down_proj's input, d_ff² floats) is not held twice during its solve
+        last_use = {blk.LINEARS[n]: g for g, names in enumerate(groups.values()) for n in names}
         for g, names in enumerate(groups.values()):
             ws = [jnp.asarray(blk.linear(n).weight[...], jnp.float32) for n in names]
             cs = [jnp.asarray(stats[blk.LINEARS[n]], jnp.float32) for n in names]
+            for n in names:
+                if last_use[blk.LINEARS[n]] == g:
+                    stats.pop(blk.LINEARS[n], None)
             if error_correction is not None:  # the dense model's outputs are the target
                 ws = [targets_lib.corrected_weight(w, c, stats[blk.LINEARS[n] + "#cross"], error_correction)
                       for n, w, c in zip(names, ws, cs)]

@@ -205,10 +205,11 @@ def main(argv=None):
         if len(ks) > 1:
             lines.append(f"- {m}, {dev} device{'s' if dev > 1 else ''}: {ks[0]} → {ks[-1]} blocks: {d[ks[-1]]['peak_mb'] - d[ks[0]]['peak_mb']:+.0f} MB "
                          f"(one block in float32 is {block:.0f} MB)")
-    if previous:
-        lines += ["", f"Before (commit {previous['commit']}, {previous['what']}), same command:", ""]
-        lines += [f"- {r['blocks']} blocks, {r['method']}: peak {r['peak_mb']:.0f} MB, {r['seconds'] / r['blocks']:.0f} s / block"
-                  for r in previous["rows"]]
+    # rows an earlier version measured, newest first (set aside by hand with the commit they ran at)
+    for before in [previous] if isinstance(previous, dict) else previous or []:
+        lines += ["", f"Before (commit {before['commit']}, {before['what']}), same command:", ""]
+        lines += [f"- {r['blocks']} blocks, {r['method']}{' on ' + str(r['devices']) + ' devices' if r.get('devices', 1) > 1 else ''}: "
+                  f"peak {r['peak_mb']:.0f} MB, {r['seconds'] / r['blocks']:.0f} s / block" for r in before["rows"]]
     lines += ["", "`forward` is the rest of the run: the calibration forward and C accumulation, tokenizing, starting up. "
               "`load` reads a block from disk and builds it in the checkpoint's dtype, `write` the whole output "
               "(sharded safetensors, tensor by tensor)."]
