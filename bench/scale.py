@@ -136,7 +136,7 @@ def main(argv=None):
     outer = 49152 * D * 4 / 2**20
     store = RESULTS / "scale_runs.json"
     rows = json.loads(store.read_text()).get("rows", []) if store.exists() else []  # finished rows are kept: resumable
-    previous = json.loads(store.read_text()).get("previous") if store.exists() else None
+    previous = json.loads(store.read_text()).get("previous", []) if store.exists() else []  # earlier versions' rows, newest first
     base = json.loads(store.read_text()).get("baseline_mb") if store.exists() else None
     try:
         for n in [int(b) for b in args.blocks.split(",")]:
@@ -205,8 +205,8 @@ def main(argv=None):
         if len(ks) > 1:
             lines.append(f"- {m}, {dev} device{'s' if dev > 1 else ''}: {ks[0]} → {ks[-1]} blocks: {d[ks[-1]]['peak_mb'] - d[ks[0]]['peak_mb']:+.0f} MB "
                          f"(one block in float32 is {block:.0f} MB)")
-    # rows an earlier version measured, newest first (set aside by hand with the commit they ran at)
-    for before in [previous] if isinstance(previous, dict) else previous or []:
+    # rows an earlier version measured (set aside by hand with the commit they ran at)
+    for before in previous:
         lines += ["", f"Before (commit {before['commit']}, {before['what']}), same command:", ""]
         lines += [f"- {r['blocks']} blocks, {r['method']}{' on ' + str(r['devices']) + ' devices' if r.get('devices', 1) > 1 else ''}: "
                   f"peak {r['peak_mb']:.0f} MB, {r['seconds'] / r['blocks']:.0f} s / block" for r in before["rows"]]
