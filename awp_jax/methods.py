@@ -180,8 +180,13 @@ class AWPOptions:
                                    "splitting (admm: 300 iterations at most, penalty schedule, stops when the mask settles; "
                                    "the step, tolerance and momentum settings are PGD's and not used; beyond the paper)", choices=("pgd", "admm"))
     grid_refit: bool = option(False, GRID_REFIT_HELP)
+    chunk_mb: int = option(64, "solve a layer (a stack of layers) whose float32 weights exceed this many MiB in row chunks of "
+                               "at most this size, one after another, so the solver's buffers (about a dozen copies of what it "
+                               "solves) stay small; each chunk stops, restarts and keeps its best iterate on its own. Row-scope "
+                               "PGD only (layer scope and ADMM solve whole layers); 0: never", type=int)
 
     def __post_init__(self):
+        _check(_is_int(self.chunk_mb) and self.chunk_mb >= 0, "chunk_mb must be an integer >= 0", self.chunk_mb)
         _check(self.max_iter is None or (_is_int(self.max_iter) and self.max_iter >= 1), "max_iter must be an integer >= 1", self.max_iter)
         _check(self.tol is None or (_is_num(self.tol) and self.tol >= 0), "tol must be a number >= 0", self.tol)
         _check(self.step_scale is None or (_is_num(self.step_scale) and self.step_scale > 0), "step_scale must be a positive number", self.step_scale)
@@ -379,10 +384,32 @@ def compress_on_mesh(name: str, ws, cs, constraint: Constraint, options, mesh) -
 
 @jax.jit
 def _layer_stats(w, c):
-    """Scalars :func:`check_layer` judges, in one fused pass (no [d, d] temporaries on the host)."""
+    """Scalars :func:`check_layer` judges, in fused reductions: no [d, d] temporary (C's transpose
+    included: its asymmetry is taken over blocks of 512 rows against the matching columns)."""
     diag = jnp.diagonal(c)
-    return {"bad_w": jnp.sum(~jnp.isfinite(w)), "bad_c": jnp.sum(~jnp.isfinite(c)), "min_diag": jnp.min(diag),
-            "scale": jnp.maximum(jnp.max(jnp.abs(diag)), jnp.finfo(jnp.float32).tiny), "asym": jnp.max(jnp.abs(c - c.T))}
+    d = c.shape[-1]
+    b = min(512, d)
+
+    def asym(i, m):  # dynamic_slice clamps the last block into range: it overlaps, which a max allows
+        rows = jax.lax.dynamic_slice(c, (i * b, 0), (b, d))
+        cols = jax.lax.dynamic_slice(c, (0, i * b), (d, b))
+        return jnp.maximum(m, jnp.max(jnp.abs(rows - cols.T)))
+
+    # max |x| is NaN or Inf exactly when x holds a NaN or Inf, and reduces without a temporary (a count of
+    # non-finite entries materialises a mask as large as x; it is taken only for the error message)
+    return {"finite_w": jnp.isfinite(jnp.max(jnp.abs(w))), "finite_c": jnp.isfinite(jnp.max(jnp.abs(c))), "min_diag": jnp.min(diag),
+            "scale": jnp.maximum(jnp.max(jnp.abs(diag)), jnp.finfo(jnp.float32).tiny),
+            "asym": jax.lax.fori_loop(0, -(-d // b), asym, jnp.zeros((), c.dtype))}
+
+
+@jax.jit
+def _nonfinite(x):
+    return jnp.sum(~jnp.isfinite(x))
+
+
+def _f32(x) -> jax.Array:
+    """``x`` as a float32 device array (no copy when it is one already)."""
+    return jnp.asarray(x, jnp.float32)
 
 
 def check_layer(w, c) -> None:
@@ -392,11 +419,11 @@ def check_layer(w, c) -> None:
         raise ValueError(f"weights must be a 2-D [d_out, d_in] matrix, got shape {np.shape(w)}")
     if np.shape(c) != (np.shape(w)[1], np.shape(w)[1]):
         raise ValueError(f"C must be [d_in, d_in] = {(np.shape(w)[1], np.shape(w)[1])} for weights {np.shape(w)}, got {np.shape(c)}")
-    st = {k: v.item() for k, v in jax.device_get(_layer_stats(jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32))).items()}
-    if st["bad_w"]:
-        raise ValueError(f"weights contain NaN or Inf ({st['bad_w']} entries)")
-    if st["bad_c"]:
-        raise ValueError(f"calibration statistics C contain NaN or Inf ({st['bad_c']} entries): "
+    st = {k: v.item() for k, v in jax.device_get(_layer_stats(_f32(w), _f32(c))).items()}
+    if not st["finite_w"]:
+        raise ValueError(f"weights contain NaN or Inf ({_nonfinite(_f32(w)).item()} entries)")
+    if not st["finite_c"]:
+        raise ValueError(f"calibration statistics C contain NaN or Inf ({_nonfinite(_f32(c)).item()} entries): "
                          "the activations overflowed or the checkpoint is broken")
     if st["min_diag"] < -1e-6 * st["scale"]:
         raise ValueError(f"C is not a covariance: negative diagonal entry {st['min_diag']:.3g}")
@@ -408,8 +435,8 @@ def compress_layer(name: str, w, c, constraint: Constraint, options=None) -> Lay
     """Compress one layer with method ``name``; checks the method supports ``constraint``, takes
     ``options`` (``None``: its defaults) and the inputs (:func:`check_layer`)."""
     m, options = resolve(name, constraint, options)
+    w, c = _f32(w), _f32(c)  # one device copy, checked and then solved
     check_layer(w, c)
-    w, c = jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32)
     return _refit_grids([m.fn(w, c, constraint, options)], [w], [c], options)[0]
 
 
@@ -643,12 +670,27 @@ def _awp_info(res, lane=None):
     )
 
 
+def _chunk_bytes(opt) -> int | None:
+    return opt.chunk_mb * 2**20 or None
+
+
+def _chunk_note(info: LayerInfo, w, cfg, opt) -> LayerInfo:
+    """Say in the report when a layer (stack) over ``chunk_mb`` was solved in row chunks, or whole."""
+    n = len(solver_lib.row_chunks(w.shape[-2], int(np.prod(w.shape[:-2], dtype=np.int64)) * w.shape[-1] * 4, _chunk_bytes(opt)))
+    if n == 1:
+        return info
+    what = f"solved in {n} row chunks" if solver_lib.chunkable(cfg) else \
+        f"solved whole though over chunk_mb={opt.chunk_mb} ({'ADMM' if cfg.algorithm == 'admm' else 'layer scope'} does not separate over rows)"
+    return dataclasses.replace(info, note=what if info.note is None else f"{info.note}; {what}")
+
+
 def _awp_stack(ws, cs, con, opt):
     if opt.init in ("sparsegpt", "awq", "gptq"):
         return [_awp(w, c, con, opt) for w, c in zip(ws, cs)]
-    res = solver_lib.solve_pgd_stack(ws, cs, awp_config(con, opt))
-    return [_awp_result(res.theta[i], _awp_info(res, i), con, source=None if res.source is None else res.source[i])
-            for i in range(ws.shape[0])]
+    cfg = awp_config(con, opt)
+    res = solver_lib.solve_pgd_stack(ws, cs, cfg, max_chunk_bytes=_chunk_bytes(opt))
+    return [_awp_result(res.theta[i], _chunk_note(_awp_info(res, i), ws, cfg, opt), con,
+                        source=None if res.source is None else res.source[i]) for i in range(ws.shape[0])]
 
 
 def _awp_mesh_reason(con, opt):
@@ -660,9 +702,10 @@ def _awp_mesh_reason(con, opt):
 
 
 def _awp_mesh(ws, cs, con, opt, mesh):
-    res = sharding.solve_sharded(ws, cs, awp_config(con, opt), mesh)
-    return [_awp_result(res.theta[i], _awp_info(res, i), con, source=None if res.source is None else res.source[i])
-            for i in range(ws.shape[0])]
+    cfg = awp_config(con, opt)
+    res = sharding.solve_sharded(ws, cs, cfg, mesh, max_chunk_bytes=_chunk_bytes(opt))
+    return [_awp_result(res.theta[i], _chunk_note(_awp_info(res, i), ws, cfg, opt), con,
+                        source=None if res.source is None else res.source[i]) for i in range(ws.shape[0])]
 
 
 def _awp_result(theta, info, con, col_scale_inv=None, source=None) -> LayerResult:
@@ -685,30 +728,30 @@ def _awp(w, c, con, opt):
     cfg = awp_config(con, opt)
     if opt.init == "sparsegpt":
         theta0, _, _ = _sparsegpt_jit(w, c, con, SparseGPTOptions())
-        res = solver_lib.solve_pgd(w, c, cfg, theta0=theta0)
-        info = _awp_info(res)
+        res = solver_lib.solve_pgd(w, c, cfg, theta0=theta0, max_chunk_bytes=_chunk_bytes(opt))
+        info = _chunk_note(_awp_info(res), w, cfg, opt)
         # SparseGPT's point is feasible: it competes, so the result is never worse than SparseGPT's
         if not float(res.obj_final) < float(res.obj_init):
             info = dataclasses.replace(info, best_iteration=0, note="kept the SparseGPT start")
             return LayerResult(theta0, info)
         return LayerResult(res.theta, info)
     if opt.init == "awq":
-        return _awp_from_awq(w, c, con, cfg)
+        return _awp_from_awq(w, c, con, cfg, opt)
     if opt.init == "gptq":
         q0, damp, ok = _gptq_jit(w, c, con, GPTQOptions())
         _damping_info(c, GPTQOptions().percdamp, damp, ok)  # a failed factorisation is an error here too
-        res = solver_lib.solve_pgd(w, c, cfg, theta0=q0.dense())
-        info = _awp_info(res)
+        res = solver_lib.solve_pgd(w, c, cfg, theta0=q0.dense(), max_chunk_bytes=_chunk_bytes(opt))
+        info = _chunk_note(_awp_info(res), w, cfg, opt)
         # GPTQ's point is feasible: it competes, so the result is never worse than GPTQ's
         if not float(res.obj_final) < float(res.obj_init):
             info = dataclasses.replace(info, best_iteration=0, note="kept the GPTQ start")
             return _quantized(q0, info)
         return _awp_result(res.theta, info, con, source=res.source)
-    res = solver_lib.solve_pgd(w, c, cfg)
-    return _awp_result(res.theta, _awp_info(res), con, source=res.source)
+    res = solver_lib.solve_pgd(w, c, cfg, max_chunk_bytes=_chunk_bytes(opt))
+    return _awp_result(res.theta, _chunk_note(_awp_info(res), w, cfg, opt), con, source=res.source)
 
 
-def _awp_from_awq(w, c, con, cfg):
+def _awp_from_awq(w, c, con, cfg, opt):
     """AWP started from AWQ's point (beyond the paper), solved in AWQ's scaled coordinates.
 
     AWQ stores ``q`` = the grid point of ``W·diag(s)`` and computes with ``q·diag(1/s)``. With
@@ -719,8 +762,8 @@ def _awp_from_awq(w, c, con, cfg):
     q, alpha = _awq_jit(w if con.kind == "quant" else _mask_prune(w, c, con, True), c, con)
     r = q.col_scale_inv
     ws, cs = w / r[None, :], c * r[:, None] * r[None, :]
-    res = solver_lib.solve_pgd(ws, cs, cfg, theta0=q.grid_values())
-    info = dataclasses.replace(_awp_info(res), alpha=float(alpha))
+    res = solver_lib.solve_pgd(ws, cs, cfg, theta0=q.grid_values(), max_chunk_bytes=_chunk_bytes(opt))
+    info = _chunk_note(dataclasses.replace(_awp_info(res), alpha=float(alpha)), w, cfg, opt)
     # AWQ's point is feasible: it competes, so the result is never worse than AWQ's
     if not float(res.obj_final) < float(res.obj_init):
         info = dataclasses.replace(info, best_iteration=0, note="kept the AWQ start")

@@ -138,15 +138,20 @@ def sharded_solver(config: solver_lib.PGDConfig, mesh: Mesh):
     return _sharded_fn(config, mesh)
 
 
-def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh) -> solver_lib.PGDResult:
+def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh, *, max_chunk_bytes: int | None = None) -> solver_lib.PGDResult:
     """:func:`awp_jax.solver.solve_pgd_stack` on ``mesh``: ``w [L, d_out, d_in]``, ``c [L, d_in, d_in]``.
-    Results equal the unsharded solve's up to the order of floating-point sums (tested)."""
+    Results equal the unsharded solve's up to the order of floating-point sums (tested).
+    ``max_chunk_bytes``: the same row chunks as the unsharded solve, each chunk sharded in turn."""
     w, c = jnp.asarray(w), jnp.asarray(c)
     if w.ndim != 3 or c.ndim != 3 or c.shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise ValueError(f"expected w [L, d_out, d_in] and c [L, d_in, d_in], got {w.shape} and {c.shape}")
     solver_lib._validate(w, c, None, config, stacked=True)
     if config.scope == "layer":
         raise ValueError("scope='layer' needs the whole matrix on one device; use scope='row' with a sharded solve")
+    return solver_lib.solve_in_row_chunks(lambda wc, _: _solve_sharded(wc, c, config, mesh), w, None, config, max_chunk_bytes)
+
+
+def _solve_sharded(w, c, config, mesh):
     n_layers, d_out = w.shape[0], w.shape[1]
     n_stack, n_model = mesh.shape["stack"], mesh.shape["model"]
     wp = _pad_to(_pad_to(w, 1, n_model), 0, n_stack)

@@ -65,16 +65,19 @@ __all__ = [
     "awp_nm_joint",
     "awp_pruning",
     "awp_quantization",
+    "chunkable",
     "initial_point",
     "lambda_max",
     "make_solver",
     "objective",
     "pgd_path",
     "refit_support",
+    "row_chunks",
     "run",
     "run_path",
     "solve_pgd",
     "solve_pgd_stack",
+    "solve_in_row_chunks",
     "solve_traced",
     "step_size",
     "trace_count",
@@ -374,18 +377,20 @@ def _layer_project(z, k_total, score=None, hint=None):
     return flat.reshape(shape)
 
 
-def refit_support(w: jax.Array, c: jax.Array, theta: jax.Array, iters: int, precision="highest") -> jax.Array:
-    """Minimise ``tr((W − Θ) C (W − Θ)ᵀ)`` over Θ with ``theta``'s support, by ``iters`` steps of
-    conjugate gradients run independently on every row (one matmul per step)."""
+def refit_support(w: jax.Array, c: jax.Array, theta: jax.Array, iters: int, precision="highest", ridge=0.0) -> jax.Array:
+    """Minimise ``tr((W − Θ) (C + ridge·I) (W − Θ)ᵀ)`` over Θ with ``theta``'s support, by ``iters``
+    steps of conjugate gradients run independently on every row (one matmul per step). The ridge
+    is added to the products, not to a copy of C (which would be a second [d_in, d_in] matrix)."""
     dtype = _compute_dtype(jnp.asarray(w), jnp.asarray(c), jnp.asarray(theta))
     w, c, theta = (jnp.asarray(a).astype(dtype) for a in (w, c, theta))
     m = (theta != 0).astype(dtype)
-    r = jnp.matmul(w - theta, c, precision=precision) * m
+    mul = lambda x: jnp.matmul(x, c, precision=precision) + jnp.asarray(ridge, dtype) * x
+    r = mul(w - theta) * m
     rr = jnp.sum(r * r, axis=-1)
 
     def body(_, st):
         theta, r, p, rr = st
-        q = jnp.matmul(p, c, precision=precision) * m
+        q = mul(p) * m
         pq = jnp.sum(p * q, axis=-1)
         a = jnp.where(pq > 0, rr / jnp.where(pq > 0, pq, 1), 0)
         theta = theta + a[..., None] * p
@@ -787,10 +792,8 @@ class CGRefit:
     damping: float = 0.0
 
     def __call__(self, objective: Quadratic, p: Problem, res: PGDResult) -> PGDResult:
-        c_fit = p.c
-        if self.damping:
-            c_fit = p.c + self.damping * jnp.mean(jnp.diagonal(p.c)) * jnp.eye(p.c.shape[-1], dtype=p.c.dtype)
-        refit = refit_support(p.w, c_fit, res.theta, self.iters, objective.precision)
+        ridge = self.damping * jnp.mean(jnp.diagonal(p.c)) if self.damping else 0.0
+        refit = refit_support(p.w, p.c, res.theta, self.iters, objective.precision, ridge)
         _, obj_r, gn_r = objective.evaluate(p, refit, exact=True)
         take = jnp.isfinite(obj_r) & (obj_r < res.obj_final)
         return res._replace(theta=jnp.where(take, refit, res.theta), obj_final=jnp.where(take, obj_r, res.obj_final),
@@ -868,12 +871,17 @@ def _check_array(name, x, ndim):
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    try:
-        values = np.asarray(x)
-    except jax.errors.TracerArrayConversionError:  # called under an outer jit: values unknown
+    if isinstance(x, jax.core.Tracer) or x.size == 0:  # under an outer jit: values unknown
         return
-    if not np.all(np.isfinite(values)):
+    # max |x| is NaN or Inf exactly when x holds one; a reduction with no temporary as large as x
+    finite = _finite(x) if isinstance(x, jax.Array) else np.isfinite(np.max(x)) and np.isfinite(np.min(x))
+    if not bool(finite):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+@jax.jit
+def _finite(x):
+    return jnp.isfinite(jnp.max(jnp.abs(x)))
 
 
 def _validate(w, c, theta0, config, stacked: bool):
@@ -894,24 +902,104 @@ def _validate(w, c, theta0, config, stacked: bool):
     config.schedule.validate(d_in)
 
 
-def solve_pgd(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None) -> PGDResult:
+# --- row chunks: a large layer solved a slice of rows at a time ------------------------------------
+
+
+def chunkable(config: PGDConfig) -> bool:
+    """Whether ``config``'s solve separates over rows, so that row chunks can be solved one after
+    another: row-scope PGD (every row's projection is its own; the objective is a sum over rows).
+    A layer-scope projection ranks the whole matrix, ADMM's penalty schedule counts the whole
+    layer's support, and a trace records the whole layer's objective: those solve whole layers."""
+    return config.scope == "row" and config.algorithm == "pgd" and not config.trace
+
+
+def row_chunks(d_out: int, row_bytes: int, max_bytes: int | None) -> list[tuple[int, int]]:
+    """Row ranges ``[(start, stop), ...]`` covering ``d_out`` rows, each at most ``max_bytes`` of
+    float32 weights (``row_bytes`` per row, all lanes of a stack together); one range when the
+    whole fits or ``max_bytes`` is ``None`` or 0. Equal ranges when a count up to twice the fewest
+    divides ``d_out`` (one compilation), else the last range is shorter."""
+    if not max_bytes or d_out * row_bytes <= max_bytes:
+        return [(0, d_out)]
+    n = min(-(-d_out * row_bytes // max_bytes), d_out)
+    n = next((m for m in range(n, min(2 * n, d_out) + 1) if d_out % m == 0), n)
+    size = -(-d_out // n)
+    return [(r, min(r + size, d_out)) for r in range(0, d_out, size)]
+
+
+def _solve_row_chunks(solve, w, theta0, chunks) -> PGDResult:
+    """``solve(w_rows, theta0_rows)`` on each row range of ``chunks`` in turn (rows: axis -2 of
+    ``w``, which may carry a leading layer axis), combined into one result on the host: Θ (and
+    ``source``) by rows; the objectives summed (f is a sum over rows); ``grad_norm`` the whole
+    layer's relative norm; ``iterations`` and ``best_iteration`` the largest of any chunk;
+    ``stop_reason`` the most severe (non-finite, then max_iter, then converged). Each chunk stops,
+    restarts its momentum and keeps its best iterate on its own figures."""
+    parts, wn2, rows = [], [], {}
+    for r0, r1 in chunks:
+        wc = w[..., r0:r1, :]
+        res = solve(wc, None if theta0 is None else theta0[..., r0:r1, :])
+        if res.trace_obj is not None:
+            raise ValueError("a traced solve records the whole layer's objective; it is not solved in row chunks")
+        for f in ("theta", "source"):  # written into whole-layer host arrays as they come (no second copy)
+            x = getattr(res, f)
+            if x is not None:
+                out = rows.setdefault(f, np.empty(w.shape, x.dtype))
+                out[..., r0:r1, :] = np.asarray(x)
+        parts.append(jax.device_get(res._replace(theta=None, source=None)))
+        wn2.append(np.sum(np.square(np.asarray(wc, np.float64)), axis=(-2, -1)))
+        del res, wc
+    wn2 = np.stack(wn2)
+    stack = lambda f: np.stack([np.asarray(getattr(p, f)) for p in parts])
+    gn = np.sqrt(np.sum(np.square(stack("grad_norm").astype(np.float64)) * wn2, axis=0) / np.maximum(np.sum(wn2, axis=0), 1e-300))
+    dtype = np.asarray(parts[0].obj_final).dtype
+    return PGDResult(
+        theta=rows["theta"], iterations=stack("iterations").max(0), best_iteration=stack("best_iteration").max(0),
+        grad_norm=gn.astype(dtype), obj_init=stack("obj_init").sum(0, dtype=np.float64).astype(dtype),
+        obj_final=stack("obj_final").sum(0, dtype=np.float64).astype(dtype),
+        obj_dense=stack("obj_dense").sum(0, dtype=np.float64).astype(dtype), stop_reason=stack("stop_reason").max(0),
+        step_size=parts[0].step_size, source=rows.get("source"))
+
+
+def solve_in_row_chunks(solve, w, theta0, config: PGDConfig, max_chunk_bytes: int | None) -> PGDResult:
+    """``solve(w, theta0)``, or, when ``w``'s float32 weights exceed ``max_chunk_bytes`` and
+    ``config`` separates over rows (:func:`chunkable`), ``solve`` on each of :func:`row_chunks`'
+    ranges in turn, combined on the host (:func:`_solve_row_chunks`)."""
+    chunks = row_chunks(w.shape[-2], int(np.prod(w.shape[:-2], dtype=np.int64)) * w.shape[-1] * 4, max_chunk_bytes)
+    if len(chunks) == 1 or not chunkable(config):
+        return solve(w, theta0)
+    return _solve_row_chunks(solve, w, theta0, chunks)
+
+
+def solve_pgd(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None, *,
+              max_chunk_bytes: int | None = None) -> PGDResult:
     """Compress one layer ``w [d_out, d_in]`` given ``c [d_in, d_in]``; see the module docstring.
 
     Inputs are validated (shapes, dtypes, finiteness, schedule vs d_in) before compilation.
     Computation is in float32 (float64 if an input is float64).
+
+    ``max_chunk_bytes``: a layer whose float32 weights exceed it is solved in row chunks of at most
+    that size, one after another (:func:`solve_in_row_chunks`), so the solver's
+    buffers (about a dozen copies of the rows it solves) are a chunk's, not the layer's; the result
+    then lives on the host. Only solves that separate over rows (:func:`chunkable`); others are
+    solved whole. Each chunk is a solve of its own (its stopping test, momentum restarts and best
+    iterate), so a chunked result equals the whole-layer one exactly only for a fixed number of
+    plain iterations.
     """
     _validate(w, c, theta0, config, stacked=False)
-    return _solve_jit(w, c, theta0, _keep_table(config, w.shape[-1]), config=_structural(config))
+    keep, cfg = _keep_table(config, w.shape[-1]), _structural(config)
+    return solve_in_row_chunks(lambda wc, t0: _solve_jit(wc, c, t0, keep, config=cfg), w, theta0, config, max_chunk_bytes)
 
 
-def solve_pgd_stack(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None) -> PGDResult:
+def solve_pgd_stack(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None, *,
+                    max_chunk_bytes: int | None = None) -> PGDResult:
     """Solve a stack of equal-shape layers ``w [L, d_out, d_in]``, ``c [L, d_in, d_in]`` at once.
 
     Each lane equals :func:`solve_pgd` on that layer alone; lanes stop independently (a finished
-    lane is frozen while the others run).
+    lane is frozen while the others run). ``max_chunk_bytes``: as :func:`solve_pgd`, for the
+    float32 weights of all lanes together (every lane's same rows form a chunk).
     """
     _validate(w, c, theta0, config, stacked=True)
-    return _solve_stack_jit(w, c, theta0, _keep_table(config, w.shape[-1]), config=_structural(config))
+    keep, cfg = _keep_table(config, w.shape[-1]), _structural(config)
+    return solve_in_row_chunks(lambda wc, t0: _solve_stack_jit(wc, c, t0, keep, config=cfg), w, theta0, config, max_chunk_bytes)
 
 
 def pgd_path(w: jax.Array, c: jax.Array, config: PGDConfig, theta0: jax.Array | None = None):

@@ -35,6 +35,7 @@ def test_dead_channels_and_all_zero_inputs_give_finite_results(name):
     (lambda w, c: (w, np.where(np.eye(*c.shape, dtype=bool), np.inf, c)), "C contain NaN or Inf"),
     (lambda w, c: (w, c - 2 * np.diag(np.diag(c))), "negative diagonal"),
     (lambda w, c: (w, c + np.triu(np.ones_like(c), 1)), "not symmetric"),
+    (lambda w, c: (w, c + 100 * np.eye(*c.shape, k=-c.shape[0] + 1)), "not symmetric"),  # one entry, the last row's first
     (lambda w, c: (w, c[:-1, :-1]), r"C must be \[d_in, d_in\]"),
     (lambda w, c: (w[0], c), "2-D"),
 ])
@@ -166,3 +167,16 @@ def test_cli_fuzz_never_crashes_without_a_clear_message(tmp_path_factory, capsys
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert "error:" in err and "Traceback" not in err
+
+
+def test_asymmetry_of_c_is_found_in_every_block_of_rows():
+    # check_layer compares C with its transpose 512 rows at a time (no [d, d] temporary); 700 rows: the
+    # second block is clamped into range and overlaps the first
+    d = 700
+    w = np.ones((4, d), np.float32)
+    methods.check_layer(w, np.eye(d, dtype=np.float32))
+    for i, j in [(699, 0), (0, 699), (600, 650), (10, 20), (511, 512)]:
+        c = np.eye(d, dtype=np.float32)
+        c[i, j] += 1
+        with pytest.raises(ValueError, match="not symmetric"):
+            methods.check_layer(w, c)

@@ -33,6 +33,13 @@ for explicit in (False, True):
         assert np.array_equal(np.asarray(res.iterations), np.asarray(ref.iterations)), name
         np.testing.assert_allclose(np.asarray(res.obj_final), np.asarray(ref.obj_final), rtol=1e-5, err_msg=name)
 
+# a layer over the chunk size: the same row chunks as the unsharded solve, each chunk sharded (17 rows: padded to 18)
+cfg = configs["recipe fast (refit)"]
+ref = aj.solve_pgd_stack(w, c, cfg, max_chunk_bytes=L * 17 * d_in * 4)
+res = sharding.solve_sharded(w, c, cfg, sharding.make_mesh(model=2, stack=2), max_chunk_bytes=L * 17 * d_in * 4)
+np.testing.assert_allclose(np.asarray(res.theta), np.asarray(ref.theta), rtol=0, atol=1e-5)
+np.testing.assert_allclose(np.asarray(res.obj_final), np.asarray(ref.obj_final), rtol=1e-5)
+
 # ADMM: one penalty schedule for the whole layer (its support counts are summed across devices), so the
 # same iterations; its masks react to float noise (eigh of a different batch of layers differs in the
 # last bits), so the masks and objectives agree closely, not bit for bit

@@ -408,3 +408,76 @@ def test_admm_is_feasible_and_no_worse_than_its_start(layer_problem, sparsity, n
         assert float(aj.objective(w, theta, c)) < float(aj.objective(w, np.asarray(pgd.theta), c))
     with pytest.raises(ValueError, match="algorithm='admm' is for pruning only"):
         methods.awp_config(methods.Constraint(bits=4), methods.AWPOptions(algorithm="admm"))
+
+
+# --- row chunks: a large layer solved a slice of rows at a time -----------------------------------
+
+
+def test_row_chunks_cover_the_rows_in_pieces_within_the_budget():
+    for d_out, row_bytes, budget in [(4096, 11008 * 4, 64 * 2**20), (11008, 4096 * 4, 64 * 2**20), (97, 40, 400), (10, 8, 8)]:
+        chunks = solver.row_chunks(d_out, row_bytes, budget)
+        assert chunks[0][0] == 0 and chunks[-1][1] == d_out
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, in order
+        assert all(0 < (r1 - r0) * row_bytes <= budget for r0, r1 in chunks), (d_out, chunks)
+    assert solver.row_chunks(4096, 11008 * 4, 64 * 2**20) == [(i * 1024, (i + 1) * 1024) for i in range(4)]  # 3 needed, 4 divide
+    assert len({r1 - r0 for r0, r1 in solver.row_chunks(11008, 4096 * 4, 64 * 2**20)}) == 1
+    assert solver.row_chunks(100, 4, None) == solver.row_chunks(100, 4, 0) == solver.row_chunks(100, 4, 400) == [(0, 100)]
+
+
+def test_chunked_solve_equals_the_whole_layer_for_plain_iterations(layer_problem):
+    # plain PGD for a fixed number of iterations treats every row on its own: chunks change nothing
+    w, c = layer_problem
+    cfg = aj.awp_pruning(0.5, max_iter=20, tol=0.0, keep_best=False)
+    whole = aj.solve_pgd(w, c, cfg)
+    budget = 40 * w.shape[1] * 4  # 96 rows: 3 chunks of 32
+    part = aj.solve_pgd(w, c, cfg, max_chunk_bytes=budget)
+    assert isinstance(part.theta, np.ndarray)  # combined on the host
+    np.testing.assert_allclose(part.theta, np.asarray(whole.theta), rtol=0, atol=1e-6)
+    for f in ("obj_init", "obj_final", "obj_dense", "grad_norm"):
+        np.testing.assert_allclose(getattr(part, f), getattr(whole, f), rtol=1e-5, err_msg=f)
+    assert int(part.iterations) == 20 and int(part.stop_reason) == solver.StopReason.MAX_ITER
+    # a stack: every lane's same rows form a chunk
+    ws, cs = np.stack([w, 0.5 * w]), np.stack([c, c])
+    whole = aj.solve_pgd_stack(ws, cs, cfg)
+    part = aj.solve_pgd_stack(ws, cs, cfg, max_chunk_bytes=2 * budget)
+    np.testing.assert_allclose(part.theta, np.asarray(whole.theta), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(part.obj_final, whole.obj_final, rtol=1e-5)
+
+
+def test_chunked_default_recipe_solve_is_feasible_and_never_worse_than_its_start(layer_problem):
+    # the default recipe's solve (momentum restarts, keep-best, CG refit) decides per chunk; each chunk keeps
+    # its best point, and the objective is a sum over rows, so the whole is never worse than the Wanda start
+    w, c = layer_problem
+    cfg = aj.awp_pruning(0.5, max_iter=5, momentum=True, step_rule="lambda_max", step_scale=1.0, refit_iters=10,
+                         refit_damping=0.1)
+    whole = aj.solve_pgd(w, c, cfg)
+    part = aj.solve_pgd(w, c, cfg, max_chunk_bytes=24 * w.shape[1] * 4)  # 4 chunks of 24 rows
+    k = keep_count(0.5, w.shape[1])
+    assert np.all((part.theta != 0).sum(axis=1) <= k)
+    np.testing.assert_allclose(part.obj_init, whole.obj_init, rtol=1e-5)  # the same Wanda start
+    np.testing.assert_allclose(part.obj_final, aj.objective(w, part.theta, c), rtol=1e-4)  # the sum is the objective
+    assert float(part.obj_final) < 0.9 * float(part.obj_init)
+    assert abs(float(part.obj_final) / float(whole.obj_final) - 1) < 0.02
+
+
+def test_solves_that_do_not_separate_over_rows_are_not_chunked(layer_problem):
+    w, c = layer_problem
+    budget = 24 * w.shape[1] * 4
+    for cfg in (aj.awp_pruning(0.5, max_iter=10, scope="layer"), aj.awp_pruning(0.5, max_iter=30, algorithm="admm"),
+                aj.awp_pruning(0.5, max_iter=10, trace=True)):
+        assert not solver.chunkable(cfg)
+        np.testing.assert_array_equal(np.asarray(aj.solve_pgd(w, c, cfg, max_chunk_bytes=budget).theta),
+                                      np.asarray(aj.solve_pgd(w, c, cfg).theta))
+
+
+def test_awp_reports_its_row_chunks_and_takes_the_chunk_size_as_an_option():
+    from awp_jax.cli import synthetic_layer
+    w, c = synthetic_layer(0, 512, 1024, 2048)  # 2 MiB of float32 weights
+    con = methods.Constraint(sparsity=0.5)
+    res = methods.compress_layer("awp", w, c, con, methods.AWPOptions(max_iter=5, momentum=True, chunk_mb=1))
+    assert res.info.note == "solved in 2 row chunks"
+    assert methods.compress_layer("awp", w, c, con, methods.AWPOptions(max_iter=5, chunk_mb=0)).info.note is None
+    whole = methods.compress_layer("awp", w, c, con, methods.AWPOptions(max_iter=5, scope="layer", chunk_mb=1))
+    assert whole.info.note.startswith("solved whole though over chunk_mb=1 (layer scope")
+    with pytest.raises(ValueError, match="chunk_mb must be an integer >= 0"):
+        methods.AWPOptions(chunk_mb=-1)
