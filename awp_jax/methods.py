@@ -676,7 +676,7 @@ def _chunk_bytes(opt) -> int | None:
 
 def _chunk_note(info: LayerInfo, w, cfg, opt) -> LayerInfo:
     """Say in the report when a layer (stack) over ``chunk_mb`` was solved in row chunks, or whole."""
-    n = len(solver_lib.row_chunks(w.shape[-2], int(np.prod(w.shape[:-2], dtype=np.int64)) * w.shape[-1] * 4, _chunk_bytes(opt)))
+    n = len(solver_lib.chunks_for(w.shape, _chunk_bytes(opt)))
     if n == 1:
         return info
     what = f"solved in {n} row chunks" if solver_lib.chunkable(cfg) else \

@@ -66,6 +66,7 @@ __all__ = [
     "awp_pruning",
     "awp_quantization",
     "chunkable",
+    "chunks_for",
     "initial_point",
     "lambda_max",
     "make_solver",
@@ -916,14 +917,20 @@ def chunkable(config: PGDConfig) -> bool:
 def row_chunks(d_out: int, row_bytes: int, max_bytes: int | None) -> list[tuple[int, int]]:
     """Row ranges ``[(start, stop), ...]`` covering ``d_out`` rows, each at most ``max_bytes`` of
     float32 weights (``row_bytes`` per row, all lanes of a stack together); one range when the
-    whole fits or ``max_bytes`` is ``None`` or 0. Equal ranges when a count up to twice the fewest
-    divides ``d_out`` (one compilation), else the last range is shorter."""
+    whole fits or ``max_bytes`` is ``None`` or 0; a range holds one row at least. Equal ranges when
+    a count up to twice the fewest divides ``d_out`` (one compilation), else the last is shorter."""
     if not max_bytes or d_out * row_bytes <= max_bytes:
         return [(0, d_out)]
-    n = min(-(-d_out * row_bytes // max_bytes), d_out)
+    n = -(-d_out // max(1, max_bytes // row_bytes))  # the fewest ranges of at most that many rows
     n = next((m for m in range(n, min(2 * n, d_out) + 1) if d_out % m == 0), n)
     size = -(-d_out // n)
     return [(r, min(r + size, d_out)) for r in range(0, d_out, size)]
+
+
+def chunks_for(shape: tuple[int, ...], max_bytes: int | None) -> list[tuple[int, int]]:
+    """:func:`row_chunks` for weights of ``shape`` (``[d_out, d_in]`` or ``[L, d_out, d_in]``: a
+    chunk holds the same rows of every layer)."""
+    return row_chunks(shape[-2], int(np.prod(shape[:-2], dtype=np.int64)) * shape[-1] * 4, max_bytes)
 
 
 def _solve_row_chunks(solve, w, theta0, chunks) -> PGDResult:
@@ -963,7 +970,7 @@ def solve_in_row_chunks(solve, w, theta0, config: PGDConfig, max_chunk_bytes: in
     """``solve(w, theta0)``, or, when ``w``'s float32 weights exceed ``max_chunk_bytes`` and
     ``config`` separates over rows (:func:`chunkable`), ``solve`` on each of :func:`row_chunks`'
     ranges in turn, combined on the host (:func:`_solve_row_chunks`)."""
-    chunks = row_chunks(w.shape[-2], int(np.prod(w.shape[:-2], dtype=np.int64)) * w.shape[-1] * 4, max_chunk_bytes)
+    chunks = chunks_for(w.shape, max_chunk_bytes)
     if len(chunks) == 1 or not chunkable(config):
         return solve(w, theta0)
     return _solve_row_chunks(solve, w, theta0, chunks)

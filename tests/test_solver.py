@@ -2,6 +2,8 @@ import jax
 import dataclasses
 import jax.numpy as jnp
 import numpy as np
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 
 import awp_jax as aj
@@ -422,6 +424,15 @@ def test_row_chunks_cover_the_rows_in_pieces_within_the_budget():
     assert solver.row_chunks(4096, 11008 * 4, 64 * 2**20) == [(i * 1024, (i + 1) * 1024) for i in range(4)]  # 3 needed, 4 divide
     assert len({r1 - r0 for r0, r1 in solver.row_chunks(11008, 4096 * 4, 64 * 2**20)}) == 1
     assert solver.row_chunks(100, 4, None) == solver.row_chunks(100, 4, 0) == solver.row_chunks(100, 4, 400) == [(0, 100)]
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.integers(1, 5000), st.integers(1, 64), st.integers(1, 10**5))
+def test_row_chunks_property(d_out, row_bytes, budget):
+    chunks = solver.row_chunks(d_out, row_bytes, budget)
+    assert chunks[0][0] == 0 and chunks[-1][1] == d_out and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all((r1 - r0) * row_bytes <= max(budget, row_bytes) for r0, r1 in chunks)  # one row at least
+    assert len(chunks) == 1 or d_out * row_bytes > budget
 
 
 def test_chunked_solve_equals_the_whole_layer_for_plain_iterations(layer_problem):
