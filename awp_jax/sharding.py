@@ -148,19 +148,19 @@ def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh, *, max_chunk_b
     solver_lib._validate(w, c, None, config, stacked=True)
     if config.scope == "layer":
         raise ValueError("scope='layer' needs the whole matrix on one device; use scope='row' with a sharded solve")
-    return solver_lib.solve_in_row_chunks(lambda wc, _: _solve_sharded(wc, c, config, mesh), w, None, config, max_chunk_bytes)
-
-
-def _solve_sharded(w, c, config, mesh):
-    n_layers, d_out = w.shape[0], w.shape[1]
-    n_stack, n_model = mesh.shape["stack"], mesh.shape["model"]
-    wp = _pad_to(_pad_to(w, 1, n_model), 0, n_stack)
-    cp = _pad_to(c, 0, n_stack)
+    n_layers = w.shape[0]
+    cp = _pad_to(c, 0, mesh.shape["stack"])
     if cp.shape[0] > n_layers:  # padded layers: C = I (finite step size), W = 0
         cp = cp.at[n_layers:].set(jnp.eye(c.shape[-1], dtype=c.dtype))
-    pl = placements(mesh)
-    wp = jax.device_put(wp, pl.weights)
-    cp = jax.device_put(cp, pl.stats)
+    cp = jax.device_put(cp, placements(mesh).stats)  # placed once, whatever the number of row chunks
+    return solver_lib.solve_in_row_chunks(lambda wc, _: _solve_sharded(wc, cp, config, mesh), w, None, config, max_chunk_bytes)
+
+
+def _solve_sharded(w, cp, config, mesh):
+    """One row range ``w`` of the layers against their C already placed on ``mesh`` (``cp``)."""
+    n_layers, d_out = w.shape[0], w.shape[1]
+    n_stack, n_model = mesh.shape["stack"], mesh.shape["model"]
+    wp = jax.device_put(_pad_to(_pad_to(w, 1, n_model), 0, n_stack), placements(mesh).weights)
     res = sharded_solver(config, mesh)(wp, cp)
     if wp.shape[:2] == (n_layers, d_out):
         return res

@@ -952,7 +952,7 @@ def _solve_row_chunks(solve, w, theta0, chunks) -> PGDResult:
                 out = rows.setdefault(f, np.empty(w.shape, x.dtype))
                 out[..., r0:r1, :] = np.asarray(x)
         parts.append(jax.device_get(res._replace(theta=None, source=None)))
-        wn2.append(np.sum(np.square(np.asarray(wc, np.float64)), axis=(-2, -1)))
+        wn2.append(np.asarray(_sq_norm(wc), np.float64))  # on the device: no host copy of the rows
         del res, wc
     wn2 = np.stack(wn2)
     stack = lambda f: np.stack([np.asarray(getattr(p, f)) for p in parts])
@@ -964,6 +964,11 @@ def _solve_row_chunks(solve, w, theta0, chunks) -> PGDResult:
         obj_final=stack("obj_final").sum(0, dtype=np.float64).astype(dtype),
         obj_dense=stack("obj_dense").sum(0, dtype=np.float64).astype(dtype), stop_reason=stack("stop_reason").max(0),
         step_size=parts[0].step_size, source=rows.get("source"))
+
+
+@jax.jit
+def _sq_norm(w):
+    return jnp.sum(jnp.square(w), axis=(-2, -1))
 
 
 def solve_in_row_chunks(solve, w, theta0, config: PGDConfig, max_chunk_bytes: int | None) -> PGDResult:
