@@ -130,12 +130,27 @@ def _finish(totals: dict, n_tokens: int, routed: tuple, min_expert_tokens: int) 
     return out
 
 
-@functools.lru_cache(maxsize=8)  # one set of compiled functions per block structure (and token cap)
-def _block_fns(graphdef, token_cap: float | None):
+@functools.lru_cache(maxsize=8)  # one set of compiled functions per block structure (token cap, layout)
+def _block_fns(graphdef, token_cap: float | None, layout=None):
+    """The jitted block passes; ``layout`` (a :class:`awp_jax.sharding.ForwardLayout`): the
+    statistics are computed by its :meth:`~awp_jax.sharding.ForwardLayout.gram`, rows split over the
+    model axis, so that no device holds a whole statistic or a gathered row-parallel input."""
+
+    def enter(x):
+        return x if layout is None else layout.enter(x)
+
+    def leave(y):
+        return y if layout is None else layout.leave(y)
+
+    def gram(blk, k, a, b=None):
+        if layout is None:
+            return jnp.einsum("bli,blj->ij", a, a if b is None else b, precision="highest")
+        return layout.gram(a, b, split=k in layout.split_inputs(blk.LINEARS))
+
     @jax.jit
     def stats(state, x, ctx):  # x [B, L, D] -> (y, {name: X Xᵀ summed over B·L})
         blk = nnx.merge(graphdef, state)
-        y, cap = nnx.capture(blk, nnx.Intermediate)(x, *ctx)
+        y, cap = nnx.capture(blk, nnx.Intermediate)(enter(x), *ctx)
         values = {k: var.get_value()[0] for k, var in cap.items()}  # the block sows each statistic's input once per call
         mask = values.pop("routing", None)  # [B, L, E]: which experts each token was routed to
         grams = {}
@@ -145,8 +160,8 @@ def _block_fns(graphdef, token_cap: float | None):
                 grams[k] = _routed_grams(v, mask, token_cap)
             else:
                 v = v * token_weights(v, token_cap) if token_cap is not None else v
-                grams[k] = jnp.einsum("bli,blj->ij", v, v, precision="highest")
-        return y, grams
+                grams[k] = gram(blk, k, v)
+        return leave(y), grams
 
     @jax.jit
     def grams_only(state, x, ctx):  # when the block's output is recomputed after compression
@@ -154,24 +169,24 @@ def _block_fns(graphdef, token_cap: float | None):
 
     @jax.jit
     def run(state, x, ctx):
-        return nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(x, *ctx)[0]
+        return leave(nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(enter(x), *ctx)[0])
 
     @jax.jit
     def cross(state, x_dense, x, ctx):
         """Both streams in one pass (error-correcting targets; no routed statistics): the dense
         stream's output, the compressed stream's, and ``{name: X Xᵀ, name#cross: X_dense Xᵀ}``."""
         blk = nnx.merge(graphdef, state)
-        y_d, cap_d = nnx.capture(blk, nnx.Intermediate)(x_dense, *ctx)
-        y, cap = nnx.capture(blk, nnx.Intermediate)(x, *ctx)
+        y_d, cap_d = nnx.capture(blk, nnx.Intermediate)(enter(x_dense), *ctx)
+        y, cap = nnx.capture(blk, nnx.Intermediate)(enter(x), *ctx)
         out = {}
         for k, var in cap.items():
             v_d, v = cap_d[k].get_value()[0].astype(jnp.float32), var.get_value()[0].astype(jnp.float32)
             if token_cap is not None:  # one weight per token for both streams: the compressed stream's
                 sw = token_weights(v, token_cap)
                 v_d, v = v_d * sw, v * sw
-            out[k] = jnp.einsum("bli,blj->ij", v, v, precision="highest")
-            out[f"{k}#cross"] = jnp.einsum("bli,blj->ij", v_d, v, precision="highest")
-        return y_d, y, out
+            out[k] = gram(blk, k, v)
+            out[f"{k}#cross"] = gram(blk, k, v_d, v)
+        return leave(y_d), leave(y), out
 
     return stats, grams_only, run, cross
 
@@ -180,7 +195,7 @@ def run_block(block, hidden: list, ctx: tuple, layout=None) -> list:
     """Each batch of ``hidden`` through ``block`` (its sown inputs dropped). Waits for the results:
     dispatch is asynchronous, and a caller that builds the next block while this one still runs
     would hold several blocks at once. ``layout``: see :func:`block_statistics`."""
-    run_fn = _block_fns(nnx.graphdef(block), None)[2]  # the forward does not depend on the cap
+    run_fn = _block_fns(nnx.graphdef(block), None, layout)[2]  # the forward does not depend on the cap
     state = _placed(nnx.state(block), layout)
     return jax.block_until_ready([run_fn(state, x, ctx) for x in hidden])
 
@@ -252,7 +267,7 @@ def block_statistics(
     batches = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
     hidden = [model.embed(jnp.asarray(b)) for b in batches]  # the model is never split whole: its blocks may live on disk
     if layout is not None:
-        hidden, ctx = [layout.batch(x) for x in hidden], layout.replicate(ctx)
+        hidden, ctx = [layout.hidden(x) for x in hidden], layout.replicate(ctx)
     recompute = mode == "sequential" and on_block is not None
     if cross and mode != "sequential":
         raise ValueError("cross moments (error-correcting targets) need sequential calibration: in parallel mode "
@@ -263,7 +278,7 @@ def block_statistics(
     dense_hidden = list(hidden) if cross else None
     kept: list | None = [] if on_block is None else None
     def fns(li):  # blocks may differ in structure (e.g. sliding-window and global attention)
-        return _block_fns(nnx.graphdef(model.layers[li]), token_cap)
+        return _block_fns(nnx.graphdef(model.layers[li]), token_cap, layout)
 
     if cross:
         for li in range(start_block):  # the blocks still hold their dense weights here

@@ -90,7 +90,7 @@ def _streamed_nll(model, batches: list[np.ndarray], progress: bool, layout=None)
     ctx = model.context(batches[0].shape[1])
     hidden = [model.embed(jnp.asarray(b)) for b in batches]
     if layout is not None:
-        hidden, ctx = [layout.batch(x) for x in hidden], layout.replicate(ctx)
+        hidden, ctx = [layout.hidden(x) for x in hidden], layout.replicate(ctx)
     layers = range(len(model.layers))
     if progress:
         from tqdm.auto import tqdm

@@ -216,8 +216,9 @@ def forward_spec(path: tuple, shape: tuple[int, ...], n_model: int) -> P:
 
 class ForwardLayout:
     """Where the calibration forward's inputs lie on ``mesh``: block parameters by
-    :data:`FORWARD_RULES`, hidden states ``[B, L, D]`` split by batch over ``"stack"`` (a batch the
-    axis does not divide, e.g. the last, is replicated), the rest replicated. A parameter whose
+    :data:`FORWARD_RULES`, token batches split by batch over ``"stack"`` (a batch the axis does not
+    divide, e.g. the last, is replicated), hidden states between blocks also by position over
+    ``"model"`` (:meth:`hidden`), statistics by rows (:meth:`gram`), the rest replicated. A parameter whose
     split dimension the model axis does not divide is replicated and listed in ``replicated``."""
 
     def __init__(self, mesh: Mesh):
@@ -242,11 +243,95 @@ class ForwardLayout:
 
         return jax.tree_util.tree_map_with_path(lambda p, x: put(names(p), x), state)
 
+    def __eq__(self, other):  # compiled forwards are cached per layout: the mesh decides everything
+        return type(other) is type(self) and other.mesh == self.mesh
+
+    def __hash__(self):
+        return hash((type(self), self.mesh))
+
     def batch(self, x):
-        return self._put(x, P("stack") if x.shape[0] % self.mesh.shape["stack"] == 0 else P())
+        axis = self._batch_axis(x.shape[0])
+        return self._put(x, P() if axis is None else P(axis))
+
+    def _batch_axis(self, n: int):
+        return "stack" if n % self.mesh.shape["stack"] == 0 else None
+
+    def _hidden_spec(self, shape) -> P:
+        seq = "model" if len(shape) == 3 and shape[1] % self.mesh.shape["model"] == 0 else None
+        return P(self._batch_axis(shape[0]), seq)
+
+    def hidden(self, x):
+        """Hidden states ``[B, L, D]`` kept between blocks: split by batch over ``"stack"`` and by
+        position over ``"model"`` (a dimension an axis does not divide stays whole), so the
+        calibration activations held for the whole run are spread over every device, not copied
+        to each device of a model group. A block gathers its input's positions (:meth:`enter`)
+        and splits its output again (:meth:`leave`)."""
+        return self._put(x, self._hidden_spec(x.shape))
+
+    def enter(self, x):
+        """Inside a jitted block: its input whole on every device of a model group (the
+        column-parallel layers and the statistics read every position)."""
+        axis = self._batch_axis(x.shape[0])
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P() if axis is None else P(axis)))
+
+    def leave(self, y):
+        """Inside a jitted block: its output, computed whole on every device of a model group, then
+        laid out as :meth:`hidden` keeps it (each device keeps its positions: no communication). Left
+        to propagate back into the block, the split made the partitioner gather the residual
+        stream a second time, between attention and MLP."""
+        return jax.lax.with_sharding_constraint(self.enter(y), NamedSharding(self.mesh, self._hidden_spec(y.shape)))
+
+    @staticmethod
+    def split_inputs(linears) -> frozenset[str]:
+        """The statistics (of a block's ``LINEARS``: layer → statistic) whose inputs this layout
+        splits by feature over ``"model"``: those read by row-parallel layers only."""
+        layout = {layer: lay for layers, lay in FORWARD_RULES for layer in layers}
+        readers: dict = {}
+        for layer, stat in linears.items():
+            readers.setdefault(stat, []).append(layout.get(layer))
+        return frozenset(s for s, lays in readers.items() if all(lay == "row" for lay in lays))
+
+    def gram(self, a, b=None, *, split: bool):
+        """``Σ aᵀ b`` over every axis but the last (``[B, ..., d]`` → ``[d, d]``, ``b`` defaults to
+        ``a``), inside a jitted forward: the result's rows split over ``"model"`` and the batch's
+        partial sums reduced over ``"stack"``, so no device holds a whole statistic. ``split``: the
+        inputs' features are split over ``"model"`` (a row-parallel layer's input, see
+        :meth:`split_inputs`); then each device passes its feature slice of ``b`` around the model
+        axis (a ring of ``collective-permute``) instead of gathering the whole input. A feature
+        count the model axis does not divide: the plain product (replicated)."""
+        b = a if b is None else b
+        n_model, d = self.mesh.shape["model"], a.shape[-1]
+        if n_model == 1 or d % n_model:
+            return _gram(a, b)
+        batch = self._batch_axis(a.shape[0])
+        lead = (batch,) + (None,) * (a.ndim - 2)
+        spec = P(*lead, "model" if split else None)
+        r = d // n_model
+
+        def local(a, b):
+            i = jax.lax.axis_index("model")
+            if not split:  # the whole input is here: this device's rows against it
+                out = _gram(jax.lax.dynamic_slice_in_dim(a, i * r, r, axis=-1), b)
+            else:  # step k: the block of device (i + k) mod n goes to columns of that block
+                def step(k, carry):
+                    out, blk = carry
+                    out = jax.lax.dynamic_update_slice_in_dim(out, _gram(a, blk), ((i + k) % n_model) * r, axis=1)
+                    blk = jax.lax.ppermute(blk, "model", [(s, (s - 1) % n_model) for s in range(n_model)])
+                    return out, blk
+
+                out, blk = jax.lax.fori_loop(0, n_model - 1, step, (jnp.zeros((r, d), jnp.float32), b))
+                out = jax.lax.dynamic_update_slice_in_dim(out, _gram(a, blk), ((i + n_model - 1) % n_model) * r, axis=1)
+            return out if batch is None else jax.lax.psum(out, "stack")
+
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(spec, spec), out_specs=P("model", None), check_vma=False)(a, b)
 
     def replicate(self, tree):
         return jax.tree.map(lambda x: self._put(x, P()), tree)
+
+
+def _gram(a, b):
+    """``Σ aᵀ b`` over every axis but the last, at full float32 precision."""
+    return jnp.einsum("...i,...j->ij", a, b, precision="highest")
 
 
 # --------------------------------------------------------------------------- row-parallel OBS solves

@@ -45,6 +45,19 @@ for kv in (4, 2):  # kv=2: a key/value head is split across two devices
             for k in r:
                 np.testing.assert_allclose(g[k], r[k], rtol=0, atol=2e-6 * np.abs(r[k]).max(), err_msg=f"kv={kv} {k}")
     assert not lay.replicated, lay.replicated
+    # sequential with cross moments (error-correcting targets), 7 windows: the last batch of 3 is not
+    # split over stack (its statistics' rows still are over model)
+    win7 = np.random.default_rng(2).integers(0, 101, (7, 32)).astype(np.int32)
+    runs = []
+    for layout in (None, lay):
+        got = []
+        calibration.block_statistics(m, win7, batch_size=4, mode="sequential", cross=True, layout=layout,
+                                     on_block=lambda li, st: got.append(st))
+        runs.append(got)
+    for r, g in zip(*runs, strict=True):
+        assert set(r) == set(g) and any(k.endswith("#cross") for k in r)
+        for k in r:
+            np.testing.assert_allclose(g[k], r[k], rtol=0, atol=2e-6 * np.abs(r[k]).max(), err_msg=f"kv={kv} cross {k}")
     # the block's output (what the next block and the logits see) too
     blk = m.layers[0]
     x = m.embed(jnp.asarray(win[:4]))
@@ -60,9 +73,11 @@ from awp_jax import perplexity, streaming
 from awp_jax.export import save_hf_dir
 
 class Recording(sharding.ForwardLayout):  # what perplexity placed where
-    batches, states = [], []
+    batches, hiddens, states = [], [], []
     def batch(self, x):
         Recording.batches.append(super().batch(x)); return Recording.batches[-1]
+    def hidden(self, x):
+        Recording.hiddens.append(super().hidden(x)); return Recording.hiddens[-1]
     def block(self, state):
         Recording.states.append(super().block(state)); return Recording.states[-1]
 
@@ -73,13 +88,15 @@ win = np.random.default_rng(1).integers(0, 101, (7, 32)).astype(np.int32)
 d = pathlib.Path(tempfile.mkdtemp()) / "m"
 save_hf_dir(m, d)
 P = jax.sharding.PartitionSpec
-for bs, split in ((4, P("stack")), (3, P())):
+for bs, split, kept in ((4, P("stack"), P("stack", "model")), (3, P(), P(None, "model"))):
     ref = perplexity.window_nll(m, win, batch_size=bs, progress=False)
-    for model, n_states, per_batch in ((m, 1, 1), (streaming.open_model(d), cfg.num_layers, 2)):  # streamed: hidden states and tokens
-        Recording.batches.clear(); Recording.states.clear()
+    for model, n_states, streamed in ((m, 1, False), (streaming.open_model(d), cfg.num_layers, True)):
+        Recording.batches.clear(); Recording.hiddens.clear(); Recording.states.clear()
         got = perplexity.window_nll(model, win, batch_size=bs, progress=False, layout=Recording(mesh))
         np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=f"batch {bs} {type(model).__name__}")
-        assert [x.sharding.spec for x in Recording.batches] == [split] * (-(-7 // bs) * per_batch), Recording.batches
+        assert [x.sharding.spec for x in Recording.batches] == [split] * -(-7 // bs), Recording.batches  # tokens
+        # streamed: the hidden states between blocks also split by position over model
+        assert [x.sharding.spec for x in Recording.hiddens] == [kept] * (-(-7 // bs) * streamed), Recording.hiddens
         assert len(Recording.states) == n_states and all(spec_of(s, "q_proj") == P("model") for s in Recording.states)
 
 # the parameters are laid out by the rules table
@@ -90,32 +107,40 @@ assert specs["q_proj/weight"] == P("model") and specs["gate_proj/weight"] == P("
 assert specs["o_proj/weight"] == P(None, "model") and specs["down_proj/weight"] == P(None, "model"), specs
 assert specs["input_layernorm/weight"] == P(), specs
 
-# the compiled statistics pass (Megatron layout, kv heads whole per device): exactly
+# the compiled statistics pass (Megatron layout, kv heads whole per device), its input kept split by
+# batch over stack and by position over model between blocks: exactly
+#   1 all-gather of the block's input's positions [B/2, L/4, D -> L] within a model group,
 #   2 all-reduces of the block's partial output [B/2, L, D] within a model group (after o_proj, down_proj),
-#   2 all-gathers of o_proj's and down_proj's inputs [B/2, L, d/4 -> d] within a model group (their statistics),
-#   1 all-reduce of the statistics' partial sums across the stack (batch) axis,
+#   2 collective-permutes (in loops) passing o_proj's and down_proj's input slices [B/2, L, d/4] around
+#     a model group, for their statistics' rows (the inputs are never gathered whole),
+#   1 all-reduce of the statistics' partial sums, every one row-split [d/4, d], across the stack (batch) axis,
 # and no weight is ever gathered
 cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=4,
                   head_dim=16, rope_theta=10000.0, max_position_embeddings=256)
 m = Llama(cfg, random_weights(cfg, seed=5, scale=0.2))
 lay = sharding.ForwardLayout(mesh)
-stats_fn = calibration._block_fns(nnx.graphdef(m.layers[0]), None)[0]
-hlo = stats_fn.lower(lay.block(nnx.state(m.layers[0])), lay.batch(jnp.zeros((4, 32, 64))), lay.replicate(m.context(32))).compile().as_text()
-ops = [l for l in hlo.splitlines() if re.search(r"= .*\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(", l)]
-kinds = collections.Counter(re.search(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)", l).group(1) for l in ops)
-assert kinds == {"all-reduce": 3, "all-gather": 2}, (kinds, ops)
+stats_fn = calibration._block_fns(nnx.graphdef(m.layers[0]), None, lay)[0]
+hlo = stats_fn.lower(lay.block(nnx.state(m.layers[0])), lay.hidden(jnp.zeros((4, 32, 64))), lay.replicate(m.context(32))).compile().as_text()
+kinds_re = r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+ops = [l for l in hlo.splitlines() if re.search(r"= .*" + kinds_re + r"(-start)?\(", l)]
+kinds = collections.Counter(re.search(kinds_re, l).group(1) for l in ops)
+assert kinds == {"all-reduce": 3, "all-gather": 1, "collective-permute": 2}, (kinds, ops)
 weights = {tuple(x.shape) for x in jax.tree.leaves(nnx.state(m.layers[0]))}
-model_group = "replica_groups={{0,1,2,3},{4,5,6,7}}"
+def in_model_group(l):  # replica groups listed, or as the named axis of XLA's mesh notation (the one of size 4)
+    named = re.search(r"mesh\[([^]]*)\] \{'(axis_[0-9])'\}", l)
+    return "replica_groups={{0,1,2,3},{4,5,6,7}}" in l or bool(named and f"'{named.group(2)}'=4" in named.group(1))
 for l in ops:
-    result = re.search(r"= \(?(.*?)\)? (all-gather|all-reduce)", l).group(1)
+    result = re.search(r"= \(?(.*?)\)? " + kinds_re, l).group(1)
     shapes = [tuple(int(d) for d in s.split(",")) for s in re.findall(r"f32\[([0-9,]+)\]", result)]
     if "all-gather" in l:
-        assert shapes in ([(2, 32, 64)], [(2, 32, 96)]), l  # activations (o_in, down_in), never a weight
-        assert "{'axis_2'}" in l or model_group in l, l
+        assert shapes == [(2, 32, 64)] and in_model_group(l), l  # the block's input, never a weight
+    elif "collective-permute" in l:
+        assert shapes in ([(2, 32, 16)], [(2, 32, 24)]), l  # a quarter of o_in's / down_in's features
+        assert "{{0,3},{1,0},{2,1},{3,2},{4,7},{5,4},{6,5},{7,6}}" in l, l  # a ring within each model group
     elif len(shapes) == 1:
-        assert shapes == [(2, 32, 64)] and model_group in l, l  # a row-parallel layer's partial output
-    else:  # the four statistics (o_in and down_in row-split over model), summed over the stack axis
-        assert len(shapes) == 4 and all(len(s) == 2 for s in shapes) and "{'axis_0'}" in l, l
+        assert shapes == [(2, 32, 64)] and in_model_group(l), l  # a row-parallel layer's partial output
+    else:  # the four statistics, each split by rows over model, summed over the stack axis
+        assert sorted(shapes) == [(16, 64)] * 3 + [(24, 96)] and "replica_groups={{0,4},{1,5},{2,6},{3,7}}" in l, l
     assert not any(s in weights for s in shapes if len(s) == 2 and s not in {(64, 64)}), l
 print("ok")
 """
