@@ -20,9 +20,13 @@ padding is removed from the results. Layers of different shapes are grouped by s
 The calibration forward (:class:`ForwardLayout`) uses the same mesh: a block's parameters are laid
 out by one rules table, :data:`FORWARD_RULES` (Megatron's tensor parallelism over ``"model"``:
 q/k/v/gate/up split by output rows, o/down by input columns), and the calibration windows are split
-by batch over ``"stack"``. The compiler inserts what that layout needs: an all-reduce of the
-block's output after o_proj and down_proj (row-parallel), an all-gather of o_proj's and
-down_proj's inputs for their statistics (their features are split over ``"model"``), and an
+by batch over ``"stack"``; between blocks the hidden states are also split by position over
+``"model"`` (:meth:`ForwardLayout.hidden`), and every statistic is split by rows over ``"model"``
+(:meth:`ForwardLayout.gram`), so no device holds a whole statistic or the whole calibration
+activations. The compiled statistics pass holds: an all-gather of the block's input positions, an
+all-reduce of the block's output after o_proj and down_proj (row-parallel), a ring of
+collective-permutes passing o_proj's and down_proj's input slices around the model axis (their
+features are split; each device needs them all for its rows of C, one slice at a time), and an
 all-reduce of every statistic's partial sums over ``"stack"`` (the batch). Parameters are never
 gathered (tested from the compiled HLO).
 

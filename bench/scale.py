@@ -3,6 +3,7 @@
     python bench/scale.py                       # about 30 minutes on 2 cores; needs ~5 GB of disk
     python bench/scale.py --blocks 4 --methods wanda
     python bench/scale.py --devices 8 --methods wanda   # the same runs on 8 fake CPU devices (--mesh auto)
+    python bench/scale.py --devices 8 --blocks 4 --methods wanda --batch-size 2   # 2 windows per forward pass
 
 A synthetic Llama checkpoint with Llama-2-7B's block shapes (hidden 4096, intermediate 11008, 32
 heads; the default model's tokenizer and vocabulary, 49152) and random weights is written to disk
@@ -120,6 +121,8 @@ def main(argv=None):
     ap.add_argument("--methods", default="wanda,awp")
     ap.add_argument("--awp-iters", type=int, default=5)
     ap.add_argument("--devices", type=int, default=1, help="fake CPU devices the runs see (default 1)")
+    ap.add_argument("--batch-size", type=int, default=8, help="the CLI's --batch-size: calibration windows per forward pass "
+                    "(default 8, the CLI's); the forward's temporaries grow with it")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
     args = ap.parse_args(argv)
     from awp_jax.cli import matmul_gflops
@@ -150,16 +153,18 @@ def main(argv=None):
             for method in args.methods.split(","):
                 if method == "awp" and n != min(int(b) for b in args.blocks.split(",")):
                     continue  # AWP's iterations cost the same per block: run on the smallest checkpoint only
-                if any(r["blocks"] == n and r["method"] == method and r.get("devices", 1) == args.devices for r in rows):
+                if any(r["blocks"] == n and r["method"] == method and r.get("devices", 1) == args.devices
+                       and r.get("batch_size", 8) == args.batch_size for r in rows):
                     continue
                 out = work / f"out-{n}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = ["compress", "--stream", "--model", str(ckpt), "--method", method, "--sparsity", "0.5",
-                       "--nsamples", "8", "--seqlen", "512", "--eval-windows", "0", "--out", str(out)]
+                       "--nsamples", "8", "--seqlen", "512", "--eval-windows", "0", "--out", str(out),
+                       "--batch-size", str(args.batch_size)]
                 if method == "awp":
                     cmd += ["--max-iter", str(args.awp_iters)]
                 r = child(cmd, args.devices)
-                r.update(blocks=n, method=method, devices=args.devices, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops)
+                r.update(blocks=n, method=method, devices=args.devices, batch_size=args.batch_size, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops)
                 rows.append(r)
                 RESULTS.mkdir(exist_ok=True)
                 store.write_text(json.dumps({"baseline_mb": base, "rows": rows, **({"previous": previous} if previous else {})}, indent=2))
@@ -188,22 +193,22 @@ def main(argv=None):
         "",
         f"Bound: baseline + embedding + 2 x block + C + activations = **{bound:.0f} MB**.",
         "",
-        "| blocks | method | devices | peak MB | within bound | wall s | s / block | load | forward | solve | write | matmul GFLOP/s at its start |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| blocks | method | devices | windows per pass | peak MB | within bound | wall s | s / block | load | forward | solve | write | matmul GFLOP/s at its start |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["seconds"]
         lines.append(f"| {r['blocks']} | {r['method']}{' (' + str(args.awp_iters) + ' iterations)' if r['method'] == 'awp' else ''} "
-                     f"| {r.get('devices', 1)} | {r['peak_mb']:.0f} | {'yes' if r['peak_mb'] <= bound else 'NO'} | {s:.0f} | {s / r['blocks']:.0f} | "
+                     f"| {r.get('devices', 1)} | {r.get('batch_size', 8)} | {r['peak_mb']:.0f} | {'yes' if r['peak_mb'] <= bound else 'NO'} | {s:.0f} | {s / r['blocks']:.0f} | "
                      + " | ".join(f"{100 * r[k] / s:.0f} %" for k in ("load", "forward", "solve", "write")) + f" | {r['gflops']:.0f} |")
     by = {}
     for r in rows:
-        by.setdefault((r["method"], r.get("devices", 1)), {})[r["blocks"]] = r
-    lines += ["", "Peak growth with the number of blocks (same method and devices):", ""]
-    for (m, dev), d in by.items():
+        by.setdefault((r["method"], r.get("devices", 1), r.get("batch_size", 8)), {})[r["blocks"]] = r
+    lines += ["", "Peak growth with the number of blocks (same method, devices and windows per pass):", ""]
+    for (m, dev, bs), d in by.items():
         ks = sorted(d)
         if len(ks) > 1:
-            lines.append(f"- {m}, {dev} device{'s' if dev > 1 else ''}: {ks[0]} → {ks[-1]} blocks: {d[ks[-1]]['peak_mb'] - d[ks[0]]['peak_mb']:+.0f} MB "
+            lines.append(f"- {m}, {dev} device{'s' if dev > 1 else ''}, {bs} windows per pass: {ks[0]} → {ks[-1]} blocks: {d[ks[-1]]['peak_mb'] - d[ks[0]]['peak_mb']:+.0f} MB "
                          f"(one block in float32 is {block:.0f} MB)")
     # rows an earlier version measured (set aside by hand with the commit they ran at)
     for before in previous:

@@ -99,6 +99,19 @@ for bs, split, kept in ((4, P("stack"), P("stack", "model")), (3, P(), P(None, "
         assert [x.sharding.spec for x in Recording.hiddens] == [kept] * (-(-7 // bs) * streamed), Recording.hiddens
         assert len(Recording.states) == n_states and all(spec_of(s, "q_proj") == P("model") for s in Recording.states)
 
+# ForwardLayout.gram directly: inputs split by feature or whole, a batch the stack axis does or does not
+# divide, a feature count the model axis does not divide (the plain product), a cross moment
+rng = np.random.default_rng(3)
+for b_, d_, split in ((4, 64, True), (4, 64, False), (3, 64, True), (3, 64, False), (4, 30, True), (2, 96, True)):
+    a_, c_ = (rng.standard_normal((b_, 8, d_)).astype(np.float32) for _ in range(2))
+    ref = np.einsum("bli,blj->ij", a_.astype(np.float64), c_.astype(np.float64))
+    spec = P(lay._batch_axis(b_), None, "model" if split and d_ % 4 == 0 else None)
+    put = lambda v: jax.device_put(v, jax.sharding.NamedSharding(mesh, spec))
+    got = jax.jit(lambda u, v: lay.gram(u, v, split=split))(put(a_), put(c_))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=f"{b_} {d_} {split}")
+    if d_ % 4 == 0:
+        assert got.sharding.spec == P("model", None) or got.sharding.spec == P("model"), got.sharding
+
 # the parameters are laid out by the rules table
 state = lay.block(nnx.state(m.layers[0]))
 specs = {"/".join(str(getattr(k, "key", k)) for k in p[:-1]): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(state)}

@@ -1,0 +1,85 @@
+"""Per-device memory of the calibration forward on a device mesh, from the compiled programs.
+
+    python bench/mesh_memory.py                 # 8 fake CPU devices, --mesh auto (model=8); ~2 minutes
+    python bench/mesh_memory.py --mesh model=4,stack=2 --batch 8
+
+One Llama-2-7B-shaped block (hidden 4096, intermediate 11008, 32 heads; constant weights held in
+bfloat16, as a streamed bf16 checkpoint's) and a batch of ``--batch`` x 512 hidden states placed as
+the pipeline places them (:class:`awp_jax.sharding.ForwardLayout`). Each of the block's jitted
+passes (``stats``: output and statistics; ``grams``: statistics only, the sequential mode's first
+pass; ``run``: output only, its second) is compiled for the mesh and its ``memory_analysis()``
+printed: arguments, outputs and temporaries per device, in MiB. On a pod this is what one
+accelerator needs for the forward; on fake CPU devices the host holds every device's share.
+
+Nothing is run, only compiled: the figures are XLA's buffer assignment, not measured memory.
+Results are appended to bench/results/mesh_memory.md with the commit they were compiled at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import pathlib
+import subprocess
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=8, help="fake CPU devices (default 8)")
+    ap.add_argument("--mesh", default="auto", help="as awp-jax compress --mesh (default auto)")
+    ap.add_argument("--batch", type=int, default=8, help="windows of 512 tokens per pass (default 8, the CLI's --batch-size)")
+    ap.add_argument("--no-record", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from awp_jax import calibration, sharding
+    from awp_jax.models import Llama, LlamaConfig
+
+    H, F = 4096, 11008
+    cfg = LlamaConfig(vocab_size=128, hidden_size=H, intermediate_size=F, num_layers=1, num_heads=32, num_kv_heads=32,
+                      head_dim=128, rope_theta=10000.0, max_position_embeddings=4096, param_dtype="bfloat16")
+    weights = {k: np.full(s, 1.0 if k.endswith("norm.weight") else 0.01, np.float32) for k, s in Llama.shapes(cfg).items()}
+    model = Llama(cfg, weights)
+    del weights
+    mesh = sharding.parse_mesh(args.mesh)
+    if mesh is None:
+        raise SystemExit(f"--mesh {args.mesh} on {jax.device_count()} device(s) is no mesh")
+    lay = sharding.ForwardLayout(mesh)
+    state = lay.block(nnx.state(model.layers[0]))
+    x = jnp.zeros((args.batch, 512, H), jnp.float32)
+    x = lay.hidden(x) if hasattr(lay, "hidden") else lay.batch(x)  # older versions: batches only
+    ctx = lay.replicate(model.context(512))
+    graphdef = nnx.graphdef(model.layers[0])
+    takes_layout = "layout" in inspect.signature(calibration._block_fns.__wrapped__).parameters
+    fns = calibration._block_fns(graphdef, None, lay) if takes_layout else calibration._block_fns(graphdef, None)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
+    what = f"mesh {dict(mesh.shape)} of {mesh.devices.size} devices, batch {args.batch} x 512"
+    rows = ["| commit | setting | pass | arguments | outputs | temporaries | total (MiB per device) |", "|---|---|---|---|---|---|---|"]
+    for name, fn in zip(("stats", "grams", "run"), fns[:3]):
+        ma = fn.lower(state, x, ctx).compile().memory_analysis()
+        a, o, t = (getattr(ma, k) / 2**20 for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"))
+        rows.append(f"| {commit} | {what} | {name} | {a:.0f} | {o:.0f} | {t:.0f} | {a + o + t:.0f} |")
+        print(rows[-1], flush=True)
+    if not args.no_record:
+        RESULTS.mkdir(exist_ok=True)
+        md = RESULTS / "mesh_memory.md"
+        head = "" if md.exists() else ("# Per-device memory of the calibration forward on a mesh\n\n" + __doc__.split("\n\n", 2)[2].strip()
+                                       + "\n\nCommand: `python bench/mesh_memory.py` (at the commit in the first column).\n")
+        with md.open("a") as f:
+            f.write(head + "\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
