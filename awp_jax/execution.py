@@ -8,7 +8,7 @@ code in every case; only their placement differs.
 | executor | chosen when | a group of layers | the calibration forward |
 |---|---|---|---|
 | :class:`Local` | one process, one device | solved on the default device | on the default device |
-| :class:`OnMesh` | a device mesh (``--mesh``, or several local devices) | the method's sharded form (:func:`awp_jax.methods.compress_on_mesh`): AWP rows over ``"model"``, layers over ``"stack"``; SparseGPT/GPTQ rows over every device | parameters laid out by :data:`awp_jax.sharding.FORWARD_RULES`, batches over ``"stack"`` |
+| :class:`OnMesh` | a device mesh (``--mesh``, or several local devices) | the method's sharded form (:func:`awp_jax.methods.compress_on_mesh`): AWP rows over ``"model"``, layers over ``"stack"``; SparseGPT/GPTQ rows over every device | parameters laid out by :data:`awp_jax.sharding.FORWARD_RULES`, batches over ``"stack"``, hidden states between blocks also by position and statistics by rows over ``"model"`` |
 | :class:`MultiProcess` | ``jax.distributed`` with several processes | groups dealt out among the processes in turn, each solved by its process's own executor (:class:`Local`, or :class:`OnMesh` over that process's devices) and its result sent to all (pickled all-gather) | every process runs it whole (the same windows, the same bits), on its own executor's placement |
 
 :func:`choose` picks one from the mesh and the process count. A method (or setting) without a
