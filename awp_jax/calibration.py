@@ -76,6 +76,12 @@ def check_token_cap(cap) -> float | None:
     return cap
 
 
+def gram(a, b=None):
+    """``Σ aᵀ b`` over every axis but the last (``[..., d]`` → ``[d, d]``; ``b`` defaults to ``a``),
+    at full float32 precision: every statistic and cross moment is one."""
+    return jnp.einsum("...i,...j->ij", a, a if b is None else b, precision="highest")
+
+
 def _routed_grams(v, mask, token_cap: float | None = None):
     """Per-expert sums for an input ``v`` (``[B, L, d]`` shared by the experts, or ``[E, B, L, d]``
     one per expert) and the routing mask ``[B, L, E]``: ``routed [E, d, d]`` over each expert's
@@ -89,7 +95,7 @@ def _routed_grams(v, mask, token_cap: float | None = None):
         m, ve = args
         if token_cap is not None:
             ve = ve * token_weights(ve, token_cap, m)
-        return jnp.einsum("bli,blj->ij", ve * m[..., None], ve, precision="highest")
+        return gram(ve * m[..., None], ve)
 
     if per_expert:
         routed = jax.lax.map(one, (masks, v))
@@ -97,9 +103,9 @@ def _routed_grams(v, mask, token_cap: float | None = None):
         routed = jax.lax.map(lambda m: one((m, v)), masks)
     v = v * token_weights(v, token_cap) if token_cap is not None else v  # the fallback's: every token
     if per_expert:
-        everything = jax.lax.map(lambda ve: jnp.einsum("bli,blj->ij", ve, ve, precision="highest"), v)
+        everything = jax.lax.map(gram, v)
     else:
-        everything = jnp.einsum("bli,blj->ij", v, v, precision="highest")
+        everything = gram(v)
     return {"routed": routed, "all": everything, "tokens": jnp.sum(masks, axis=(1, 2))}
 
 
@@ -142,10 +148,11 @@ def _block_fns(graphdef, token_cap: float | None, layout=None):
     def leave(y):
         return y if layout is None else layout.leave(y)
 
-    def gram(blk, k, a, b=None):
-        if layout is None:
-            return jnp.einsum("bli,blj->ij", a, a if b is None else b, precision="highest")
-        return layout.gram(a, b, split=k in layout.split_inputs(blk.LINEARS))
+    def statistic(split, k, a, b=None):  # split: the statistics whose inputs the layout splits by feature
+        return gram(a, b) if layout is None else layout.gram(a, b, split=k in split)
+
+    def split_of(blk):
+        return frozenset() if layout is None else layout.split_inputs(blk.LINEARS)
 
     @jax.jit
     def stats(state, x, ctx):  # x [B, L, D] -> (y, {name: X Xᵀ summed over B·L})
@@ -153,14 +160,14 @@ def _block_fns(graphdef, token_cap: float | None, layout=None):
         y, cap = nnx.capture(blk, nnx.Intermediate)(enter(x), *ctx)
         values = {k: var.get_value()[0] for k, var in cap.items()}  # the block sows each statistic's input once per call
         mask = values.pop("routing", None)  # [B, L, E]: which experts each token was routed to
-        grams = {}
+        grams, split = {}, split_of(blk)
         for k, v in values.items():
             v = v.astype(jnp.float32)
             if k in getattr(blk, "ROUTED", ()):
                 grams[k] = _routed_grams(v, mask, token_cap)
             else:
                 v = v * token_weights(v, token_cap) if token_cap is not None else v
-                grams[k] = gram(blk, k, v)
+                grams[k] = statistic(split, k, v)
         return leave(y), grams
 
     @jax.jit
@@ -178,14 +185,14 @@ def _block_fns(graphdef, token_cap: float | None, layout=None):
         blk = nnx.merge(graphdef, state)
         y_d, cap_d = nnx.capture(blk, nnx.Intermediate)(enter(x_dense), *ctx)
         y, cap = nnx.capture(blk, nnx.Intermediate)(enter(x), *ctx)
-        out = {}
+        out, split = {}, split_of(blk)
         for k, var in cap.items():
             v_d, v = cap_d[k].get_value()[0].astype(jnp.float32), var.get_value()[0].astype(jnp.float32)
             if token_cap is not None:  # one weight per token for both streams: the compressed stream's
                 sw = token_weights(v, token_cap)
                 v_d, v = v_d * sw, v * sw
-            out[k] = gram(blk, k, v)
-            out[f"{k}#cross"] = gram(blk, k, v_d, v)
+            out[k] = statistic(split, k, v)
+            out[f"{k}#cross"] = statistic(split, k, v_d, v)
         return leave(y_d), leave(y), out
 
     return stats, grams_only, run, cross

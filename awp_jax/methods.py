@@ -377,7 +377,8 @@ def compress_on_mesh(name: str, ws, cs, constraint: Constraint, options, mesh) -
         raise ValueError(f"layers solved together on a mesh must have one shape, got {sorted({tuple(np.shape(w)) for w in ws})}")
     for w, c in zip(ws, cs):
         check_layer(w, c)
-    out = m.mesh(jnp.stack([jnp.asarray(w, jnp.float32) for w in ws]), jnp.stack([jnp.asarray(c, jnp.float32) for c in cs]),
+    # stacked on the host: placed on the mesh from there, a stack never lies whole on one device first
+    out = m.mesh(np.stack([np.asarray(w, np.float32) for w in ws]), np.stack([np.asarray(c, np.float32) for c in cs]),
                  constraint, options, mesh)
     return _refit_grids(out, ws, cs, options)
 

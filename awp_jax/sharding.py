@@ -4,13 +4,19 @@ Placement (:func:`placements`): a mesh with axes ``("stack", "model")``.
 
 * W and Θ of a stack of equal-shape layers ``[L, d_out, d_in]``: layers across ``"stack"``, rows
   across ``"model"`` — ``P("stack", "model", None)``.
-* C ``[L, d_in, d_in]``: layers across ``"stack"``, replicated across ``"model"``.
+* C ``[L, d_in, d_in]``: layers across ``"stack"``, rows across ``"model"`` —
+  ``P("stack", "model", None)``, as the calibration forward leaves it (:meth:`ForwardLayout.gram`),
+  so no device holds a whole C. Replicated across ``"model"`` instead when the model axis does not
+  divide ``d_in``, and for ADMM (it diagonalises the whole C); ``split_c=False`` asks for that.
 
-Every PGD step is row-local: ``(W − Θ) C`` needs the full C and only the local rows; the row
-top-k, N:M and group quantizers act within rows (groups run along ``d_in``). The body runs inside
-``jax.shard_map``, so no gather of W or Θ is ever inserted; the only communication is the
-``psum`` of a few scalars per iteration (objective and squared gradient norm, for the stopping
-test and keep-best) — checked from the compiled HLO in the tests.
+Every PGD step is row-local: ``(W − Θ) C`` needs all of C but only the local rows of W and Θ; the
+row top-k, N:M and group quantizers act within rows (groups run along ``d_in``). With C split, its
+row blocks pass around the model axis in a ring of ``collective-permute``s inside each product
+(each device holds its own block and the one passing through, ``2/n`` of C); its diagonal and the
+power iteration's vector are gathered (``d_in`` floats). The body runs inside ``jax.shard_map``,
+so no gather of W or Θ is ever inserted; besides the ring, the only communication is the ``psum``
+of a few scalars per iteration (objective and squared gradient norm, for the stopping test and
+keep-best) — checked from the compiled HLO in the tests.
 
 ``d_out`` not divisible by the model axis and ``L`` not divisible by the stack axis are padded
 (zero rows have zero gradient and stay zero; padded layers are zero and stop at once), and the
@@ -49,6 +55,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from awp_jax import solver as solver_lib
+from awp_jax.calibration import gram as _gram
 
 __all__ = ["make_mesh", "parse_mesh", "placements", "solve_sharded", "solve_layers", "FORWARD_RULES", "ForwardLayout",
            "rows_on_mesh"]
@@ -103,28 +110,44 @@ def parse_mesh(text: str, devices=None) -> Mesh | None:
 @dataclasses.dataclass(frozen=True)
 class Placements:
     weights: NamedSharding  # W and Θ stacks [L, d_out, d_in]
-    stats: NamedSharding  # C stacks [L, d_in, d_in]
+    stats: NamedSharding  # C stacks [L, d_in, d_in], replicated over "model"
     per_layer: NamedSharding  # per-layer scalars [L]
+    stats_split: NamedSharding  # C stacks with their rows split over "model"
 
 
 def placements(mesh: Mesh) -> Placements:
     return Placements(NamedSharding(mesh, P("stack", "model", None)), NamedSharding(mesh, P("stack", None, None)),
-                      NamedSharding(mesh, P("stack")))
+                      NamedSharding(mesh, P("stack")), NamedSharding(mesh, P("stack", "model", None)))
+
+
+def splits_c(config: solver_lib.PGDConfig, mesh: Mesh, d_in: int) -> bool:
+    """Whether a sharded solve splits C's rows over ``"model"``: when that axis divides ``d_in``,
+    except for ADMM (which diagonalises the whole C)."""
+    n = mesh.shape["model"]
+    return n > 1 and d_in % n == 0 and config.algorithm != "admm"
 
 
 def _pad_to(x, axis, multiple):
+    """``x`` padded with zeros along ``axis`` to a multiple; on the host when ``x`` is there (placed
+    from the host, a stack never lies whole on one device first)."""
     n = x.shape[axis]
     extra = (-n) % multiple
     if not extra:
         return x
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, extra)
-    return jnp.pad(x, pad)
+    return np.pad(x, pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)
 
 
-def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh):
-    def local(w, c):  # [l, r, d_in], [l, d_in, d_in] on one device
-        return jax.vmap(lambda wi, ci: solver_lib.solve_traced(wi, ci, config, axis_name="model"))(w, c)
+def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool):
+    n_split = mesh.shape["model"] if split_c else 1
+    # a split C's ring is a collective every device joins on every trip: all solves on the mesh
+    # (the layers of this device and of the other stack groups) run as many trips as the longest
+    sync = ("layers", "stack", "model") if split_c else ()
+
+    def local(w, c):  # [l, r, d_in], [l, d_in (/ n_model), d_in] on one device
+        return jax.vmap(lambda wi, ci: solver_lib.solve_traced(wi, ci, config, axis_name="model", c_split=n_split,
+                                                                sync_axes=sync), axis_name="layers")(w, c)
 
     per = P("stack")
     out_specs = solver_lib.PGDResult(
@@ -132,21 +155,28 @@ def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh):
         obj_final=per, obj_dense=per, stop_reason=per, step_size=per,
         trace_obj=P("stack", None) if config.trace else None, trace_grad=P("stack", None) if config.trace else None,
         source=P("stack", "model", None) if config.schedule.quant is not None else None)
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("stack", "model", None), P("stack", None, None)),
+    c_spec = P("stack", "model", None) if split_c else P("stack", None, None)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("stack", "model", None), c_spec),
                                  out_specs=out_specs, check_vma=False))
 
 
 @functools.lru_cache(maxsize=64)
-def sharded_solver(config: solver_lib.PGDConfig, mesh: Mesh):
-    """The jitted sharded solve for ``config`` on ``mesh`` (cached), taking padded, placed stacks."""
-    return _sharded_fn(config, mesh)
+def sharded_solver(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool = False):
+    """The jitted sharded solve for ``config`` on ``mesh`` (cached), taking padded, placed stacks;
+    ``split_c``: C placed with its rows split over ``"model"`` (:func:`splits_c`)."""
+    if split_c and not splits_c(config, mesh, mesh.shape["model"]):
+        raise ValueError(f"C cannot be split over the model axis for algorithm={config.algorithm!r} on mesh {dict(mesh.shape)}")
+    return _sharded_fn(config, mesh, split_c)
 
 
-def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh, *, max_chunk_bytes: int | None = None) -> solver_lib.PGDResult:
+def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh, *, max_chunk_bytes: int | None = None,
+                  split_c: bool | None = None) -> solver_lib.PGDResult:
     """:func:`awp_jax.solver.solve_pgd_stack` on ``mesh``: ``w [L, d_out, d_in]``, ``c [L, d_in, d_in]``.
     Results equal the unsharded solve's up to the order of floating-point sums (tested).
-    ``max_chunk_bytes``: the same row chunks as the unsharded solve, each chunk sharded in turn."""
-    w, c = jnp.asarray(w), jnp.asarray(c)
+    ``max_chunk_bytes``: the same row chunks as the unsharded solve, each chunk sharded in turn.
+    ``split_c``: C's rows split over ``"model"`` (default: where :func:`splits_c` allows), else
+    replicated there."""
+    w, c = (x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x) for x in (w, c))
     if w.ndim != 3 or c.ndim != 3 or c.shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise ValueError(f"expected w [L, d_out, d_in] and c [L, d_in, d_in], got {w.shape} and {c.shape}")
     solver_lib._validate(w, c, None, config, stacked=True)
@@ -155,17 +185,26 @@ def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh, *, max_chunk_b
     n_layers = w.shape[0]
     cp = _pad_to(c, 0, mesh.shape["stack"])
     if cp.shape[0] > n_layers:  # padded layers: C = I (finite step size), W = 0
-        cp = cp.at[n_layers:].set(jnp.eye(c.shape[-1], dtype=c.dtype))
-    cp = jax.device_put(cp, placements(mesh).stats)  # placed once, whatever the number of row chunks
-    return solver_lib.solve_in_row_chunks(lambda wc, _: _solve_sharded(wc, cp, config, mesh), w, None, config, max_chunk_bytes)
+        eye = np.eye(c.shape[-1], dtype=c.dtype)
+        cp = cp.at[n_layers:].set(eye) if isinstance(cp, jax.Array) else np.concatenate(
+            [c, np.broadcast_to(eye, (cp.shape[0] - n_layers,) + eye.shape)])
+    possible = splits_c(config, mesh, c.shape[-1])
+    if split_c and not possible:
+        raise ValueError(f"split_c=True: C [{c.shape[-1]}, {c.shape[-1]}] cannot be split over a model axis of "
+                         f"{mesh.shape['model']} for algorithm={config.algorithm!r}")
+    split_c = possible if split_c is None else split_c
+    pl = placements(mesh)
+    cp = jax.device_put(cp, pl.stats_split if split_c else pl.stats)  # placed once, whatever the number of row chunks
+    return solver_lib.solve_in_row_chunks(lambda wc, _: _solve_sharded(wc, cp, config, mesh, split_c), w, None, config,
+                                          max_chunk_bytes)
 
 
-def _solve_sharded(w, cp, config, mesh):
+def _solve_sharded(w, cp, config, mesh, split_c=False):
     """One row range ``w`` of the layers against their C already placed on ``mesh`` (``cp``)."""
     n_layers, d_out = w.shape[0], w.shape[1]
     n_stack, n_model = mesh.shape["stack"], mesh.shape["model"]
     wp = jax.device_put(_pad_to(_pad_to(w, 1, n_model), 0, n_stack), placements(mesh).weights)
-    res = sharded_solver(config, mesh)(wp, cp)
+    res = sharded_solver(config, mesh, split_c)(wp, cp)
     if wp.shape[:2] == (n_layers, d_out):
         return res
     # padding to drop: gather to a replicated layout first (slicing a sharded dimension is
@@ -331,11 +370,6 @@ class ForwardLayout:
 
     def replicate(self, tree):
         return jax.tree.map(lambda x: self._put(x, P()), tree)
-
-
-def _gram(a, b):
-    """``Σ aᵀ b`` over every axis but the last, at full float32 precision."""
-    return jnp.einsum("...i,...j->ij", a, b, precision="highest")
 
 
 # --------------------------------------------------------------------------- row-parallel OBS solves

@@ -353,17 +353,23 @@ def step_size(c: jax.Array, config: PGDConfig) -> jax.Array:
     return config.step_scale / jnp.maximum(denom, jnp.finfo(c.dtype).tiny)
 
 
-def initial_point(w: jax.Array, c: jax.Array, config: PGDConfig, with_source: bool = False, keep=None):
+def initial_point(w: jax.Array, c: jax.Array | None, config: PGDConfig, with_source: bool = False, keep=None, diag=None):
     """Θ0 for ``config.init``: the final phase's projection of W with a Wanda or magnitude mask,
     RTN, W itself, or zeros (``with_source``: and the point its grid was fitted on, as
-    :func:`awp_jax.projections.project`). ``keep``: the schedule's keep table, when it is traced."""
+    :func:`awp_jax.projections.project`). ``keep``: the schedule's keep table, when it is traced.
+    ``diag``: C's diagonal, given instead of ``c`` (Wanda's scores need only that)."""
     s = config.schedule
     if config.init in ("dense", "zeros"):
         theta = w if config.init == "dense" else jnp.zeros_like(w)
         return (theta, theta) if with_source else theta
     final = s.final
     k = None if final.sparsity is None else (keep_count(final.sparsity, w.shape[-1]) if keep is None else keep[-1])
-    score = wanda_score(w, c) if config.init == "wanda" else magnitude_score(w)
+    if config.init != "wanda":
+        score = magnitude_score(w)
+    elif diag is not None:
+        score = jnp.abs(w) * jnp.sqrt(jnp.maximum(diag, 0))[None, :]
+    else:
+        score = wanda_score(w, c)
     if config.scope == "layer":
         theta = _layer_project(w, k * w.shape[-2], score)
         return (theta, theta) if with_source else theta
@@ -378,14 +384,17 @@ def _layer_project(z, k_total, score=None, hint=None):
     return flat.reshape(shape)
 
 
-def refit_support(w: jax.Array, c: jax.Array, theta: jax.Array, iters: int, precision="highest", ridge=0.0) -> jax.Array:
+def refit_support(w: jax.Array, c: jax.Array, theta: jax.Array, iters: int, precision="highest", ridge=0.0,
+                  cmul=None) -> jax.Array:
     """Minimise ``tr((W − Θ) (C + ridge·I) (W − Θ)ᵀ)`` over Θ with ``theta``'s support, by ``iters``
     steps of conjugate gradients run independently on every row (one matmul per step). The ridge
-    is added to the products, not to a copy of C (which would be a second [d_in, d_in] matrix)."""
+    is added to the products, not to a copy of C (which would be a second [d_in, d_in] matrix).
+    ``cmul``: ``x ↦ x C`` (a C split over devices, :meth:`Quadratic.cmul`); ``c`` then only sets the dtype."""
     dtype = _compute_dtype(jnp.asarray(w), jnp.asarray(c), jnp.asarray(theta))
     w, c, theta = (jnp.asarray(a).astype(dtype) for a in (w, c, theta))
     m = (theta != 0).astype(dtype)
-    mul = lambda x: jnp.matmul(x, c, precision=precision) + jnp.asarray(ridge, dtype) * x
+    cmul = cmul or (lambda x: jnp.matmul(x, c, precision=precision))
+    mul = lambda x: cmul(x) + jnp.asarray(ridge, dtype) * x
     r = mul(w - theta) * m
     rr = jnp.sum(r * r, axis=-1)
 
@@ -414,6 +423,29 @@ def _total(x, axis_name):
     return s if axis_name is None else jax.lax.psum(s, axis_name)
 
 
+def _ring_matmul(x, c_rows, axis_name: str, n: int, precision, out_dtype=None):
+    """``x C`` inside ``shard_map`` when C's rows are split in ``n`` blocks over ``axis_name`` (this
+    device holds block ``i``, ``c_rows [d/n, d]``; ``x [..., d]`` is whole). The blocks pass around
+    the axis in a ring of ``collective-permute``s; at step ``k`` device ``i`` holds block
+    ``(i + k) mod n`` and multiplies it by ``x``'s matching columns, so a device never holds more
+    than two blocks of C."""
+    b = c_rows.shape[0]
+    i = jax.lax.axis_index(axis_name)
+    perm = [(s, (s - 1) % n) for s in range(n)]  # device s hands its block to s − 1
+
+    def part(blk, j):
+        return jnp.matmul(jax.lax.dynamic_slice_in_dim(x, j * b, b, axis=-1), blk, precision=precision,
+                          preferred_element_type=out_dtype)
+
+    def step(k, carry):
+        acc, blk = carry
+        return acc + part(blk, (i + k) % n), jax.lax.ppermute(blk, axis_name, perm)
+
+    acc = jnp.zeros(x.shape[:-1] + c_rows.shape[-1:], out_dtype or x.dtype)
+    acc, blk = jax.lax.fori_loop(0, n - 1, step, (acc, c_rows))
+    return acc + part(blk, (i + n - 1) % n)
+
+
 # --- the problem the solvers see ----------------------------------------------------------------
 
 
@@ -421,7 +453,7 @@ class Problem(NamedTuple):
     """One layer's data as every solver sees it (a pytree; built by :meth:`Quadratic.problem`)."""
 
     w: jax.Array  # [d_out, d_in] (a shard of the rows inside a sharded solve)
-    c: jax.Array  # [d_in, d_in]
+    c: jax.Array  # [d_in, d_in], or this device's block of its rows [d_in / n, d_in] (``Quadratic.c_split``)
     c_op: jax.Array  # the operand the iterations multiply by: C, or its bfloat16 copy
     eta: jax.Array  # step size
     wnorm: jax.Array  # ||W||_F (of the whole layer), the gradient norm's scale
@@ -434,14 +466,61 @@ class Quadratic:
     r"""The layer objective ``f(Θ) = tr((W − Θ) C (W − Θ)ᵀ)``: how its gradient ``(W − Θ) C``, its
     value and the relative gradient norm are computed. Static (hashable); the arrays live in a
     :class:`Problem`. With ``axis_name`` the rows of W are one shard of a layer split over that
-    mesh axis (inside ``shard_map``): products stay row-local, only scalars are summed."""
+    mesh axis (inside ``shard_map``): products stay row-local, only scalars are summed.
+    ``c_split`` (> 1, with ``axis_name``): C's rows are split over that axis too, each device
+    holding ``d_in / c_split`` of them; every product by C (:meth:`cmul`) is then a ring over the
+    axis, and C's diagonal and step size are assembled from the blocks. Every access to C goes
+    through this object."""
 
     precision: str = "highest"
     matmul_dtype: Literal["float32", "bfloat16"] = "float32"
     axis_name: str | None = None
+    c_split: int = 1
+
+    def __post_init__(self):
+        if self.c_split > 1 and self.axis_name is None:
+            raise ValueError("c_split > 1 needs the mesh axis C's rows are split over (axis_name)")
 
     def total(self, x):
         return _total(x, self.axis_name)
+
+    def cmul(self, p: Problem, x, exact=False):
+        """``x C`` (``exact``: in float32 whatever the matmul dtype)."""
+        low = not exact and self.matmul_dtype == "bfloat16"
+        x, c, out = (x.astype(jnp.bfloat16), p.c_op, p.w.dtype) if low else (x, p.c, None)
+        if self.c_split > 1:
+            return _ring_matmul(x, c, self.axis_name, self.c_split, self.precision, out)
+        return jnp.matmul(x, c, precision=self.precision, preferred_element_type=out)
+
+    def _gather(self, v):  # this device's block of a [d_in] vector -> the whole vector
+        return jax.lax.all_gather(v, self.axis_name, tiled=True)
+
+    def diag(self, c):
+        """C's diagonal ``[d_in]`` (from this device's block of rows when C is split)."""
+        if self.c_split == 1:
+            return jnp.diagonal(c)
+        b = c.shape[0]
+        own = jax.lax.dynamic_slice_in_dim(c, jax.lax.axis_index(self.axis_name) * b, b, axis=1)
+        return self._gather(jnp.diagonal(own))
+
+    def step_size(self, c, config: PGDConfig):
+        """η from the config's step rule (:func:`step_size`), for a whole or a split C."""
+        if self.c_split == 1 or config.step_rule == "absolute":
+            return step_size(c, config)
+        if config.step_rule == "frobenius":
+            denom = jnp.sqrt(jax.lax.psum(jnp.sum(c * c), self.axis_name))
+        else:  # power iteration: each device multiplies its rows, the vector is gathered (d_in floats)
+            hp, b = config.precision, c.shape[0]
+            v0 = jnp.ones((c.shape[-1],), c.dtype) / jnp.sqrt(c.shape[-1]).astype(c.dtype)
+
+            def body(_, v):
+                u = self._gather(jnp.matmul(c, v, precision=hp))
+                return u / jnp.maximum(jnp.linalg.norm(u), jnp.finfo(c.dtype).tiny)
+
+            v = jax.lax.fori_loop(0, config.power_iters, body, v0)
+            own = jax.lax.dynamic_slice_in_dim(v, jax.lax.axis_index(self.axis_name) * b, b)
+            denom = jax.lax.psum(jnp.dot(own, jnp.matmul(c, v, precision=hp), precision=hp), self.axis_name)
+        return config.step_scale / jnp.maximum(denom, jnp.finfo(c.dtype).tiny)
 
     def problem(self, w, c, config: PGDConfig, keep=None) -> Problem:
         dtype = _compute_dtype(w, c)
@@ -449,13 +528,10 @@ class Quadratic:
         c_op = c.astype(jnp.bfloat16) if self.matmul_dtype == "bfloat16" else c
         wnorm = jnp.maximum(jnp.sqrt(self.total(w * w)), jnp.finfo(dtype).tiny)
         keep = jnp.asarray(config.schedule.tables(w.shape[-1]).keep if keep is None else keep, jnp.int32)
-        return Problem(w=w, c=c, c_op=c_op, eta=step_size(c, config), wnorm=wnorm, keep=keep)
+        return Problem(w=w, c=c, c_op=c_op, eta=self.step_size(c, config), wnorm=wnorm, keep=keep)
 
     def grad(self, p: Problem, theta, exact=False):
-        d = p.w - theta
-        if exact or self.matmul_dtype == "float32":
-            return jnp.matmul(d, p.c, precision=self.precision)
-        return jnp.matmul(d.astype(jnp.bfloat16), p.c_op, precision=self.precision, preferred_element_type=p.w.dtype)
+        return self.cmul(p, p.w - theta, exact)
 
     def evaluate(self, p: Problem, theta, exact=False):
         """``((W − Θ) C, f(Θ), ||(W − Θ) C||_F / ||W||_F)``; ``exact``: in float32 whatever the matmul dtype."""
@@ -464,7 +540,7 @@ class Quadratic:
 
     def dense_value(self, p: Problem):
         """``f(0) = tr(W C Wᵀ)``."""
-        return self.total(p.w * jnp.matmul(p.w, p.c, precision=self.precision))
+        return self.total(p.w * self.cmul(p, p.w, exact=True))
 
 
 # --- solvers: small immutable objects, one driver -----------------------------------------------
@@ -544,7 +620,7 @@ class PGD:
         # competes for "best" too: the solve never returns something worse than where it started.
         init_feasible = theta0 is None and cfg.init in ("wanda", "magnitude", "rtn")
         if theta0 is None:
-            theta0, source0 = initial_point(p.w, p.c, cfg, with_source=True, keep=p.keep)
+            theta0, source0 = initial_point(p.w, None, cfg, with_source=True, keep=p.keep, diag=self.objective.diag(p.c))
         else:
             theta0 = source0 = theta0.astype(p.w.dtype)
         source0 = source0 if quantizes else None
@@ -736,24 +812,39 @@ class ADMM(PGD):
                          obj_final=obj, obj_dense=self.objective.dense_value(p), stop_reason=st.reason, step_size=st.rho)
 
 
-def run(solver, p: Problem, theta0=None, *, trace: bool = False) -> PGDResult:
+def run(solver, p: Problem, theta0=None, *, trace: bool = False, sync_axes: tuple[str, ...] = ()) -> PGDResult:
     """Drive ``solver`` to its stop in a ``lax.while_loop``. ``trace``: also record the objective
-    and relative gradient norm of every iterate (length ``max_steps + 1``, NaN after the stop)."""
+    and relative gradient norm of every iterate (length ``max_steps + 1``, NaN after the stop).
+    ``sync_axes``: named axes (mesh and ``vmap`` axes) across which every solve runs the same
+    number of loop trips, until the last one stops, each frozen from its own stop on (same
+    results): needed when the step holds a collective that every device must join on every trip
+    (the ring of a split C, :meth:`Quadratic.cmul`), since layers on different devices stop at
+    different iterations."""
     p = solver.prepare(p)
     st = solver.init(p, theta0)
+    if sync_axes:
+        def advance(s):
+            n = solver.step(p, s)
+            done = solver.terminate(s)
+            return jax.tree.map(lambda a, b: jnp.where(done, a, b), s, n)
+
+        def running(s):
+            return jax.lax.pmax((~solver.terminate(s)).astype(jnp.int32), sync_axes) > 0
+    else:
+        advance, running = (lambda s: solver.step(p, s)), (lambda s: ~solver.terminate(s))
     if not trace:
-        st = jax.lax.while_loop(lambda s: ~solver.terminate(s), lambda s: solver.step(p, s), st)
+        st = jax.lax.while_loop(running, advance, st)
         return solver.result(p, st)
     nan = jnp.full((solver.max_steps + 1,), jnp.nan, st.obj.dtype)
 
     def body(carry):
         s, tr_obj, tr_grad = carry
-        n = solver.step(p, s)
+        n = advance(s)
         moved = n.t > s.t
         return n, tr_obj.at[s.t + 1].set(jnp.where(moved, n.obj, jnp.nan)), tr_grad.at[s.t + 1].set(
             jnp.where(moved, n.gnorm, jnp.nan))
 
-    st, tr_obj, tr_grad = jax.lax.while_loop(lambda c: ~solver.terminate(c[0]), body,
+    st, tr_obj, tr_grad = jax.lax.while_loop(lambda c: running(c[0]), body,
                                              (st, nan.at[0].set(st.obj), nan.at[0].set(st.gnorm)))
     return solver.result(p, st)._replace(trace_obj=tr_obj, trace_grad=tr_grad)
 
@@ -793,19 +884,24 @@ class CGRefit:
     damping: float = 0.0
 
     def __call__(self, objective: Quadratic, p: Problem, res: PGDResult) -> PGDResult:
-        ridge = self.damping * jnp.mean(jnp.diagonal(p.c)) if self.damping else 0.0
-        refit = refit_support(p.w, p.c, res.theta, self.iters, objective.precision, ridge)
+        ridge = self.damping * jnp.mean(objective.diag(p.c)) if self.damping else 0.0
+        refit = refit_support(p.w, p.c, res.theta, self.iters, objective.precision, ridge,
+                              cmul=lambda x: objective.cmul(p, x, exact=True))
         _, obj_r, gn_r = objective.evaluate(p, refit, exact=True)
         take = jnp.isfinite(obj_r) & (obj_r < res.obj_final)
         return res._replace(theta=jnp.where(take, refit, res.theta), obj_final=jnp.where(take, obj_r, res.obj_final),
                             grad_norm=jnp.where(take, gn_r, res.grad_norm))
 
 
-def make_solver(config: PGDConfig, axis_name: str | None = None):
-    """The solver object, objective and post-processing stages a :class:`PGDConfig` describes."""
+def make_solver(config: PGDConfig, axis_name: str | None = None, c_split: int = 1):
+    """The solver object, objective and post-processing stages a :class:`PGDConfig` describes.
+    ``c_split``: C's rows are split over ``axis_name`` in that many blocks (:class:`Quadratic`)."""
     if config.scope == "layer" and axis_name is not None:
         raise ValueError("scope='layer' needs the whole matrix on one device; use scope='row' with a sharded solve")
-    objective = Quadratic(precision=config.precision, matmul_dtype=config.matmul_dtype, axis_name=axis_name)
+    if config.algorithm == "admm" and c_split > 1:
+        raise ValueError("algorithm='admm' diagonalises the whole C: it needs C whole on every device (c_split=1)")
+    objective = Quadratic(precision=config.precision, matmul_dtype=config.matmul_dtype, axis_name=axis_name,
+                          c_split=c_split)
     cls = ADMM if config.algorithm == "admm" else AcceleratedPGD if config.momentum else PGD
     solver = cls(config=config, objective=objective)
     stages = []
@@ -816,15 +912,17 @@ def make_solver(config: PGDConfig, axis_name: str | None = None):
     return solver, tuple(stages)
 
 
-def solve_traced(w, c, config: PGDConfig, theta0=None, axis_name: str | None = None, keep=None) -> PGDResult:
+def solve_traced(w, c, config: PGDConfig, theta0=None, axis_name: str | None = None, keep=None,
+                 c_split: int = 1, sync_axes: tuple[str, ...] = ()) -> PGDResult:
     """One layer's solve, un-jitted: for use inside the caller's own ``jit`` / ``vmap`` /
     ``shard_map`` (:func:`solve_pgd` is this, jitted and validated). ``axis_name``: the rows of
     ``w`` are one shard of the layer over that mesh axis. ``keep``: the schedule's keep table
-    (default: ``config``'s, as a constant)."""
+    (default: ``config``'s, as a constant). ``c_split``: ``c`` is this device's block of C's rows,
+    split over ``axis_name`` in that many blocks; ``sync_axes``: see :func:`run`."""
     _TRACES["solve"] += 1
-    solver, stages = make_solver(config, axis_name)
+    solver, stages = make_solver(config, axis_name, c_split)
     p = solver.objective.problem(w, c, config, keep)
-    res = run(solver, p, theta0, trace=config.trace)
+    res = run(solver, p, theta0, trace=config.trace, sync_axes=sync_axes)
     for stage in stages:
         res = stage(solver.objective, p, res)
     return res

@@ -18,7 +18,6 @@ Results are appended to bench/results/mesh_memory.md with the commit they were c
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import pathlib
 import subprocess
@@ -58,11 +57,10 @@ def main(argv=None):
     lay = sharding.ForwardLayout(mesh)
     state = lay.block(nnx.state(model.layers[0]))
     x = jnp.zeros((args.batch, 512, H), jnp.float32)
-    x = lay.hidden(x) if hasattr(lay, "hidden") else lay.batch(x)  # older versions: batches only
+    x = lay.hidden(x)
     ctx = lay.replicate(model.context(512))
     graphdef = nnx.graphdef(model.layers[0])
-    takes_layout = "layout" in inspect.signature(calibration._block_fns.__wrapped__).parameters
-    fns = calibration._block_fns(graphdef, None, lay) if takes_layout else calibration._block_fns(graphdef, None)
+    fns = calibration._block_fns(graphdef, None, lay)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
     what = f"mesh {dict(mesh.shape)} of {mesh.devices.size} devices, batch {args.batch} x 512"

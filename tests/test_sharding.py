@@ -1,5 +1,6 @@
-"""The solver on a device mesh: sharded equals unsharded, and the compiled solve communicates
-only scalars. Runs on 4 fake CPU devices in a subprocess (the device count is fixed at import)."""
+"""The solver on a device mesh: sharded equals unsharded, with C split by rows over the model axis
+(the default) or replicated there, and the compiled solve communicates only what the placement
+predicts. Runs on 4 fake CPU devices in a subprocess (the device count is fixed at import)."""
 
 
 import numpy as np
@@ -20,6 +21,7 @@ L, d_out, d_in = 3, 51, 64          # 3 layers on a stack axis of 2, 51 rows on 
 w, c = (np.stack(a) for a in zip(*[synthetic_layer(s, d_out, d_in, 512) for s in range(L)]))
 configs = {"prune": aj.awp_pruning(0.5, max_iter=40), "quant": aj.awp_quantization(3, 32),
            "nm+momentum": aj.awp_nm(2, 4, max_iter=30, momentum=True), "joint": aj.awp_joint(0.5, 4, 32, init="wanda"),
+           "bf16 matmuls, Frobenius step": aj.awp_pruning(0.5, max_iter=20, matmul_dtype="bfloat16", step_rule="frobenius"),
            "recipe fast (refit)": aj.awp_pruning(0.5, max_iter=5, momentum=True, step_rule="lambda_max", step_scale=1.0,
                                                  refit_iters=10, refit_damping=0.1)}
 for explicit in (False, True):
@@ -32,6 +34,11 @@ for explicit in (False, True):
         np.testing.assert_allclose(np.asarray(res.theta), np.asarray(ref.theta), rtol=0, atol=atol, err_msg=name)
         assert np.array_equal(np.asarray(res.iterations), np.asarray(ref.iterations)), name
         np.testing.assert_allclose(np.asarray(res.obj_final), np.asarray(ref.obj_final), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(np.asarray(res.step_size), np.asarray(ref.step_size), rtol=1e-5, err_msg=name)
+        if not explicit and name in ("prune", "recipe fast (refit)"):  # C replicated over the model axis instead
+            rep = sharding.solve_sharded(w, c, cfg, mesh, split_c=False)
+            np.testing.assert_allclose(np.asarray(rep.theta), np.asarray(ref.theta), rtol=0, atol=atol, err_msg=name)
+            assert np.array_equal(np.asarray(rep.iterations), np.asarray(ref.iterations)), name
 
 # a layer over the chunk size: the same row chunks as the unsharded solve, each chunk sharded (17 rows: padded to 18)
 cfg = configs["recipe fast (refit)"]
@@ -44,6 +51,13 @@ np.testing.assert_allclose(np.asarray(res.obj_final), np.asarray(ref.obj_final),
 # same iterations; its masks react to float noise (eigh of a different batch of layers differs in the
 # last bits), so the masks and objectives agree closely, not bit for bit
 cfg = aj.awp_pruning(0.5, max_iter=60, algorithm="admm", refit_iters=5)
+assert not sharding.splits_c(cfg, sharding.make_mesh(model=2, stack=2), d_in)  # it diagonalises the whole C
+try:
+    sharding.solve_sharded(w, c, cfg, sharding.make_mesh(model=2, stack=2), split_c=True)
+except ValueError as e:
+    assert "cannot be split" in str(e) and "admm" in str(e), e
+else:
+    raise AssertionError("ADMM with C split was accepted")
 ref = aj.solve_pgd_stack(w, c, cfg)
 res = sharding.solve_sharded(w, c, cfg, sharding.make_mesh(model=2, stack=2))
 assert np.array_equal(np.asarray(res.iterations), np.asarray(ref.iterations))
@@ -51,19 +65,30 @@ np.testing.assert_allclose(np.asarray(res.step_size), np.asarray(ref.step_size),
 assert np.mean((np.asarray(res.theta) != 0) == (np.asarray(ref.theta) != 0)) > 0.97
 np.testing.assert_allclose(np.asarray(res.obj_final), np.asarray(ref.obj_final), rtol=0.05)
 
-# the compiled solve: no gather of W or Θ, only all-reduces of per-layer scalars
+# the compiled solve: no gather of W or Θ. C replicated: only all-reduces of per-layer scalars. C split
+# (rows 32 of 64 per device): also its blocks passed around the model group (collective-permute of
+# [2 layers, 32, 64]), gathers of [2 layers, 64] vectors (its diagonal, the power iteration's vector),
+# and one scalar all-reduce over every device in the loop's test (all devices run the same trips)
 mesh = sharding.make_mesh(model=2, stack=2)
 pl = sharding.placements(mesh)
 wp = jax.device_put(jnp.zeros((4, 52, 64)), pl.weights)
-cp = jax.device_put(jnp.zeros((4, 64, 64)), pl.stats)
-hlo = sharding.sharded_solver(aj.awp_pruning(0.5, max_iter=40), mesh).lower(wp, cp).compile().as_text()
-ops = [l for l in hlo.splitlines() if re.search(r"= .*\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(", l)]
-kinds = {re.search(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)", l).group(1) for l in ops}
-assert kinds == {"all-reduce"}, kinds
-for l in ops:
-    shapes = re.findall(r"f32\[([0-9,]*)\]", l.split("all-reduce")[0])
-    assert all(s in ("", "2") for s in shapes), l  # scalars per local layer (2 layers per device)
-    assert "replica_groups={{0,1},{2,3}}" in l, l  # within a model group only
+cfg = aj.awp_pruning(0.5, max_iter=40, step_rule="lambda_max")
+for split, expect in ((False, {"all-reduce"}), (True, {"all-reduce", "collective-permute", "all-gather"})):
+    cp = jax.device_put(jnp.zeros((4, 64, 64)), pl.stats_split if split else pl.stats)
+    hlo = sharding.sharded_solver(cfg, mesh, split).lower(wp, cp).compile().as_text()
+    ops = [l for l in hlo.splitlines() if re.search(r"= .*\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(", l)]
+    kinds = {re.search(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)", l).group(1) for l in ops}
+    assert kinds == expect, (split, kinds)
+    for l in ops:  # "%name = (result types) kind(operands)": the result's shapes
+        result, kind = re.search(r"= (.*?)\b(all-gather|all-reduce|collective-permute)(?:-start)?\(", l).groups()
+        shapes = re.findall(r"\b[a-z]+[0-9]*\[([0-9,]*)\]", result)
+        allowed = {"all-reduce": ("", "2"), "collective-permute": ("2,32,64",), "all-gather": ("2,64",)}[kind]
+        assert shapes and all(s in allowed for s in shapes), l  # scalars per local layer (2 per device); C's blocks; d_in vectors
+        if split and shapes == [""] and "while/cond/pmax" in l:  # the stopping test: run while any layer on the mesh runs
+            assert "replica_groups={{0,1,2,3}}" in l, l
+            continue
+        groups = "source_target_pairs={{0,1},{1,0},{2,3},{3,2}}" if kind == "collective-permute" else "replica_groups={{0,1},{2,3}}"
+        assert groups in l, l  # within a model group only
 
 # layers of different shapes are grouped, not rejected
 layers = [synthetic_layer(9, 30, 64, 256), synthetic_layer(10, 40, 96, 256), synthetic_layer(11, 30, 64, 256)]
@@ -74,7 +99,7 @@ print("ok", len(ops))
 """
 
 
-def test_sharded_solve_equals_unsharded_and_only_reduces_scalars():
+def test_sharded_solve_equals_unsharded_and_communicates_what_its_placement_predicts():
     # 4 devices, not 8: eight device threads on a 2-core machine deadlocked XLA's CPU collectives in 3
     # of 4 attempts on one day (see conftest.run_on_fake_devices); test_mesh covers 8
     r = run_on_fake_devices(4, "-c", SCRIPT, timeout=600)
