@@ -157,7 +157,8 @@ def main(argv=None):
                        and r.get("batch_size", 8) == args.batch_size for r in rows):
                     continue
                 out = work / f"out-{n}-{method}"
-                shutil.rmtree(out, ignore_errors=True)
+                for d in (out, out.parent / f".{out.name}.run"):  # an unfinished earlier run's blocks would be resumed
+                    shutil.rmtree(d, ignore_errors=True)
                 cmd = ["compress", "--stream", "--model", str(ckpt), "--method", method, "--sparsity", "0.5",
                        "--nsamples", "8", "--seqlen", "512", "--eval-windows", "0", "--out", str(out),
                        "--batch-size", str(args.batch_size)]
