@@ -9,14 +9,17 @@ Placement (:func:`placements`): a mesh with axes ``("stack", "model")``.
   so no device holds a whole C. Replicated across ``"model"`` instead when the model axis does not
   divide ``d_in``, and for ADMM (it diagonalises the whole C); ``split_c=False`` asks for that.
 
-Every PGD step is row-local: ``(W − Θ) C`` needs all of C but only the local rows of W and Θ; the
-row top-k, N:M and group quantizers act within rows (groups run along ``d_in``). With C split, its
-row blocks pass around the model axis in a ring of ``collective-permute``s inside each product
-(each device holds its own block and the one passing through, ``2/n`` of C); its diagonal and the
-power iteration's vector are gathered (``d_in`` floats). The body runs inside ``jax.shard_map``,
-so no gather of W or Θ is ever inserted; besides the ring, the only communication is the ``psum``
-of a few scalars per iteration (objective and squared gradient norm, for the stopping test and
-keep-best) — checked from the compiled HLO in the tests.
+Every PGD step is row-local in W and Θ: the row top-k, N:M and group quantizers act within rows
+(groups run along ``d_in``). ``(W − Θ) C`` needs all of C for each row: with C replicated that is
+local; with C split, C never moves — an ``all-to-all`` gives each device its column block of every
+row of ``W − Θ`` (the solver's row chunk), it multiplies that by its rows of C, and a
+``reduce-scatter`` sums the partial products back into each device's rows
+(:func:`awp_jax.solver._split_matmul`); C's diagonal and the power iteration's vector are gathered
+(``d_in`` floats). The body runs inside ``jax.shard_map``, so no gather of W or Θ is ever inserted;
+besides those, the only communication is the ``psum`` of a few scalars per iteration (objective
+and squared gradient norm, for the stopping test and keep-best) — checked from the compiled HLO
+in the tests. A split C's collectives are joined by every device on every trip, so all solves on
+the mesh loop until the last one stops, each frozen from its own stop (:func:`awp_jax.solver.run`).
 
 ``d_out`` not divisible by the model axis and ``L`` not divisible by the stack axis are padded
 (zero rows have zero gradient and stay zero; padded layers are zero and stop at once), and the
@@ -141,8 +144,8 @@ def _pad_to(x, axis, multiple):
 
 def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool):
     n_split = mesh.shape["model"] if split_c else 1
-    # a split C's ring is a collective every device joins on every trip: all solves on the mesh
-    # (the layers of this device and of the other stack groups) run as many trips as the longest
+    # a split C's products are collectives every device joins on every trip: all solves on the
+    # mesh (the layers of this device and of the other stack groups) run as many trips as the longest
     sync = ("layers", "stack", "model") if split_c else ()
 
     def local(w, c):  # [l, r, d_in], [l, d_in (/ n_model), d_in] on one device

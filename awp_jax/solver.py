@@ -423,27 +423,16 @@ def _total(x, axis_name):
     return s if axis_name is None else jax.lax.psum(s, axis_name)
 
 
-def _ring_matmul(x, c_rows, axis_name: str, n: int, precision, out_dtype=None):
-    """``x C`` inside ``shard_map`` when C's rows are split in ``n`` blocks over ``axis_name`` (this
-    device holds block ``i``, ``c_rows [d/n, d]``; ``x [..., d]`` is whole). The blocks pass around
-    the axis in a ring of ``collective-permute``s; at step ``k`` device ``i`` holds block
-    ``(i + k) mod n`` and multiplies it by ``x``'s matching columns, so a device never holds more
-    than two blocks of C."""
-    b = c_rows.shape[0]
-    i = jax.lax.axis_index(axis_name)
-    perm = [(s, (s - 1) % n) for s in range(n)]  # device s hands its block to s − 1
-
-    def part(blk, j):
-        return jnp.matmul(jax.lax.dynamic_slice_in_dim(x, j * b, b, axis=-1), blk, precision=precision,
-                          preferred_element_type=out_dtype)
-
-    def step(k, carry):
-        acc, blk = carry
-        return acc + part(blk, (i + k) % n), jax.lax.ppermute(blk, axis_name, perm)
-
-    acc = jnp.zeros(x.shape[:-1] + c_rows.shape[-1:], out_dtype or x.dtype)
-    acc, blk = jax.lax.fori_loop(0, n - 1, step, (acc, c_rows))
-    return acc + part(blk, (i + n - 1) % n)
+def _split_matmul(x, c_rows, axis_name: str, n: int, precision, out_dtype=None):
+    """``x C`` inside ``shard_map`` when the rows of both ``x [..., r, d]`` (a shard of a layer's
+    rows) and C are split in ``n`` blocks over ``axis_name`` (this device holds C's block of rows
+    ``c_rows [d/n, d]``). An all-to-all hands each device its column block of every row of ``x``
+    (``[..., n·r, d/n]``), which it multiplies by its rows of C; a reduce-scatter sums those partial
+    products and returns each device its rows. So C never moves: the traffic is two of ``x``'s size
+    (the solver's row chunk), and a device holds its block of C and one partial product."""
+    xt = jax.lax.all_to_all(x, axis_name, x.ndim - 1, x.ndim - 2, tiled=True)
+    part = jnp.matmul(xt, c_rows, precision=precision, preferred_element_type=out_dtype)
+    return jax.lax.psum_scatter(part, axis_name, scatter_dimension=part.ndim - 2, tiled=True)
 
 
 # --- the problem the solvers see ----------------------------------------------------------------
@@ -468,9 +457,9 @@ class Quadratic:
     :class:`Problem`. With ``axis_name`` the rows of W are one shard of a layer split over that
     mesh axis (inside ``shard_map``): products stay row-local, only scalars are summed.
     ``c_split`` (> 1, with ``axis_name``): C's rows are split over that axis too, each device
-    holding ``d_in / c_split`` of them; every product by C (:meth:`cmul`) is then a ring over the
-    axis, and C's diagonal and step size are assembled from the blocks. Every access to C goes
-    through this object."""
+    holding ``d_in / c_split`` of them; every product by C (:meth:`cmul`) then exchanges the rows
+    being multiplied instead of C (:func:`_split_matmul`), and C's diagonal and step size are
+    assembled from the blocks. Every access to C goes through this object."""
 
     precision: str = "highest"
     matmul_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -489,7 +478,7 @@ class Quadratic:
         low = not exact and self.matmul_dtype == "bfloat16"
         x, c, out = (x.astype(jnp.bfloat16), p.c_op, p.w.dtype) if low else (x, p.c, None)
         if self.c_split > 1:
-            return _ring_matmul(x, c, self.axis_name, self.c_split, self.precision, out)
+            return _split_matmul(x, c, self.axis_name, self.c_split, self.precision, out)
         return jnp.matmul(x, c, precision=self.precision, preferred_element_type=out)
 
     def _gather(self, v):  # this device's block of a [d_in] vector -> the whole vector
@@ -818,7 +807,7 @@ def run(solver, p: Problem, theta0=None, *, trace: bool = False, sync_axes: tupl
     ``sync_axes``: named axes (mesh and ``vmap`` axes) across which every solve runs the same
     number of loop trips, until the last one stops, each frozen from its own stop on (same
     results): needed when the step holds a collective that every device must join on every trip
-    (the ring of a split C, :meth:`Quadratic.cmul`), since layers on different devices stop at
+    (the products by a split C, :meth:`Quadratic.cmul`), since layers on different devices stop at
     different iterations."""
     p = solver.prepare(p)
     st = solver.init(p, theta0)
