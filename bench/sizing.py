@@ -8,9 +8,11 @@ float32. One PGD iteration costs one matmul, 2·d_out·d_in² FLOPs (the project
 paper's pruning setting is 200 iterations per layer.
 
 Placement (awp_jax.sharding): rows of W/Θ split over the "model" axis (M devices), layers over the
-"stack" axis (S devices), C's rows split over "model" too (the default; a device holds its block
-and the block passing through the ring inside each product, 2·d_in²/M·4 bytes, and receives
-(M−1)/M of C per iteration) or replicated there (``split_c=False``: d_in²·4 bytes, no traffic).
+"stack" axis (S devices), C's rows split over "model" too (the default: a device holds
+d_in²/M·4 bytes of C and, inside each product, one partial product of the solver's row chunk,
+at most ``--chunk-mb`` = 64 MiB; per iteration it sends about W's size: the reduce-scatter of
+the partial products, (M−1)/M of d_out·d_in·4 bytes, plus the all-to-all of its rows, 1/M of
+that) or replicated there (``split_c=False``: d_in²·4 bytes, no traffic).
 Sequential calibration hands over one block (7 layers) at a time, so one device holds one
 layer's shard: (3·d_out·d_in/M)·4 bytes plus its C.
 Mesh: 8×H100 = 1 (stack) × 8 (model); TPU v5e-256 = 8 (stack: the 7 layers of a block) × 32 (model).
@@ -26,6 +28,8 @@ Calibration (forward passes) is not included.
 
 import math
 import pathlib
+
+CHUNK = 64 * 2**20  # the CLI's --chunk-mb default: a solve's row chunk, all layers of a stack together
 
 MODELS = {
     # hidden, intermediate, layers, heads, kv heads
@@ -47,7 +51,7 @@ def main():
     lines = ["# Sizing on paper: AWP on large Llama models", "", "Command: `python bench/sizing.py`. " + __doc__.split("\n\n", 2)[2].strip().replace("\n", " "), ""]
     for dev, (n_dev, rate, model_axis, hbm) in DEVICES.items():
         lines += [f"## {dev} ({n_dev} devices, {hbm} GiB each, assumed {rate / 1e12:.0f} TFLOP/s effective each; model axis {model_axis})", "",
-                  "| model | layer kind | shape | layers | W+Θ+grad shard (GiB) | C whole (GiB) | C split: 2/M (GiB) | per device, C split (GiB) | per device, C replicated (GiB) | ring traffic per device per iteration (GiB) | GFLOP per iteration (all layers of the kind) |",
+                  "| model | layer kind | shape | layers | W+Θ+grad shard (GiB) | C whole (GiB) | C split: 1/M (GiB) | per device, C split (GiB) | per device, C replicated (GiB) | sent per device per iteration, C split (GiB) | GFLOP per iteration (all layers of the kind) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, spec in MODELS.items():
             total_flops = 0.0
@@ -56,18 +60,19 @@ def main():
                 cc = d_in * d_in * 4
                 flops = 2 * d_out * d_in * d_in * count
                 total_flops += flops
-                cs = 2 * cc / model_axis
-                traffic = cc * (model_axis - 1) / model_axis
+                cs = cc / model_axis
+                partial = min(d_out * d_in * 4, CHUNK)  # one row chunk's partial product
+                traffic = d_out * d_in * 4 * (model_axis - 1) / model_axis * (1 + 1 / model_axis)
                 fits = lambda b: f"{b / 2**30:.2f}" + ("" if b / 2**30 < hbm else " (does not fit)")
                 lines.append(f"| {name} | {kind} | {d_out}x{d_in} | {count} | {wt / 2**30:.2f} | {cc / 2**30:.2f} | {cs / 2**30:.2f} | "
-                             f"{fits(wt + cs)} | {fits(wt + cc)} | {traffic / 2**30:.2f} | {flops / 1e9:,.0f} |")
+                             f"{fits(wt + cs + partial)} | {fits(wt + cc)} | {traffic / 2**30:.2f} | {flops / 1e9:,.0f} |")
             secs = total_flops * ITERS / (n_dev * rate)
             lines.append(f"| **{name}** | all | | | | | | | | | **{total_flops / 1e12:,.1f} TFLOP per iteration; {ITERS} iterations ≈ {secs / 60:.1f} min** |")
         lines.append("")
     lines += ["For the widest inputs (down_proj: d_in = intermediate size) C dominates: 10.6 GiB for Llama-3-405B whole, within an "
-              "H100's 80 GiB but close to a v5e chip's 16 GiB; split over the model axis (the default) a device holds 2/M of it, "
-              "at the price of receiving nearly all of it once per iteration (the ring; its time depends on the interconnect and "
-              "is not predicted here). Replicated (`split_c=False`) there is no traffic.", ""]
+              "H100's 80 GiB but close to a v5e chip's 16 GiB; split over the model axis (the default) a device holds 1/M of it "
+              "and C never moves: each iteration sends about W's size per device instead (its time depends on the interconnect "
+              "and is not predicted here). Replicated (`split_c=False`) there is no traffic.", ""]
     out = pathlib.Path(__file__).parent / "results" / "sizing.md"
     out.write_text("\n".join(lines))
     print("\n".join(lines))
