@@ -251,7 +251,12 @@ def compress_model(
         last_use = {blk.LINEARS[n]: g for g, names in enumerate(groups.values()) for n in names}
         for g, names in enumerate(groups.values()):
             ws = [jnp.asarray(blk.linear(n).weight[...], jnp.float32) for n in names]
-            cs = [jnp.asarray(stats[blk.LINEARS[n]], jnp.float32) for n in names]
+            placed: dict = {}  # layers that share a statistic (q/k/v) share one copy of it
+            for n in names:
+                if blk.LINEARS[n] not in placed:
+                    placed[blk.LINEARS[n]] = jnp.asarray(stats[blk.LINEARS[n]], jnp.float32)
+            cs = [placed[blk.LINEARS[n]] for n in names]
+            del placed
             for n in names:
                 if last_use[blk.LINEARS[n]] == g:
                     stats.pop(blk.LINEARS[n], None)

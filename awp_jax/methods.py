@@ -377,10 +377,19 @@ def compress_on_mesh(name: str, ws, cs, constraint: Constraint, options, mesh) -
         raise ValueError(f"layers solved together on a mesh must have one shape, got {sorted({tuple(np.shape(w)) for w in ws})}")
     for w, c in zip(ws, cs):
         check_layer(w, c)
-    # stacked on the host: placed on the mesh from there, a stack never lies whole on one device first
-    out = m.mesh(np.stack([np.asarray(w, np.float32) for w in ws]), np.stack([np.asarray(c, np.float32) for c in cs]),
-                 constraint, options, mesh)
+    # stacked on the host and placed on the mesh from there: a stack never lies whole on one device
+    out = m.mesh(_host_stack(ws), _host_stack(cs), constraint, options, mesh)
     return _refit_grids(out, ws, cs, options)
+
+
+def _host_stack(arrays) -> np.ndarray:
+    """``[L, ...]`` float32 on the host without copying what need not be: one array becomes a view
+    with a leading axis, one array given L times (q/k/v share their statistic) a broadcast view;
+    only distinct arrays are copied into a stack. (On a mesh each device then copies only its shard.)"""
+    first = np.asarray(arrays[0], np.float32)
+    if all(a is arrays[0] for a in arrays):
+        return first[None] if len(arrays) == 1 else np.broadcast_to(first, (len(arrays),) + first.shape)
+    return np.stack([np.asarray(a, np.float32) for a in arrays])
 
 
 @jax.jit
