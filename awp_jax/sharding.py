@@ -12,9 +12,10 @@ Placement (:func:`placements`): a mesh with axes ``("stack", "model")``.
 Every PGD step is row-local in W and Θ: the row top-k, N:M and group quantizers act within rows
 (groups run along ``d_in``). ``(W − Θ) C`` needs all of C for each row: with C replicated that is
 local; with C split, C never moves — an ``all-to-all`` gives each device its column block of every
-row of ``W − Θ`` (the solver's row chunk), it multiplies that by its rows of C, and a
-``reduce-scatter`` sums the partial products back into each device's rows
-(:func:`awp_jax.solver._split_matmul`); C's diagonal and the power iteration's vector are gathered
+row of ``W − Θ`` (the solver's row chunk), it multiplies that by its rows of C, and a second
+``all-to-all`` returns each device the partial products of its rows, which it sums in device order
+(:func:`awp_jax.solver._split_matmul`; not a ``reduce-scatter``, which XLA:CPU gets wrong across
+processes); C's diagonal and the power iteration's vector are gathered
 (``d_in`` floats). The body runs inside ``jax.shard_map``, so no gather of W or Θ is ever inserted;
 besides those, the only communication is the ``psum`` of a few scalars per iteration (objective
 and squared gradient norm, for the stopping test and keep-best) — checked from the compiled HLO

@@ -427,12 +427,22 @@ def _split_matmul(x, c_rows, axis_name: str, n: int, precision, out_dtype=None):
     """``x C`` inside ``shard_map`` when the rows of both ``x [..., r, d]`` (a shard of a layer's
     rows) and C are split in ``n`` blocks over ``axis_name`` (this device holds C's block of rows
     ``c_rows [d/n, d]``). An all-to-all hands each device its column block of every row of ``x``
-    (``[..., n·r, d/n]``), which it multiplies by its rows of C; a reduce-scatter sums those partial
-    products and returns each device its rows. So C never moves: the traffic is two of ``x``'s size
-    (the solver's row chunk), and a device holds its block of C and one partial product."""
+    (``[..., n·r, d/n]``), which it multiplies by its rows of C; a second all-to-all returns each
+    device the partial products of its rows from every device (``[..., n, r, d]``), which it sums
+    in device order. So C never moves: the traffic is two of ``x``'s size (the solver's row chunk),
+    and a device holds its block of C and two partial products.
+
+    The sum is an all-to-all and a local sum rather than a reduce-scatter (``psum_scatter``), which
+    sends the same bytes: XLA:CPU's reduce-scatter through gloo (every CPU collective once
+    ``jax.distributed`` is initialised) returns wrong values intermittently (jax issue 40830, seen
+    with jax 0.10.2 on 2-process runs), and a sum in a fixed order gives the same bits whatever
+    the collective library."""
     xt = jax.lax.all_to_all(x, axis_name, x.ndim - 1, x.ndim - 2, tiled=True)
     part = jnp.matmul(xt, c_rows, precision=precision, preferred_element_type=out_dtype)
-    return jax.lax.psum_scatter(part, axis_name, scatter_dimension=part.ndim - 2, tiled=True)
+    lead, (rows, d) = part.shape[:-2], part.shape[-2:]
+    blocks = part.reshape(*lead, n, rows // n, d)  # block j: the rows device j holds
+    got = jax.lax.all_to_all(blocks, axis_name, len(lead), len(lead), tiled=True)  # [..., n (from device i), r, d]
+    return jnp.sum(got, axis=len(lead))
 
 
 # --- the problem the solvers see ----------------------------------------------------------------

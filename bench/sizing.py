@@ -10,9 +10,9 @@ paper's pruning setting is 200 iterations per layer.
 Placement (awp_jax.sharding): rows of W/Θ split over the "model" axis (M devices), layers over the
 "stack" axis (S devices), C's rows split over "model" too (the default: a device holds
 d_in²/M·4 bytes of C and, inside each product, one partial product of the solver's row chunk,
-at most ``--chunk-mb`` = 64 MiB; per iteration it sends about W's size: the reduce-scatter of
-the partial products, (M−1)/M of d_out·d_in·4 bytes, plus the all-to-all of its rows, 1/M of
-that) or replicated there (``split_c=False``: d_in²·4 bytes, no traffic).
+at most ``--chunk-mb`` = 64 MiB, and the partial products it receives, as large; per iteration it
+sends about W's size: the all-to-all of the partial products, (M−1)/M of d_out·d_in·4 bytes, plus
+the all-to-all of its rows, 1/M of that) or replicated there (``split_c=False``: d_in²·4 bytes, no traffic).
 Sequential calibration hands over one block (7 layers) at a time, so one device holds one
 layer's shard: (3·d_out·d_in/M)·4 bytes plus its C.
 Mesh: 8×H100 = 1 (stack) × 8 (model); TPU v5e-256 = 8 (stack: the 7 layers of a block) × 32 (model).
@@ -61,7 +61,7 @@ def main():
                 flops = 2 * d_out * d_in * d_in * count
                 total_flops += flops
                 cs = cc / model_axis
-                partial = min(d_out * d_in * 4, CHUNK)  # one row chunk's partial product
+                partial = 2 * min(d_out * d_in * 4, CHUNK)  # a row chunk's partial product, and those it receives
                 traffic = d_out * d_in * 4 * (model_axis - 1) / model_axis * (1 + 1 / model_axis)
                 fits = lambda b: f"{b / 2**30:.2f}" + ("" if b / 2**30 < hbm else " (does not fit)")
                 lines.append(f"| {name} | {kind} | {d_out}x{d_in} | {count} | {wt / 2**30:.2f} | {cc / 2**30:.2f} | {cs / 2**30:.2f} | "
