@@ -71,7 +71,8 @@ np.testing.assert_allclose(np.asarray(res.obj_final), np.asarray(ref.obj_final),
 # (rows 32 of 64 per device; W − Θ 26 of 52 rows): C never moves; each product trades W − Θ's column
 # blocks (all-to-all, [2 layers, 26 rows, 32 columns] per operand) and sums the partial products back
 # into rows (an all-to-all of [2 layers, 26 rows, 64] blocks, one per device, and a local sum: no
-# reduce-scatter); gathers of [2 layers, 64] vectors (C's diagonal, the power iteration's vector); one scalar all-reduce over every device in the loop's test (all run the same trips)
+# reduce-scatter); gathers of [2 layers, 64] vectors (C's diagonal, the power iteration's vector); one
+# scalar all-reduce over every device in the loop's test (all run the same trips)
 mesh = sharding.make_mesh(model=2, stack=2)
 pl = sharding.placements(mesh)
 wp = jax.device_put(jnp.zeros((4, 52, 64)), pl.weights)
