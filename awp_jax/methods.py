@@ -169,8 +169,10 @@ class AWPOptions:
     init: str | None = option(None, "starting point (default: the paper's: wanda pruning, rtn quantization, dense joint); "
                                     "sparsegpt: SparseGPT's result (layer scope for unstructured pruning); awq: AWQ's result "
                                     "(quantization) or Wanda then AWQ (joint), solved in AWQ's scaled coordinates; gptq: GPTQ's "
-                                    "result (quantization; no column scales, so every output format holds it)",
-                              choices=("wanda", "magnitude", "rtn", "dense", "zeros", "sparsegpt", "awq", "gptq"))
+                                    "result (quantization; no column scales, so every output format holds it); awq_gptq: GPTQ's "
+                                    "sweep on AWQ's grid (gptq --grid awq --act-order, damping 0.1), solved in AWQ's scaled "
+                                    "coordinates (quantization)",
+                              choices=("wanda", "magnitude", "rtn", "dense", "zeros", "sparsegpt", "awq", "gptq", "awq_gptq"))
     scope: str | None = option(None, "unstructured pruning: every row keeps its k largest (row, the paper's) or the layer its "
                                      "k*d_out largest (layer)", choices=("row", "layer"))
     refit_iters: int = option(0, "pruning: conjugate-gradient iterations on the final mask (beyond the paper)", type=int)
@@ -217,12 +219,27 @@ class GPTQOptions(SparseGPTOptions):
     """GPTQ's settings (the reference implementation's defaults)."""
 
     act_order: bool = option(False, "quantize columns in order of decreasing activation energy")
+    grid: str = option("minmax", "the grid the sweep rounds onto: each group's min-max grid, fitted when the sweep enters it "
+                                 "(minmax, the reference's), or AWQ's: its column scales and clipped group grid, the sweep "
+                                 "run in its scaled coordinates (awq: AWQ + GPTQ; the result keeps AWQ's column scales; "
+                                 "with act_order each column keeps its own group's grid; beyond the reference)",
+                       choices=("minmax", "awq"))
     grid_refit: bool = option(False, GRID_REFIT_HELP)
 
     def __post_init__(self):
         super().__post_init__()
         _check(isinstance(self.act_order, bool), "act_order must be True or False", self.act_order)
+        _check(self.grid in ("minmax", "awq"), "grid must be one of minmax, awq", self.grid)
         _check(isinstance(self.grid_refit, bool), "grid_refit must be True or False", self.grid_refit)
+
+
+# AWP's starting points that are another method's result (solved from there, the pipeline's init "dense"), and
+# those of them in AWQ's scaled coordinates (their results keep AWQ's column scales)
+METHOD_STARTS = ("sparsegpt", "awq", "gptq", "awq_gptq")
+AWQ_STARTS = ("awq", "awq_gptq")
+# init="awq_gptq": GPTQ on AWQ's grid with act-order and damping 0.1 (picked on held-out text among 0.01, 0.1, 0.3
+# at INT3 g128: bench/results/frontier.md)
+AWQ_GPTQ_START = GPTQOptions(grid="awq", act_order=True, percdamp=0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +356,15 @@ def resolve(name: str, constraint: Constraint, options=None):
 def column_scales(name: str, options=None) -> bool:
     """Whether method ``name`` (with ``options``) returns per-layer column scales (AWQ's), which a
     deployment format must fold into the previous operation."""
-    return name in ("awq", "wanda_awq", "awq_wanda") or (name == "awp" and getattr(options, "init", None) == "awq")
+    return (name in ("awq", "wanda_awq", "awq_wanda") or (name == "awp" and getattr(options, "init", None) in AWQ_STARTS)
+            or (name == "gptq" and getattr(options, "grid", None) == "awq"))
+
+
+def column_scales_flags(name: str, options=None) -> str:
+    """The command-line words that give method ``name`` (with ``options``) AWQ's column scales (for error messages)."""
+    if name == "awp":
+        return f"--method awp --init {getattr(options, 'init', None) or 'awq'}"
+    return "--method gptq --grid awq" if name == "gptq" else f"--method {name}"
 
 
 def compress_layers(name: str, ws, cs, constraint: Constraint, options=None) -> list[LayerResult]:
@@ -508,6 +533,12 @@ def _rtn(w, c, con, opt):
     return _quantized(_quantize_jit(w, spec=con.quant), LayerInfo())
 
 
+def _swept_c(q: QArray, c):
+    """The statistic a GPTQ sweep that made ``q`` saw: ``C``, or in AWQ's coordinates ``diag(1/s) C diag(1/s)``."""
+    r = q.col_scale_inv
+    return c if r is None else c * r[:, None] * r[None, :]
+
+
 def _damping_info(c, percdamp, damp, ok):
     """Damping used and how many 10× retries the Cholesky factorisation needed; failure is an error."""
     diag = np.diagonal(np.asarray(c))
@@ -560,6 +591,12 @@ def _sparsegpt(w, c, con, opt):
 
 @functools.partial(jax.jit, static_argnames=("con", "opt"))
 def _gptq_jit(w, c, con, opt):
+    if opt.grid == "awq":  # AWQ's scales and clipped grid; the sweep in its coordinates W·diag(s), diag(1/s) C diag(1/s)
+        a, _ = awq_lib.awq(w, c, con.quant)
+        r = a.col_scale_inv
+        q, damp, ok = obs.gptq(w / r[None, :], c * r[:, None] * r[None, :], con.quant, blocksize=opt.blocksize,
+                               percdamp=opt.percdamp, act_order=opt.act_order, grid=(a.scale, a.zero))
+        return dataclasses.replace(q, col_scale_inv=r), damp, ok
     return obs.gptq(w, c, con.quant, blocksize=opt.blocksize, percdamp=opt.percdamp, act_order=opt.act_order)
 
 
@@ -570,10 +607,17 @@ def _gptq_rows(w, c, *, n_rows, con, opt):
 _gptq_mesh = _sweep_on_mesh(_gptq_rows, _quantized)
 
 
-@register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)", GPTQOptions, mesh=_gptq_mesh)
+def _gptq_mesh_reason(con, opt):
+    if opt.grid == "awq":
+        return "GPTQ on AWQ's grid runs AWQ's search on each layer first; it is solved on one device"
+    return None
+
+
+@register("gptq", {"quant"}, "GPTQ OBS sweep on the group grid (blocksize 128, damping 0.01)", GPTQOptions, mesh=_gptq_mesh,
+          mesh_reason=_gptq_mesh_reason)
 def _gptq(w, c, con, opt):
     q, damp, ok = _gptq_jit(w, c, con, opt)
-    return _quantized(q, _damping_info(c, opt.percdamp, damp, ok))
+    return _quantized(q, _damping_info(_swept_c(q, c), opt.percdamp, damp, ok))
 
 
 @functools.partial(jax.jit, static_argnames=("con",))
@@ -626,8 +670,8 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
     kind = con.kind
     if opt.init in ("sparsegpt",) and kind not in ("prune", "nm"):
         raise ValueError("init='sparsegpt' is for pruning (unstructured or N:M)")
-    if opt.init == "gptq" and kind != "quant":
-        raise ValueError("init='gptq' is for quantization")
+    if opt.init in ("gptq", "awq_gptq") and kind != "quant":
+        raise ValueError(f"init='{opt.init}' is for quantization")
     if opt.init == "awq" and not (kind == "quant" or (kind == "joint" and con.nm is None)):
         raise ValueError("init='awq' is for quantization and joint (unstructured) pruning + quantization")
     if opt.grid_refit and con.bits is None:
@@ -646,7 +690,7 @@ def awp_config(constraint: Constraint, options: AWPOptions | None = None) -> sol
     if opt.init is not None:
         # "sparsegpt"/"awq"/"gptq": the method passes that method's result as theta0; SparseGPT's mask holds
         # a per-layer, not a per-row, count, so the projection's scope is the layer
-        over["init"] = "dense" if opt.init in ("sparsegpt", "awq", "gptq") else opt.init
+        over["init"] = "dense" if opt.init in METHOD_STARTS else opt.init
         if opt.init == "sparsegpt" and kind == "prune":
             if opt.scope == "row":
                 raise ValueError("init='sparsegpt' needs scope='layer' for unstructured pruning: SparseGPT's mask is not per row")
@@ -695,7 +739,7 @@ def _chunk_note(info: LayerInfo, w, cfg, opt) -> LayerInfo:
 
 
 def _awp_stack(ws, cs, con, opt):
-    if opt.init in ("sparsegpt", "awq", "gptq"):
+    if opt.init in METHOD_STARTS:
         return [_awp(w, c, con, opt) for w, c in zip(ws, cs)]
     cfg = awp_config(con, opt)
     res = solver_lib.solve_pgd_stack(ws, cs, cfg, max_chunk_bytes=_chunk_bytes(opt))
@@ -704,7 +748,7 @@ def _awp_stack(ws, cs, con, opt):
 
 
 def _awp_mesh_reason(con, opt):
-    if opt.init in ("sparsegpt", "awq", "gptq"):
+    if opt.init in METHOD_STARTS:
         return f"AWP from the {opt.init} start runs that method on each layer first; it is solved on one device"
     if awp_config(con, opt).scope == "layer":
         return "AWP with scope='layer' ranks a whole layer at once; it is solved on one device"
@@ -745,7 +789,7 @@ def _awp(w, c, con, opt):
             info = dataclasses.replace(info, best_iteration=0, note="kept the SparseGPT start")
             return LayerResult(theta0, info)
         return LayerResult(res.theta, info)
-    if opt.init == "awq":
+    if opt.init in AWQ_STARTS:
         return _awp_from_awq(w, c, con, cfg, opt)
     if opt.init == "gptq":
         q0, damp, ok = _gptq_jit(w, c, con, GPTQOptions())
@@ -762,20 +806,27 @@ def _awp(w, c, con, opt):
 
 
 def _awp_from_awq(w, c, con, cfg, opt):
-    """AWP started from AWQ's point (beyond the paper), solved in AWQ's scaled coordinates.
+    """AWP started from AWQ's point (beyond the paper), solved in AWQ's scaled coordinates;
+    ``init="awq_gptq"``: from GPTQ's sweep on AWQ's grid (:data:`AWQ_GPTQ_START`), in the same coordinates.
 
     AWQ stores ``q`` = the grid point of ``W·diag(s)`` and computes with ``q·diag(1/s)``. With
     ``W' = W·diag(s)`` and ``C' = diag(1/s) C diag(1/s)`` the layer objective is unchanged,
     ``(W − Θ) C (W − Θ)ᵀ = (W' − Θ') C' (W' − Θ')ᵀ`` for ``Θ = Θ'·diag(1/s)``, so PGD on ``(W', C')``
     from ``Θ' = q`` keeps AWQ's scales (and its deployable form) and lowers the objective further.
     For joint compression the start is Wanda→AWQ (pruned, then quantized on the pruned weights)."""
-    q, alpha = _awq_jit(w if con.kind == "quant" else _mask_prune(w, c, con, True), c, con)
+    if opt.init == "awq_gptq":
+        q, damp, ok = _gptq_jit(w, c, con, AWQ_GPTQ_START)
+        _damping_info(_swept_c(q, c), AWQ_GPTQ_START.percdamp, damp, ok)  # a failed factorisation is an error here too
+        alpha, start = None, "AWQ + GPTQ"
+    else:
+        q, alpha = _awq_jit(w if con.kind == "quant" else _mask_prune(w, c, con, True), c, con)
+        alpha, start = float(alpha), "AWQ"
     r = q.col_scale_inv
     ws, cs = w / r[None, :], c * r[:, None] * r[None, :]
     res = solver_lib.solve_pgd(ws, cs, cfg, theta0=q.grid_values(), max_chunk_bytes=_chunk_bytes(opt))
-    info = _chunk_note(dataclasses.replace(_awp_info(res), alpha=float(alpha)), w, cfg, opt)
-    # AWQ's point is feasible: it competes, so the result is never worse than AWQ's
+    info = _chunk_note(dataclasses.replace(_awp_info(res), alpha=alpha), w, cfg, opt)
+    # the start is feasible: it competes, so the result is never worse than it
     if not float(res.obj_final) < float(res.obj_init):
-        info = dataclasses.replace(info, best_iteration=0, note="kept the AWQ start")
+        info = dataclasses.replace(info, best_iteration=0, note=f"kept the {start} start")
         return _quantized(q, info)
     return _awp_result(res.theta, info, con, r, source=res.source)

@@ -167,8 +167,13 @@ def sparsegpt(w, c, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
     return _sweep(w, u, blocksize, column_nm, lambda w1, u1, b: init)[0], damp, ok
 
 
-def gptq(w, c, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False):
+def gptq(w, c, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False, grid=None):
     """GPTQ quantization of ``w`` on ``spec``'s grid (group-wise, grid fixed when a group starts).
+
+    ``grid``: ``(scale, zero)``, each ``[d_out, G]`` over groups of consecutive columns: round onto
+    this grid (another method's, e.g. AWQ's clipped one) instead of fitting each group's grid when the
+    sweep enters it. With ``act_order`` each column keeps its own group's grid (the reference's
+    "static groups"), so the result needs no permutation (``perm`` is ``None``).
 
     Returns ``(q, damp_used, ok)``: ``q`` the :class:`~awp_jax.quantizers.QArray` the sweep made
     (codes in sweep order, each group's grid as fixed when the group started, ``perm`` the column
@@ -177,6 +182,10 @@ def gptq(w, c, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,
     d_out, d_in = w.shape
     g = spec.group_len(d_in)
     n_groups = spec.groups(d_in)  # validates divisibility
+    if grid is not None:
+        if tuple(grid[0].shape) != (d_out, n_groups) or tuple(grid[1].shape) != (d_out, n_groups):
+            raise ValueError(f"grid scale and zero must be [d_out, G] = {(d_out, n_groups)}, got "
+                             f"{tuple(grid[0].shape)} and {tuple(grid[1].shape)}")
     w, h, damp = prepare_hessian(w, c, percdamp)
     perm = jnp.arange(d_in)
     if act_order:
@@ -193,6 +202,9 @@ def gptq(w, c, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,
         return s[:, 0, 0], z[:, 0, 0]
 
     def column(ig, i, w1, u1, aux):
+        if given is not None:  # the given grid of the column's own group
+            s, z = given[0][:, group_of[ig]], given[1][:, group_of[ig]]
+            return _values(_codes(jax.lax.dynamic_slice_in_dim(w1, i, 1, axis=1)[:, 0], s, z, spec), s, z, spec), aux
         grid, scales, zeros = aux
         if not per_row:
             # a group starts: its grid from the already updated weights of its columns, which all
@@ -207,11 +219,17 @@ def gptq(w, c, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,
         q = _values(_codes(col, *grid, spec), *grid, spec)
         return q, (grid, scales, zeros)
 
+    given = None if grid is None else (jnp.asarray(grid[0], w.dtype), jnp.asarray(grid[1], w.dtype))
+    group_of = perm // g  # sweep position -> group of the column there
     # per row: one grid from the whole (dead-column-zeroed) row, fixed for the sweep
-    fixed = group_grid(w) if per_row else (jnp.ones((d_out,), w.dtype), jnp.zeros((d_out,), w.dtype))
+    fixed = group_grid(w) if per_row and given is None else (jnp.ones((d_out,), w.dtype), jnp.zeros((d_out,), w.dtype))
     empty = jnp.zeros((d_out, per_block), w.dtype)
     theta, auxes = _sweep(w, u, blocksize, column, lambda w1, u1, b: (fixed, empty, empty))
-    if per_row:
+    if given is not None:
+        scale, zero = given
+        if act_order:  # back to the original column order, where the given groups are
+            theta, act_order = jnp.take_along_axis(theta, jnp.argsort(perm)[None, :], axis=1), False
+    elif per_row:
         scale, zero = fixed[0][:, None], fixed[1][:, None]
     else:
         scale = jnp.concatenate([a[1] for a in auxes], axis=1)[:, :n_groups]

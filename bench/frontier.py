@@ -40,6 +40,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 PLUS = dict(init="sparsegpt", max_iter=50, step_rule="lambda_max", step_scale=1.0, refit_iters=50, refit_damping=0.1)
 LAMBDAS = (0.04, 0.08, 0.12, 0.16)  # the OWL lambda sweep (held-out text, Wanda at 70 %); OWL's default is 0.08
 ALPHAS = (0.5, 1.0)  # the error-correction alpha sweep (held-out text, GPTQ INT3 g128)
+PERCDAMPS = (0.01, 0.1, 0.3)  # GPTQ's damping on AWQ's grid (held-out text, INT3 g128); 0.01 is the reference's
 CAPS = (20, 5, 100)  # the calibration token cap sweep (held-out text, GPTQ INT3 g128), in the order run
 INT3 = dict(bits=3, group_size=128)
 COLUMNS = {"0.5": dict(sparsity=0.5), "0.7": dict(sparsity=0.7), "INT3 g128": INT3, "2:4": dict(nm=(2, 4)),
@@ -216,6 +217,23 @@ def main(argv=None):
     # 12. the grid refit after AWP from AWQ at INT4 g128 too (is it a default for every bit width?)
     run("INT4 g128", "awp (AWQ start), beside the grid refit", "awp", {"init": "awq"})
     run("INT4 g128", "awp (AWQ start), grid refit", "awp", {"init": "awq", "grid_refit": True})
+    # 13. AWQ + GPTQ: GPTQ's sweep rounding onto AWQ's clipped grid in AWQ's scaled coordinates (--grid awq), then the
+    #     grid refit: with act-order (each column keeps its own group's grid), its damping picked on held-out text;
+    #     then at INT2 (with and without the targets) and INT4 with that damping
+    awq_grid = {"grid": "awq", "act_order": True, "grid_refit": True}
+    damp_rows = [run("INT3 g128", f"gptq on AWQ's grid, act-order, damping {d}, grid refit", "gptq", {**awq_grid, "percdamp": d})
+                 for d in PERCDAMPS]
+    damp = pick(damp_rows, PERCDAMPS, 0.01)
+    on_awq = {**awq_grid, "percdamp": damp}
+    label = f"gptq on AWQ's grid, act-order, damping {damp}, grid refit"
+    run("INT2 g128", label, "gptq", on_awq)
+    run("INT2 g128", f"{label} ec alpha={alpha}", "gptq", on_awq, ec=ec)
+    run("INT4 g128", label, "gptq", on_awq)
+    run("INT3 g128", "gptq on AWQ's grid, grid refit", "gptq", {"grid": "awq", "grid_refit": True})
+    # 14. AWP from that start (init="awq_gptq": act-order, damping 0.1), in AWQ's coordinates, then the grid refit:
+    #     beside AWP from AWQ's start + grid refit (rows 11 and 12), to choose the recipes' quantization on held-out text
+    for column in ("INT3 g128", "INT4 g128"):
+        run(column, "awp (AWQ + GPTQ start), grid refit", "awp", {"init": "awq_gptq", "grid_refit": True})
     write_report(store, out_dir / "frontier.md")
 
 

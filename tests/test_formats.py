@@ -115,6 +115,7 @@ def test_compressed_tensors_refuses_what_it_cannot_hold_before_calibration():
         (methods.Constraint(sparsity=0.5), "wanda", None, "has no --bits"),
         (methods.Constraint(bits=4, group_size=32), "awq", None, "column scales"),
         (methods.Constraint(bits=4, group_size=32), "awp", methods.AWPOptions(init="awq"), "column scales"),
+        (methods.Constraint(bits=4, group_size=32), "gptq", methods.GPTQOptions(grid="awq"), "--method gptq --grid awq keeps .*column scales"),
         (methods.Constraint(bits=4, group_size=32), "gptq", methods.GPTQOptions(act_order=True), "act-order"),
     ]
     for con, method, opts, msg in cases:

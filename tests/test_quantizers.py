@@ -255,3 +255,44 @@ def test_grid_refit_option_lowers_gptq_and_awp_and_is_refused_for_pruning(layer_
         np.testing.assert_allclose(refit.q.dense(), refit.theta)
     with pytest.raises(ValueError, match="grid_refit is for quantization"):
         methods.compress_layer("awp", w, c, methods.Constraint(sparsity=0.5), methods.make_options("awp", grid_refit=True))
+
+
+def test_gptq_on_awqs_grid_keeps_awqs_scales_and_grid_and_lowers_its_objective(layer_problem):
+    """``grid="awq"`` (AWQ + GPTQ): the sweep rounds onto AWQ's clipped group grid in AWQ's scaled
+    coordinates, so the result has AWQ's column scales, scales and zero points exactly, at most 2^b
+    levels per group, a lower layer objective than AWQ's, and with act-order no permutation (each
+    column keeps its own group's grid); a given grid of the wrong shape is an error naming it."""
+    from awp_jax import methods, obs
+    from awp_jax.solver import objective
+
+    w, c = (jnp.asarray(a) for a in layer_problem)
+    con = methods.Constraint(bits=3, group_size=64)
+    awq = methods.compress_layer("awq", w, c, con)
+    f_awq = float(objective(w, awq.theta, c))
+    for act_order in (False, True):
+        r = methods.compress_layer("gptq", w, c, con, methods.GPTQOptions(grid="awq", act_order=act_order))
+        assert r.q.perm is None
+        assert r.info.damping_retries == 0  # the damping is judged against the statistic the sweep saw (AWQ's coordinates)
+        np.testing.assert_array_equal(r.q.col_scale_inv, awq.q.col_scale_inv)
+        np.testing.assert_array_equal(r.q.scale, awq.q.scale)
+        np.testing.assert_array_equal(r.q.zero, awq.q.zero)
+        np.testing.assert_allclose(r.q.dense(), r.theta)
+        assert not np.array_equal(r.q.codes, awq.q.codes)
+        assert float(objective(w, r.theta, c)) < 0.9 * f_awq, act_order
+        levels = np.asarray(r.q.grid_values()).reshape(w.shape[0], -1, 64)
+        assert max(len(np.unique(g)) for g in levels.reshape(-1, 64)) <= 8
+    # AWP from that start (act-order, damping 0.1), in AWQ's coordinates: never above its start, AWQ's column scales kept
+    start = methods.compress_layer("gptq", w, c, con, methods.AWQ_GPTQ_START)
+    awp = methods.compress_layer("awp", w, c, con, methods.AWPOptions(init="awq_gptq"))
+    assert float(objective(w, awp.theta, c)) <= float(objective(w, start.theta, c))
+    np.testing.assert_array_equal(awp.q.col_scale_inv, awq.q.col_scale_inv)
+    np.testing.assert_allclose(awp.q.dense(), awp.theta)
+    assert methods.column_scales("awp", methods.AWPOptions(init="awq_gptq"))
+    with pytest.raises(ValueError, match="init='awq_gptq' is for quantization"):
+        methods.compress_layer("awp", w, c, methods.Constraint(sparsity=0.5), methods.AWPOptions(init="awq_gptq"))
+    assert methods.column_scales("gptq", methods.GPTQOptions(grid="awq"))
+    assert not methods.column_scales("gptq", methods.GPTQOptions())
+    with pytest.raises(ValueError, match=r"grid scale and zero must be \[d_out, G\] = \(96, 4\)"):
+        obs.gptq(w, c, con.quant, grid=(awq.q.scale[:, :2], awq.q.zero[:, :2]))
+    with pytest.raises(ValueError, match="grid must be one of minmax, awq"):
+        methods.GPTQOptions(grid="mse")

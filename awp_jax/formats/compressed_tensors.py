@@ -74,8 +74,8 @@ def constrain(constraint, method: str, options, model, *, source=None):
         raise FormatError("--format compressed-tensors stores integer zero points and positive scales: a float-minimum or "
                           "full-range (GGUF Q4_0) grid cannot be stored")
     if methods.column_scales(method, options):
-        raise FormatError(f"--method {method}{' --init awq' if method == 'awp' else ''} keeps per-layer column scales (AWQ's) "
-                          "that compressed-tensors has no place for; use --method awp (from RTN), gptq or rtn")
+        raise FormatError(f"{methods.column_scales_flags(method, options)} keeps per-layer column scales (AWQ's) "
+                          "that compressed-tensors has no place for; use --method awp (from RTN), gptq (min-max grid) or rtn")
     if getattr(options, "act_order", False):
         raise FormatError("--act-order permutes GPTQ's groups, which this writer does not store (weight_g_idx); drop --act-order")
     g = constraint.group_size

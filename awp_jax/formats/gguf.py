@@ -72,8 +72,8 @@ def constrain(constraint, method: str, options, model, *, source=None, gguf_type
     _source_arch(source)
     grid = GRIDS[t]
     if methods.column_scales(method, options):
-        raise FormatError(f"--method {method}{' --init awq' if method == 'awp' else ''} keeps per-layer column scales (AWQ's) "
-                          "that a GGUF block has no place for; use --method awp (from RTN), gptq or rtn")
+        raise FormatError(f"{methods.column_scales_flags(method, options)} keeps per-layer column scales (AWQ's) "
+                          "that a GGUF block has no place for; use --method awp (from RTN), gptq (min-max grid) or rtn")
     if getattr(options, "act_order", False):
         raise FormatError("--act-order permutes GPTQ's groups; GGUF blocks are consecutive columns: drop --act-order")
     widths = linear_widths(model)
