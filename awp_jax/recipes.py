@@ -7,7 +7,7 @@ file that says ``sparsity: 0.6``). Four are built in, all for AWP:
 | recipe | pruning and N:M | quantization and joint |
 |---|---|---|
 | ``paper`` | the paper's: Wanda start, η = 2/‖C‖_F, tol 1e-4, 200 iterations | the paper's: RTN start, η = 1.5/‖C‖_F, 10 iterations; joint from dense, 100 |
-| ``fast`` (default) | Wanda start, momentum, η = 1/λmax, 5 iterations (N:M: 10), 10 damped CG refit iterations (δ = 0.1) | AWQ start, in AWQ's scaled coordinates (10 iterations), then the grid refit (quantization only); joint: Wanda→AWQ start, 50 |
+| ``fast`` (default) | Wanda start, momentum, η = 1/λmax, 5 iterations (N:M: 10), 10 damped CG refit iterations (δ = 0.1) | quantization: GPTQ's sweep on AWQ's grid (act-order, damping 0.1), then 10 iterations in AWQ's scaled coordinates and the grid refit; joint: Wanda→AWQ start, 50 |
 | ``best`` | SparseGPT start (layer-wise count), η = 1/λmax, 50 iterations, 50 damped CG refit iterations (δ = 0.1) | as ``fast`` |
 | ``admm`` | ALPS's ADMM (:class:`awp_jax.solver.ADMM`; layer-wise count for unstructured), then 10 CG iterations on C damped by 0.01 | as ``fast`` |
 
@@ -26,6 +26,9 @@ compression the AWQ start had the lowest perplexity of every AWP variant in ever
 also the cheaper of AWP's good choices there. The grid refit after it (least-squares group scales,
 codes kept) lowered the held-out perplexity at INT3 g128 (31.35 → 29.32) and INT4 g128 (16.30 →
 15.98) in one session (frontier.md), so quantization takes it; joint compression does not (not measured).
+Starting quantization from GPTQ's sweep on AWQ's grid instead (``init="awq_gptq"``) lowered the held-out
+perplexity further with the refit: INT3 g128 29.32 → 22.49, INT4 g128 15.98 → 15.39 (frontier.md,
+sections 11–14), so quantization starts there.
 
 A recipe file (JSON, or YAML) holds the same fields::
 
@@ -121,9 +124,11 @@ _FAST_NM = {**_FAST_PRUNE, "max_iter": 10}
 _BEST_PRUNE = {"init": "sparsegpt", "step_rule": "lambda_max", "step_scale": 1.0, "max_iter": 50,
                "refit_iters": 50, "refit_damping": 0.1}
 _AWQ_START = {"init": "awq"}
-# quantization: AWQ's start, then the least-squares grid refit (held-out INT3 g128 31.35 -> 29.32, INT4 g128
-# 16.30 -> 15.98, bench/results/frontier.md); joint compression keeps the AWQ start alone (the refit there is unmeasured)
-_AWQ_QUANT = {**_AWQ_START, "grid_refit": True}
+# quantization: the least-squares grid refit at the end (after the AWQ start: held-out INT3 g128 31.35 -> 29.32, INT4
+# g128 16.30 -> 15.98), and GPTQ's sweep on AWQ's grid as the start (with the refit, against the AWQ start: held-out
+# INT3 g128 29.32 -> 22.49, INT4 g128 15.98 -> 15.39; bench/results/frontier.md sections 11-14); joint compression
+# keeps the AWQ start alone (neither measured there)
+_AWQ_QUANT = {"init": "awq_gptq", "grid_refit": True}
 # ALPS's settings: ADMM, the layer-wise mask (unstructured), 10 CG iterations on C damped by 0.01
 _ADMM_PRUNE = {"algorithm": "admm", "scope": "layer", "refit_iters": 10, "refit_damping": 0.01}
 _ADMM_NM = {"algorithm": "admm", "refit_iters": 10, "refit_damping": 0.01}
@@ -135,11 +140,11 @@ _NO_SCALES = {"quant_no_column_scales": {"init": "rtn"}, "joint_no_column_scales
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe(name="paper", doc="the AWP paper's settings (for reproduction; the slowest)"),
-    "fast": Recipe(name="fast", doc="Wanda start + momentum, η = 1/λmax, 5 iterations + damped CG refit (pruning, N:M); AWQ start + grid refit (quantization); AWQ start (joint)",
+    "fast": Recipe(name="fast", doc="Wanda start + momentum, η = 1/λmax, 5 iterations + damped CG refit (pruning, N:M); AWQ + GPTQ start + grid refit (quantization); AWQ start (joint)",
                    options={"prune": _FAST_PRUNE, "nm": _FAST_NM, "quant": _AWQ_QUANT, "joint": _AWQ_START, **_NO_SCALES}),
-    "best": Recipe(name="best", doc="SparseGPT start + 50 iterations + damped CG refit (pruning, N:M); AWQ start + grid refit (quantization); AWQ start (joint)",
+    "best": Recipe(name="best", doc="SparseGPT start + 50 iterations + damped CG refit (pruning, N:M); AWQ + GPTQ start + grid refit (quantization); AWQ start (joint)",
                    options={"prune": _BEST_PRUNE, "nm": _BEST_PRUNE, "quant": _AWQ_QUANT, "joint": _AWQ_START, **_NO_SCALES}),
-    "admm": Recipe(name="admm", doc="ALPS's ADMM solver, layer-wise mask, 10 damped CG iterations (pruning, N:M); AWQ start + grid refit (quantization); AWQ start (joint)",
+    "admm": Recipe(name="admm", doc="ALPS's ADMM solver, layer-wise mask, 10 damped CG iterations (pruning, N:M); AWQ + GPTQ start + grid refit (quantization); AWQ start (joint)",
                    options={"prune": _ADMM_PRUNE, "nm": _ADMM_NM, "quant": _AWQ_QUANT, "joint": _AWQ_START, **_NO_SCALES}),
 }
 DEFAULT = "fast"

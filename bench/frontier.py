@@ -229,11 +229,12 @@ def main(argv=None):
     run("INT2 g128", label, "gptq", on_awq)
     run("INT2 g128", f"{label} ec alpha={alpha}", "gptq", on_awq, ec=ec)
     run("INT4 g128", label, "gptq", on_awq)
-    run("INT3 g128", "gptq on AWQ's grid, grid refit", "gptq", {"grid": "awq", "grid_refit": True})
     # 14. AWP from that start (init="awq_gptq": act-order, damping 0.1), in AWQ's coordinates, then the grid refit:
     #     beside AWP from AWQ's start + grid refit (rows 11 and 12), to choose the recipes' quantization on held-out text
     for column in ("INT3 g128", "INT4 g128"):
         run(column, "awp (AWQ + GPTQ start), grid refit", "awp", {"init": "awq_gptq", "grid_refit": True})
+    # 15. what act-order adds on AWQ's grid (beside section 13's first row)
+    run("INT3 g128", "gptq on AWQ's grid, grid refit", "gptq", {"grid": "awq", "grid_refit": True})
     write_report(store, out_dir / "frontier.md")
 
 

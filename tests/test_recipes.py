@@ -21,14 +21,14 @@ def test_builtin_recipes_give_the_documented_solver_settings():
     assert (cfg.max_iter, cfg.step_scale, cfg.init) == (10, 1.5, "rtn")
     cfg = methods.awp_config(joint, methods.AWPOptions())
     assert [p.iters for p in cfg.schedule.phases] == [25, 25, 50] and cfg.init == "dense"
-    # fast: momentum at 1/λmax for 5 iterations from Wanda, then 10 damped CG iterations; AWQ's start for
-    # quantization (then the grid refit) and joint
+    # fast: momentum at 1/λmax for 5 iterations from Wanda, then 10 damped CG iterations; GPTQ on AWQ's grid as
+    # quantization's start (then the grid refit), AWQ's for joint
     cfg = methods.awp_config(prune, recipes.RECIPES["fast"].options_for(prune))
     assert (cfg.max_iter, cfg.step_rule, cfg.step_scale, cfg.momentum, cfg.init) == (5, "lambda_max", 1.0, True, "wanda")
     assert (cfg.refit_iters, cfg.refit_damping, cfg.scope) == (10, 0.1, "row")
     cfg = methods.awp_config(nm, recipes.RECIPES["fast"].options_for(nm))
     assert (cfg.max_iter, cfg.refit_iters, cfg.refit_damping, cfg.init) == (10, 10, 0.1, "wanda")
-    assert recipes.RECIPES["fast"].options_for(quant).init == "awq" and recipes.RECIPES["fast"].options_for(quant).grid_refit
+    assert recipes.RECIPES["fast"].options_for(quant).init == "awq_gptq" and recipes.RECIPES["fast"].options_for(quant).grid_refit
     assert not recipes.RECIPES["fast"].options_for(joint).grid_refit  # the refit is measured for quantization only
     cfg = methods.awp_config(joint, recipes.RECIPES["fast"].options_for(joint))
     assert [p.iters for p in cfg.schedule.phases] == [50]  # joint iterations only, from Wanda→AWQ
