@@ -180,7 +180,7 @@ def test_cli_owl_allocation_and_error_correction(small_dir, tmp_path):
     (["--bits", "9"], "bits must be an integer in 2..8"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--method", "rtn", "--sparsity", "0.5"], "method 'rtn' does not do prune"),
-    (["--method", "gptq", "--bits", "4", "--momentum"], "--momentum is an option of awp; --method gptq takes: --act-order, --blocksize, --grid-refit, --percdamp"),
+    (["--method", "gptq", "--bits", "4", "--momentum"], "--momentum is an option of awp; --method gptq takes: --act-order, --blocksize, --grid, --grid-refit, --percdamp"),
     (["--method", "wanda", "--max-iter", "5"], "--max-iter is an option of awp; --method wanda takes: no options"),
     (["--method", "gptq", "--recipe", "best", "--bits", "4"], "--recipe best is a recipe for method awp, not gptq"),
     (["--recipe", "nope"], "unknown recipe 'nope': choose one of paper, fast, best, admm"),
