@@ -42,7 +42,7 @@ from awp_jax import hwpq as hwpq_lib
 from awp_jax import obs, sharding
 from awp_jax import solver as solver_lib
 from awp_jax.projections import keep_count, nm_mask, row_topk_mask
-from awp_jax.quantizers import QArray, QuantSpec, quantize, refit_grid
+from awp_jax.quantizers import QArray, QuantSpec, quantize, refit_grid, scaled_coordinates, scaled_statistic
 from awp_jax.saliency import wanda_score
 
 __all__ = ["Constraint", "AWPOptions", "SparseGPTOptions", "GPTQOptions", "NoOptions", "LayerResult", "LayerInfo", "METHODS",
@@ -533,15 +533,17 @@ def _rtn(w, c, con, opt):
     return _quantized(_quantize_jit(w, spec=con.quant), LayerInfo())
 
 
-def _swept_c(q: QArray, c):
-    """The statistic a GPTQ sweep that made ``q`` saw: ``C``, or in AWQ's coordinates ``diag(1/s) C diag(1/s)``."""
-    r = q.col_scale_inv
-    return c if r is None else c * r[:, None] * r[None, :]
+def _swept_diag(q: QArray, c):
+    """The diagonal of the statistic a GPTQ sweep that made ``q`` saw: ``diag(C)``, or in AWQ's
+    coordinates ``diag(C)·r²``."""
+    diag = jnp.diagonal(c)
+    return diag if q.col_scale_inv is None else scaled_statistic(diag, q.col_scale_inv)
 
 
-def _damping_info(c, percdamp, damp, ok):
-    """Damping used and how many 10× retries the Cholesky factorisation needed; failure is an error."""
-    diag = np.diagonal(np.asarray(c))
+def _damping_info(diag, percdamp, damp, ok):
+    """Damping used and how many 10× retries the Cholesky factorisation needed (``diag``: the
+    diagonal of the swept statistic, which sets the base damping); failure is an error."""
+    diag = np.asarray(diag)
     base = percdamp * float(np.mean(np.where(diag == 0, 1.0, diag)))
     retries = int(round(np.log10(float(damp) / base))) if base > 0 and float(damp) > 0 else 0
     if not bool(ok):
@@ -573,7 +575,7 @@ def _sweep_on_mesh(rows_fn, result):
         out = []
         for w, c in zip(ws, cs):
             r, damp, ok = sharding.rows_on_mesh(rows_fn, w, c, mesh, con=con, opt=opt)
-            out.append(result(r, _damping_info(c, opt.percdamp, damp, ok)))
+            out.append(result(r, _damping_info(jnp.diagonal(c), opt.percdamp, damp, ok)))
         return out
 
     return run
@@ -586,17 +588,16 @@ _sparsegpt_mesh = _sweep_on_mesh(_sparsegpt_rows, LayerResult)
           mesh=_sparsegpt_mesh)
 def _sparsegpt(w, c, con, opt):
     theta, damp, ok = _sparsegpt_jit(w, c, con, opt)
-    return LayerResult(theta, _damping_info(c, opt.percdamp, damp, ok))
+    return LayerResult(theta, _damping_info(jnp.diagonal(c), opt.percdamp, damp, ok))
 
 
 @functools.partial(jax.jit, static_argnames=("con", "opt"))
 def _gptq_jit(w, c, con, opt):
     if opt.grid == "awq":  # AWQ's scales and clipped grid; the sweep in its coordinates W·diag(s), diag(1/s) C diag(1/s)
         a, _ = awq_lib.awq(w, c, con.quant)
-        r = a.col_scale_inv
-        q, damp, ok = obs.gptq(w / r[None, :], c * r[:, None] * r[None, :], con.quant, blocksize=opt.blocksize,
+        q, damp, ok = obs.gptq(*scaled_coordinates(w, c, a.col_scale_inv), con.quant, blocksize=opt.blocksize,
                                percdamp=opt.percdamp, act_order=opt.act_order, grid=(a.scale, a.zero))
-        return dataclasses.replace(q, col_scale_inv=r), damp, ok
+        return dataclasses.replace(q, col_scale_inv=a.col_scale_inv), damp, ok
     return obs.gptq(w, c, con.quant, blocksize=opt.blocksize, percdamp=opt.percdamp, act_order=opt.act_order)
 
 
@@ -617,7 +618,7 @@ def _gptq_mesh_reason(con, opt):
           mesh_reason=_gptq_mesh_reason)
 def _gptq(w, c, con, opt):
     q, damp, ok = _gptq_jit(w, c, con, opt)
-    return _quantized(q, _damping_info(_swept_c(q, c), opt.percdamp, damp, ok))
+    return _quantized(q, _damping_info(_swept_diag(q, c), opt.percdamp, damp, ok))
 
 
 @functools.partial(jax.jit, static_argnames=("con",))
@@ -793,7 +794,7 @@ def _awp(w, c, con, opt):
         return _awp_from_awq(w, c, con, cfg, opt)
     if opt.init == "gptq":
         q0, damp, ok = _gptq_jit(w, c, con, GPTQOptions())
-        _damping_info(c, GPTQOptions().percdamp, damp, ok)  # a failed factorisation is an error here too
+        _damping_info(jnp.diagonal(c), GPTQOptions().percdamp, damp, ok)  # a failed factorisation is an error here too
         res = solver_lib.solve_pgd(w, c, cfg, theta0=q0.dense(), max_chunk_bytes=_chunk_bytes(opt))
         info = _chunk_note(_awp_info(res), w, cfg, opt)
         # GPTQ's point is feasible: it competes, so the result is never worse than GPTQ's
@@ -816,13 +817,13 @@ def _awp_from_awq(w, c, con, cfg, opt):
     For joint compression the start is Wanda→AWQ (pruned, then quantized on the pruned weights)."""
     if opt.init == "awq_gptq":
         q, damp, ok = _gptq_jit(w, c, con, AWQ_GPTQ_START)
-        _damping_info(_swept_c(q, c), AWQ_GPTQ_START.percdamp, damp, ok)  # a failed factorisation is an error here too
+        _damping_info(_swept_diag(q, c), AWQ_GPTQ_START.percdamp, damp, ok)  # a failed factorisation is an error here too
         alpha, start = None, "AWQ + GPTQ"
     else:
         q, alpha = _awq_jit(w if con.kind == "quant" else _mask_prune(w, c, con, True), c, con)
         alpha, start = float(alpha), "AWQ"
     r = q.col_scale_inv
-    ws, cs = w / r[None, :], c * r[:, None] * r[None, :]
+    ws, cs = scaled_coordinates(w, c, r)
     res = solver_lib.solve_pgd(ws, cs, cfg, theta0=q.grid_values(), max_chunk_bytes=_chunk_bytes(opt))
     info = _chunk_note(dataclasses.replace(_awp_info(res), alpha=alpha), w, cfg, opt)
     # the start is feasible: it competes, so the result is never worse than it

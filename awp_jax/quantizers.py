@@ -53,6 +53,8 @@ __all__ = [
     "fake_quantize",
     "rtn",
     "refit_grid",
+    "scaled_coordinates",
+    "scaled_statistic",
 ]
 
 
@@ -258,6 +260,18 @@ def rtn(w: jax.Array, spec: QuantSpec) -> jax.Array:
     return _fake_quantize_value(w, spec)
 
 
+def scaled_statistic(c, r):
+    """``C`` in AWQ's coordinates for ``r = 1/s``: ``diag(r) C diag(r)``; for a diagonal ``c [d_in]``, ``c·r²``."""
+    return c * r * r if c.ndim == 1 else c * r[:, None] * r[None, :]
+
+
+def scaled_coordinates(w, c, r):
+    """The layer in AWQ's coordinates for ``r = 1/s`` (a :class:`QArray`'s ``col_scale_inv``):
+    ``(W·diag(s), diag(1/s) C diag(1/s))``, where ``(W − Θ) C (W − Θ)ᵀ`` is unchanged for
+    ``Θ = Θ'·diag(1/s)``."""
+    return w / r[None, :], scaled_statistic(c, r)
+
+
 def _row_objective(w, theta, c):
     d = w - theta
     return jnp.einsum("ri,ij,rj->r", d, c, d, precision="highest")
@@ -274,8 +288,7 @@ def refit_grid(q: QArray, w: jax.Array, c: jax.Array) -> QArray:
     w = jnp.asarray(w, jnp.float32)
     c = jnp.asarray(c, jnp.float32)
     if q.col_scale_inv is not None:  # AWQ's coordinates: the grid values are the weights W·diag(s)
-        r = q.col_scale_inv
-        w, c = w / r[None, :], c * r[:, None] * r[None, :]
+        w, c = scaled_coordinates(w, c, q.col_scale_inv)
     if q.perm is not None:  # act-order: the groups are consecutive in the permuted order
         w, c = w[:, q.perm], c[q.perm][:, q.perm]
     d_out, d_in = w.shape
