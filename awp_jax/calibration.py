@@ -29,6 +29,11 @@ squared norm of that statistic's tokens in its batch (of ``batch_size`` windows;
 the tokens routed to it): ``C = Σ_t w_t x_t x_tᵀ / n`` with
 ``w_t = min(1, k · median_s ||x_s||² / ||x_t||²)``. Only the statistics change; the forward
 (and so the next block's inputs) does not.
+
+Ridge (``c_ridge``, default off): every method fits ``C + δ · mean(diag C) · I`` instead of ``C``,
+i.e. the layer objective plus ``δ · mean(diag C) · ‖W − Θ‖_F²``. It pulls every method from the
+calibration activations toward the weights themselves (δ → ∞: magnitude pruning, plain rounding),
+a regulariser against fitting the calibration text too hard (:func:`ridge`).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from flax import nnx
 from awp_jax import interrupts
 
 
-__all__ = ["block_statistics", "run_block", "token_weights", "MIN_EXPERT_TOKENS"]
+__all__ = ["block_statistics", "run_block", "token_weights", "ridge", "MIN_EXPERT_TOKENS"]
 
 # an expert that fewer calibration tokens are routed to is calibrated on all tokens (see block_statistics)
 MIN_EXPERT_TOKENS = 16
@@ -74,6 +79,25 @@ def check_token_cap(cap) -> float | None:
     if not np.isfinite(cap) or cap < 1:
         raise ValueError(f"token_cap (--token-cap) must be a finite number >= 1 (a multiple of the median token's squared norm), got {cap}")
     return cap
+
+
+def check_ridge(delta) -> float | None:
+    """``delta`` as a float, or a ValueError naming the problem (``None``: off)."""
+    if delta is None:
+        return None
+    if isinstance(delta, bool) or not isinstance(delta, (int, float, np.floating, np.integer)):
+        raise ValueError(f"c_ridge (--c-ridge) must be a number, got {delta!r}")
+    delta = float(delta)
+    if not np.isfinite(delta) or delta <= 0:
+        raise ValueError(f"c_ridge (--c-ridge) must be a finite number > 0 (a multiple of C's mean diagonal), got {delta}")
+    return delta
+
+
+@jax.jit
+def ridge(c, delta):
+    """``C + δ · mean(diag C) · I`` (``c [d, d]``; see the module docstring)."""
+    c = jnp.asarray(c, jnp.float32)
+    return c + jnp.asarray(delta, jnp.float32) * jnp.mean(jnp.diagonal(c)) * jnp.eye(c.shape[-1], dtype=c.dtype)
 
 
 def gram(a, b=None):

@@ -265,6 +265,7 @@ def _compress(args) -> int:
     from awp_jax import calibration
 
     token_cap = calibration.check_token_cap(args.token_cap)
+    c_ridge = calibration.check_ridge(args.c_ridge)
     if correction is not None and args.mode != "sequential":
         raise ValueError("--error-correction needs --mode sequential (the compressed model's inputs differ from the dense "
                          "model's only there)")
@@ -345,7 +346,7 @@ def _compress(args) -> int:
                                      options, mode=args.mode, batch_size=args.batch_size,
                                      progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings,
                                      encoded=encoded, executor=executor, error_correction=correction,
-                                     token_cap=token_cap)
+                                     token_cap=token_cap, c_ridge=c_ridge)
     if getattr(executor.layout, "replicated", None):
         print("note: kept whole on every device in the calibration forward (the model axis does not divide their split "
               "dimension): " + ", ".join(sorted(executor.layout.replicated)), file=sys.stderr)
@@ -360,7 +361,7 @@ def _compress(args) -> int:
         "model": str(args.model or "default"), "dtype": model.cfg.storage_dtype,
         "recipe": recipe.to_dict(), "method": method, "constraint": dataclasses.asdict(constraint), "options": opts,
         "calibration": {"text": str(args.calib), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "mode": args.mode,
-                        "token_cap": token_cap},
+                        "token_cap": token_cap, "c_ridge": c_ridge},
         "evaluation": {"text": str(args.eval_text), "seqlen": args.eval_seqlen, "windows": args.eval_windows},
         "allocation": {**dataclasses.asdict(alloc), "block_sparsity": block_sparsity},
         "error_correction": None if correction is None else dataclasses.asdict(correction),
@@ -446,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
                            "of that statistic's tokens in its batch of --batch-size windows (a window's first tokens can "
                            "carry most of C's trace); every method fits the capped C (the OWL allocation reads the "
                            "uncapped one). At least 1 (default: off)")
+    comp.add_argument("--c-ridge", type=float, default=None, metavar="DELTA",
+                      help="every method fits C + DELTA * mean(diag C) * I instead of each layer's C: pulls the fit from "
+                           "the calibration activations toward the weights themselves (a regulariser against fitting the "
+                           "calibration text too hard). Greater than 0 (default: off)")
     comp.add_argument("--batch-size", type=int, default=8)
     comp.add_argument("--num-processes", type=int, default=1, help="compress with this many processes (jax.distributed; default 1)")
     comp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, with --num-processes > 1")

@@ -108,6 +108,7 @@ def compress_model(
     executor: execution.Executor | None = None,
     error_correction: targets_lib.ErrorCorrection | None = None,
     token_cap: float | None = None,
+    c_ridge: float | None = None,
 ) -> list[dict]:
     """Compress ``model`` in place; returns one report row per layer (see the module docstring).
 
@@ -142,12 +143,17 @@ def compress_model(
     median token's squared norm (:mod:`awp_jax.calibration`; ``None``, the default: no cap). Every
     method then fits the capped ``C``, and ``rel_objective`` is relative to it.
 
+    ``c_ridge``: every method fits ``C + δ·mean(diag C)·I`` (δ = ``c_ridge``; ``None``, the default:
+    ``C``), and ``rel_objective`` is relative to it. An error-correcting target is computed from the
+    plain ``C`` first (:mod:`awp_jax.calibration`, "Ridge").
+
     ``executor``: where the layers are compressed and the calibration forward runs
     (:mod:`awp_jax.execution`); ``None``: :func:`awp_jax.execution.choose` without a mesh (one
     device, or the processes of ``jax.distributed``)."""
     rank, n_proc = jax.process_index(), jax.process_count()
     progress = progress and rank == 0
     token_cap = calibration.check_token_cap(token_cap)
+    c_ridge = calibration.check_ridge(c_ridge)
     per_block = not isinstance(constraint, methods.Constraint)
     constraints = list(constraint) if per_block else [constraint] * len(model.layers)
     if len(constraints) != len(model.layers) or not all(isinstance(c, methods.Constraint) for c in constraints):
@@ -172,6 +178,8 @@ def compress_model(
             full["error_correction"] = repr(error_correction)
         if token_cap is not None:  # absent when off: run directories of earlier versions stay valid
             full["token_cap"] = token_cap
+        if c_ridge is not None:  # likewise
+            full["c_ridge"] = c_ridge
         store = RunStore(run_dir, full, len(model.layers), write=rank == 0)
         if n_proc > 1:
             starts = execution._allgather(np.asarray([store.done], np.int32))
@@ -263,6 +271,10 @@ def compress_model(
             if error_correction is not None:  # the dense model's outputs are the target
                 ws = [targets_lib.corrected_weight(w, c, stats[blk.LINEARS[n] + "#cross"], error_correction)
                       for n, w, c in zip(names, ws, cs)]
+            if c_ridge is not None:  # what every method fits; layers that share a statistic share its ridged copy
+                ridged: dict = {}
+                cs = [ridged.setdefault(id(c), calibration.ridge(c, c_ridge)) for c in cs]
+                del ridged
             out, secs = executor.run_group(g, method, ws, cs, constraints[i], options, f"block {i} {'/'.join(names)}")
             for n, w, c, res in zip(names, ws, cs, out):
                 enc_block[n], rows[n] = finish(i, blk, n, w, c, res, secs, len(names), stats)

@@ -191,12 +191,19 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true", help="do not run the transformers check")
     ap.add_argument("--columns", default=",".join(ORDER), help="comma-separated subset of: " + ", ".join(ORDER).replace("%", "%%"))
+    ap.add_argument("--remeasure", default="", help="comma-separated row labels (e.g. gptq,awq) of the chosen columns to "
+                    "measure again in this run, so that their times sit beside the new rows' (the old values are replaced)")
     args = ap.parse_args(argv)
     slug = args.model.replace(".", "").replace("-", "_")
     store_file = RESULTS / f"second_model_{slug}_runs.json"
     report = RESULTS / f"second_model_{slug}.md"
     store = json.loads(store_file.read_text()) if store_file.exists() else {}
     set_aside_earlier(store)
+    for col in args.columns.split(","):
+        for lab in filter(None, args.remeasure.split(",")):
+            old = store.pop(f"{col}|{lab}", None)
+            if old is not None:
+                print(f"remeasuring {col} | {lab} (stored perplexity {old['perplexity']:.3f})", file=sys.stderr)
 
     def save():
         tmp = store_file.with_suffix(".tmp")

@@ -163,3 +163,36 @@ def test_statistics_of_a_family_whose_blocks_differ(windows):
         assert set(s) == set(m) == {"attn_in", "o_in", "mlp_in", "down_in"}
         for k, x in m.items():
             assert_gram_close(s[k], x)
+
+
+def test_ridge_adds_a_multiple_of_the_mean_diagonal():
+    c = np.random.default_rng(1).normal(size=(8, 8)).astype(np.float32)
+    c = c @ c.T
+    got = np.asarray(calibration.ridge(c, 0.3))
+    np.testing.assert_allclose(got, c + 0.3 * np.mean(np.diag(c)) * np.eye(8), rtol=1e-6)
+
+
+def test_a_large_ridge_turns_wanda_into_magnitude_pruning(tiny, windows):
+    """C + δ·mean(diag C)·I is what every method fits: as δ grows, Wanda's scores |W_ij|·sqrt(C_jj) become |W_ij|."""
+    from awp_jax import compress, methods
+
+    def masks(method, **kw):
+        m = Llama(TINY, random_weights(TINY, seed=5, scale=0.2))
+        report = compress.compress_model(m, windows, method, methods.Constraint(sparsity=0.5), progress=False, **kw)
+        return report, [np.asarray(b.linear(n).weight[...]) == 0 for b in m.layers for n in b.LINEARS]
+
+    _, magnitude = masks("magnitude")
+    _, plain = masks("wanda")
+    report, ridged = masks("wanda", c_ridge=1e8)
+    agree = lambda a, b: np.mean(np.concatenate([(x == y).ravel() for x, y in zip(a, b)]))  # noqa: E731
+    assert agree(ridged, magnitude) > 0.999
+    assert agree(plain, magnitude) < 0.99  # the statistic matters without the ridge
+    assert all(np.isfinite(r["rel_objective"]) for r in report)
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf"), True, "0.1"])
+def test_bad_ridge_rejected(tiny, windows, bad):
+    from awp_jax import compress, methods
+
+    with pytest.raises(ValueError, match=r"c_ridge \(--c-ridge\) must be"):
+        compress.compress_model(tiny, windows, "wanda", methods.Constraint(sparsity=0.5), progress=False, c_ridge=bad)

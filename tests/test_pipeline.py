@@ -156,18 +156,19 @@ def test_cli_compress_and_eval(small_dir, tmp_path, capsys):
 
 
 def test_cli_owl_allocation_and_error_correction(small_dir, tmp_path):
-    """The pipeline-level settings (and the token cap) through the command line: the report says what was used, the
+    """The pipeline-level settings (and the token cap and the ridge of C) through the command line: the report says what was used, the
     blocks' sparsities average to the asked one, and the weights hold exactly the uniform count."""
     out = tmp_path / "c"
     rc = main(["compress", "--model", str(small_dir / "model"), "--method", "wanda", "--sparsity", "0.6",
                "--allocation", "owl", "--owl-lambda", "0.1", "--error-correction", "0.5", "--token-cap", "20",
-               "--calib", str(small_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64", "--eval-windows", "0", "--out", str(out)])
+               "--c-ridge", "0.1", "--calib", str(small_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64", "--eval-windows", "0", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "awp_report.json").read_text())
     sp = report["allocation"]["block_sparsity"]
     assert report["allocation"]["rule"] == "owl" and report["allocation"]["lam"] == 0.1 and len(sp) == SMALL.num_layers
     assert np.mean(sp) == pytest.approx(0.6, abs=1e-12)
     assert report["error_correction"] == {"alpha": 0.5, "damping": 0.01} and report["calibration"]["token_cap"] == 20
+    assert report["calibration"]["c_ridge"] == 0.1
     w = checkpoints.load_model(out)[0]
     zeros = sum(int(np.sum(np.asarray(b.linear(n).weight[...]) == 0)) for b in w.layers for n in b.LINEARS)
     per_row = {n: round(0.4 * b.linear(n).weight[...].shape[1]) for b in w.layers[:1] for n in b.LINEARS}
