@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -29,6 +28,7 @@ from awp_jax.models import weights_of  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import quality  # noqa: E402
+import rowstore  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 S = dict  # flat settings: quality.run_row splits them into constraint and options (methods.settings)
@@ -51,7 +51,7 @@ def main(argv=None):
     # the default (32, sequential) last: quality.md already has its rows (the same settings)
     settings = [(n, "sequential") for n in args.sizes if n != 32] + ([(32, "parallel"), (32, "sequential")] if 32 in args.sizes else [])
     store_file = RESULTS / "calibration_runs.json"
-    store = json.loads(store_file.read_text()) if store_file.exists() else {}
+    store = rowstore.load(store_file)
 
     model, tok = checkpoints.load_default()
     cfg, dense = model.cfg, weights_of(model)
@@ -83,9 +83,7 @@ def main(argv=None):
                 continue
             print(f"== {n} x {args.seqlen} {mode} | {lab}", file=sys.stderr, flush=True)
             store[k(lab, n, mode)] = quality.run_row(cfg, dense, calib, ev, m, spec, mode)
-            tmp = store_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(store, indent=1))
-            os.replace(tmp, store_file)
+            rowstore.save(store, store_file)
             print(f"   perplexity {store[k(lab, n, mode)]['perplexity']:.3f}", file=sys.stderr, flush=True)
             report()
     report()

@@ -26,7 +26,6 @@ prove nothing; Q4_0 (symmetric) is not exact on them and is meaningful. Finished
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -40,6 +39,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from awp_jax import assets, checkpoints, compress, data, formats, methods, models, perplexity  # noqa: E402
 from awp_jax.cli import matmul_gflops  # noqa: E402
 from awp_jax.models import weights_of  # noqa: E402
+import rowstore  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 KEEP = pathlib.Path.home() / ".cache" / "awp_jax" / "bench_gguf"
@@ -196,12 +196,10 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args(argv)
     store_file = RESULTS / "gguf_runs.json"
-    store = json.loads(store_file.read_text()) if store_file.exists() else {}
+    store = rowstore.load(store_file)
 
     def save():
-        tmp = store_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        os.replace(tmp, store_file)
+        rowstore.save(store, store_file)
 
     if not args.report:
         store.setdefault("matmul_gflops", []).append(round(matmul_gflops(), 1))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 import time
@@ -35,6 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from awp_jax import allocation, checkpoints, compress, data, methods, models, perplexity  # noqa: E402
 from awp_jax.models import weights_of  # noqa: E402
 from awp_jax.targets import ErrorCorrection  # noqa: E402
+import rowstore  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 PLUS = dict(init="sparsegpt", max_iter=50, step_rule="lambda_max", step_scale=1.0, refit_iters=50, refit_damping=0.1)
@@ -91,16 +91,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out_dir = pathlib.Path(args.out)
     store_file = out_dir / "frontier_runs.json"
-    store = json.loads(store_file.read_text()) if store_file.exists() else {}
+    store = rowstore.load(store_file)
     old = out_dir / "allocation_runs.json"
     if old.exists():
         for k, v in json.loads(old.read_text()).items():
             store.setdefault(k, v)
 
     def save():
-        tmp = store_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        os.replace(tmp, store_file)
+        rowstore.save(store, store_file)
 
     nsamples, seqlen = 32, 512
     model0, tok = checkpoints.load_default()

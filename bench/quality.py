@@ -31,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from awp_jax import checkpoints, compress, data, methods, models, perplexity  # noqa: E402
 from awp_jax.models import Llama, weights_of  # noqa: E402
+import rowstore  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -310,12 +311,10 @@ def main(argv=None):
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
                 "eval_seqlen": args.eval_seqlen, "mode": args.mode, "seed": 0}
     store_file = out_dir / "quality_runs.json"
-    store = json.loads(store_file.read_text()) if store_file.exists() else {}
+    store = rowstore.load(store_file)
 
     def save_store():
-        tmp = store_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        os.replace(tmp, store_file)
+        rowstore.save(store, store_file)
 
     table_rows = [(t, col, lab, m, spec, key(t, col, lab, {**settings, "method": m, "spec": spec_fields(spec)}))
                   for t, col, lab, m, spec in rows(args.quick)]

@@ -30,6 +30,7 @@ from awp_jax.models import weights_of  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import quality  # noqa: E402
+import rowstore  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 SETTINGS = {"50%": {"sparsity": 0.5}, "INT4 g128": {"bits": 4, "group_size": 128}}
@@ -93,13 +94,11 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args(argv)
     store_file = RESULTS / "recipes_runs.json"
-    store = json.loads(store_file.read_text()) if store_file.exists() else {}
+    store = rowstore.load(store_file)
     gflops = store.setdefault("matmul_gflops", [])
 
     def save():
-        tmp = store_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        os.replace(tmp, store_file)
+        rowstore.save(store, store_file)
 
     if not args.report:
         gflops.append(round(matmul_gflops(), 1))

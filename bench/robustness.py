@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import pathlib
 import platform
 import sys
@@ -56,6 +54,7 @@ from awp_jax import checkpoints, compress, data, methods, models, perplexity, re
 from awp_jax.models import weights_of  # noqa: E402
 from awp_jax.targets import ErrorCorrection  # noqa: E402
 from frontier import heldout_windows  # noqa: E402
+import rowstore  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 SEQLEN = 512
@@ -96,12 +95,10 @@ def main(argv=None):
     ap.add_argument("--knobs", default=",".join(k[0] for k in KNOBS), help="comma-separated subset of the row labels")
     args = ap.parse_args(argv)
     store_file = RESULTS / "robustness_runs.json"
-    store = json.loads(store_file.read_text()) if store_file.exists() else {}
+    store = rowstore.load(store_file)
 
     def save():
-        tmp = store_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        os.replace(tmp, store_file)
+        rowstore.save(store, store_file)
 
     if not args.report:
         model0, tok = checkpoints.load_default()

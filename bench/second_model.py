@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import platform
 import sys
@@ -38,6 +37,7 @@ from awp_jax.cli import matmul_gflops  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import quality  # noqa: E402
+import rowstore  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 SETTINGS = {"50%": {"sparsity": 0.5}, "2:4": {"nm": (2, 4)}, "INT4 g128": {"bits": 4, "group_size": 128},
@@ -197,7 +197,7 @@ def main(argv=None):
     slug = args.model.replace(".", "").replace("-", "_")
     store_file = RESULTS / f"second_model_{slug}_runs.json"
     report = RESULTS / f"second_model_{slug}.md"
-    store = json.loads(store_file.read_text()) if store_file.exists() else {}
+    store = rowstore.load(store_file)
     set_aside_earlier(store)
     for col in args.columns.split(","):
         for lab in filter(None, args.remeasure.split(",")):
@@ -206,9 +206,7 @@ def main(argv=None):
                 print(f"remeasuring {col} | {lab} (stored perplexity {old['perplexity']:.3f})", file=sys.stderr)
 
     def save():
-        tmp = store_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        os.replace(tmp, store_file)
+        rowstore.save(store, store_file)
 
     if not args.report:
         store.setdefault("matmul_gflops", []).append(round(matmul_gflops(), 1))

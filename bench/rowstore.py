@@ -1,0 +1,21 @@
+"""The benches' resumable row stores: one JSON file of finished rows, replaced atomically on each save."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+
+def load(path: os.PathLike) -> dict:
+    """The rows stored at ``path`` (``{}`` where there is no file yet)."""
+    path = pathlib.Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save(store: dict, path: os.PathLike) -> None:
+    """Write ``store`` to ``path`` through a temporary file, so a killed bench never leaves half a file."""
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(store, indent=1))
+    os.replace(tmp, path)
