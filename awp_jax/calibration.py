@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from awp_jax import interrupts
+from awp_jax import interrupts, solver
 
 
 __all__ = ["block_statistics", "run_block", "token_weights", "ridge", "MIN_EXPERT_TOKENS"]
@@ -95,9 +95,8 @@ def check_ridge(delta) -> float | None:
 
 @jax.jit
 def ridge(c, delta):
-    """``C + δ · mean(diag C) · I`` (``c [d, d]``; see the module docstring)."""
-    c = jnp.asarray(c, jnp.float32)
-    return c + jnp.asarray(delta, jnp.float32) * jnp.mean(jnp.diagonal(c)) * jnp.eye(c.shape[-1], dtype=c.dtype)
+    """``C + δ · mean(diag C) · I`` (``c [d, d]``; see the module docstring) in float32."""
+    return solver.ridge(jnp.asarray(c, jnp.float32), jnp.asarray(delta, jnp.float32))
 
 
 def gram(a, b=None):

@@ -192,13 +192,20 @@ def tokenize(tokenizer, text: str) -> np.ndarray:
     return ids
 
 
-def calibration_windows(tokens: np.ndarray, n: int = 128, seqlen: int = 512, seed: int = 0) -> np.ndarray:
-    """``[n, seqlen]`` windows starting at uniformly random offsets (deterministic for a seed)."""
+def calibration_starts(n_tokens: int, n: int = 128, seqlen: int = 512, seed: int = 0) -> np.ndarray:
+    """The ``n`` start offsets :func:`calibration_windows` draws from a text of ``n_tokens`` tokens
+    (uniformly random, deterministic for a seed): what a held-out slice must avoid."""
     if n < 1 or seqlen < 2:
         raise DataError(f"need n >= 1 windows of seqlen >= 2 tokens, got n={n}, seqlen={seqlen}")
-    if len(tokens) < seqlen + 1:
-        raise DataError(f"calibration text has {len(tokens)} tokens, fewer than one window of {seqlen}")
-    starts = np.random.default_rng(seed).integers(0, len(tokens) - seqlen, size=n)
+    if n_tokens < seqlen + 1:
+        raise DataError(f"calibration text has {n_tokens} tokens, fewer than one window of {seqlen}")
+    return np.random.default_rng(seed).integers(0, n_tokens - seqlen, size=n)
+
+
+def calibration_windows(tokens: np.ndarray, n: int = 128, seqlen: int = 512, seed: int = 0) -> np.ndarray:
+    """``[n, seqlen]`` windows starting at uniformly random offsets (deterministic for a seed;
+    :func:`calibration_starts`)."""
+    starts = calibration_starts(len(tokens), n, seqlen, seed)
     return np.stack([tokens[s : s + seqlen] for s in starts]).astype(np.int32)
 
 

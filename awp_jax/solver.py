@@ -73,6 +73,7 @@ __all__ = [
     "objective",
     "pgd_path",
     "refit_support",
+    "ridge",
     "row_chunks",
     "run",
     "run_path",
@@ -327,6 +328,12 @@ def objective(w: jax.Array, theta: jax.Array, c: jax.Array, precision="highest")
     """``tr((W − Θ) C (W − Θ)ᵀ)``."""
     d = w - theta
     return jnp.sum(d * jnp.matmul(d, c, precision=precision))
+
+
+def ridge(c: jax.Array, delta) -> jax.Array:
+    """``C + δ · mean(diag C) · I`` (``c [d, d]``): C damped by a multiple of its mean diagonal, the
+    one form of damping that the ADMM solver, the error-correcting targets and ``--c-ridge`` share."""
+    return c + delta * jnp.mean(jnp.diagonal(c)) * jnp.eye(c.shape[-1], dtype=c.dtype)
 
 
 def lambda_max(c: jax.Array, iters: int = 50, precision="highest") -> jax.Array:
@@ -745,9 +752,7 @@ class ADMM(PGD):
     switch_iter: int = 30
 
     def prepare(self, p: Problem):
-        c = p.c
-        d = c.shape[-1]
-        cd = c + self.config.admm_damping * jnp.mean(jnp.diagonal(c)) * jnp.eye(d, dtype=c.dtype)
+        cd = ridge(p.c, self.config.admm_damping)
         n = jnp.sqrt(jnp.maximum(jnp.diagonal(cd), 0)) + 1e-8
         cn = cd / n[:, None] / n[None, :]
         lam, q = jnp.linalg.eigh(cn)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from awp_jax.solver import ridge
+
 __all__ = ["ErrorCorrection", "corrected_weight", "cross_objective"]
 
 
@@ -48,8 +50,7 @@ class ErrorCorrection:
 
 @jax.jit
 def _corrected(w, c, m, alpha, damping):
-    d = c.shape[-1]
-    cd = c + damping * jnp.mean(jnp.diagonal(c)) * jnp.eye(d, dtype=c.dtype)
+    cd = ridge(c, damping)
     r = jnp.matmul(w, m - c, precision="highest")  # W (M − C): W* − W = W (M − C) C^{-1}
     factor = jax.scipy.linalg.cho_factor(cd, lower=True)
     delta = jax.scipy.linalg.cho_solve(factor, r.T).T  # C_d symmetric

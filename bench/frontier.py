@@ -105,8 +105,7 @@ def main(argv=None):
     cfg, dense = model0.cfg, weights_of(model0)
     ctoks = data.tokenize(tok, data.calibration_text())
     calib = data.calibration_windows(ctoks, nsamples, seqlen, 0)
-    starts = np.random.default_rng(0).integers(0, len(ctoks) - seqlen, size=nsamples)  # as calibration_windows draws them
-    assert np.array_equal(np.stack([ctoks[s : s + seqlen] for s in starts]), calib)
+    starts = data.calibration_starts(len(ctoks), nsamples, seqlen, 0)
     held = heldout_windows(ctoks, starts, seqlen, 32)
     ev = data.eval_windows(data.tokenize(tok, data.evaluation_text()), 512, 64)
     uniform = allocation.Allocation("uniform")

@@ -104,10 +104,8 @@ def main(argv=None):
         model0, tok = checkpoints.load_default()
         cfg, dense = model0.cfg, weights_of(model0)
         ctoks = data.tokenize(tok, data.calibration_text())
-        draws = {n: np.random.default_rng(0).integers(0, len(ctoks) - SEQLEN, size=n) for n in (32, 128)}
+        draws = {n: data.calibration_starts(len(ctoks), n, SEQLEN, 0) for n in (32, 128)}
         calib = {n: data.calibration_windows(ctoks, n, SEQLEN, 0) for n in (32, 128)}
-        for n in calib:  # the starts drawn as calibration_windows draws them
-            assert np.array_equal(np.stack([ctoks[s : s + SEQLEN] for s in draws[n]]), calib[n])
         held = heldout_windows(ctoks, np.concatenate(list(draws.values())), SEQLEN, 32)
         code = stdlib_halves()
         prose = reference_prose()
@@ -153,8 +151,7 @@ def write_report(store, path):
     setup = store.get("setup", {})
     lines = ["# Out-of-domain robustness: the ridge of C, the amount of calibration, a calibration mix: `python bench/robustness.py`",
              "", __doc__.split("\n\n", 2)[2].split("Decision rule")[0].strip(), "",
-             "Decision rule, fixed before the rows ran: a knob becomes a recipe default only if it lowers the perplexity on "
-             "both out-of-domain texts and raises the held-out perplexity by at most 1 %.", "",
+             "Decision rule" + __doc__.split("Decision rule", 1)[1].split("\nEvaluation texts", 1)[0].replace("\n", " "), "",
              f"Texts: Python {setup.get('python')}; reference prose sha256 {setup.get('prose_sha256')}…, source "
              f"(evaluation half) {setup.get('code_evaluation_sha256')}…, source (calibration half) "
              f"{setup.get('code_calibration_sha256')}…; windows {setup.get('windows')}.", ""]

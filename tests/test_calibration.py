@@ -125,6 +125,7 @@ def test_windows(tmp_path):
     np.testing.assert_array_equal(a, data.calibration_windows(tokens, n=5, seqlen=100, seed=3))
     assert a.shape == (5, 100) and np.all(np.diff(a, axis=1) == 1)
     assert not np.array_equal(a, data.calibration_windows(tokens, n=5, seqlen=100, seed=4))
+    np.testing.assert_array_equal(a[:, 0], data.calibration_starts(len(tokens), n=5, seqlen=100, seed=3))  # what a held-out slice avoids
     e = data.eval_windows(tokens, 300)
     assert e.shape == (3, 300) and e[1, 0] == 300
     with pytest.raises(data.DataError, match="fewer than one window of 2048"):
