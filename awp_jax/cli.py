@@ -172,8 +172,32 @@ def _check_writable(out: pathlib.Path, overwrite: bool) -> None:
         raise OSError(e.errno, f"--out {out}: cannot write in {parent} ({e.strerror or e}); choose a writable location") from None
 
 
+_OFF = "off"
+
+
+def _number_or_off(text: str):
+    """A pipeline flag's value: a number, or ``off`` (turns off what a recipe sets)."""
+    if text.strip().lower() == _OFF:
+        return _OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
+
+
+def _resolve_pipeline(args, recipe, constraint, column_scales: bool):
+    """The run's :class:`awp_jax.recipes.Pipeline`: the recipe's for this kind, then the flags given."""
+    from awp_jax import recipes
+
+    given = {k: getattr(args, k, None) for k in recipes.PIPELINE_KEYS}
+    overrides = {k: (None if v == _OFF else v) for k, v in given.items() if v is not None}
+    if overrides.get("allocation") == "uniform":  # OWL's settings in the recipe go with its rule
+        overrides = {"owl_lambda": None, "owl_m": None, **overrides}
+    return recipe.pipeline_for(constraint, column_scales=column_scales, **overrides)
+
+
 def _resolve_run(args):
-    """``(recipe, method, constraint, options)`` from the recipe and the flags; every mismatch is an error."""
+    """``(recipe, method, constraint, options, pipeline)`` from the recipe and the flags; every mismatch is an error."""
     from awp_jax import methods, recipes
 
     recipe = recipes.get_recipe(args.recipe) if args.recipe is not None else None
@@ -218,11 +242,12 @@ def _resolve_run(args):
         raise ValueError(f"{_flag(k)} is an option of {', '.join(fields_of[k][1])}; --method {method} takes: {flags}")
     from awp_jax import formats
 
-    options = recipe.options_for(constraint, column_scales=formats.get_format(getattr(args, "format", "hf")).column_scales, **set_options)
+    column_scales = formats.get_format(getattr(args, "format", "hf")).column_scales
+    options = recipe.options_for(constraint, column_scales=column_scales, **set_options)
     methods.resolve(method, constraint, options)
     if method == "awp":
         methods.awp_config(constraint, options)  # option combinations the solver refuses, before any work
-    return recipe, method, constraint, options
+    return recipe, method, constraint, options, _resolve_pipeline(args, recipe, constraint, column_scales)
 
 
 def _format_grid(args) -> dict | None:
@@ -250,22 +275,11 @@ def _compress(args) -> int:
     import awp_jax
     from awp_jax import checkpoints, compress, data, formats, interrupts, perplexity
 
-    recipe, method, constraint, options = _resolve_run(args)
+    recipe, method, constraint, options, pipeline = _resolve_run(args)
     from awp_jax import allocation as allocation_lib
-    from awp_jax import targets
 
-    owl = {k: v for k, v in (("m", args.owl_m), ("lam", args.owl_lambda)) if v is not None}
-    if owl and args.allocation != "owl":
-        raise ValueError("--owl-lambda and --owl-m are settings of --allocation owl")
-    alloc = allocation_lib.Allocation(args.allocation, **owl)
-    if alloc.rule != "uniform" and (not constraint.sparsity or constraint.nm is not None):
-        raise ValueError(f"--allocation {alloc.rule} spreads an unstructured --sparsity over the blocks; "
-                         f"{constraint.describe()} has none")
-    correction = None if args.error_correction is None else targets.ErrorCorrection(alpha=args.error_correction)
-    from awp_jax import calibration
-
-    token_cap = calibration.check_token_cap(args.token_cap)
-    c_ridge = calibration.check_ridge(args.c_ridge)
+    alloc, correction = pipeline.layer_allocation(), pipeline.correction()
+    token_cap, c_ridge = pipeline.token_cap, pipeline.c_ridge
     if correction is not None and args.mode != "sequential":
         raise ValueError("--error-correction needs --mode sequential (the compressed model's inputs differ from the dense "
                          "model's only there)")
@@ -329,7 +343,8 @@ def _compress(args) -> int:
         ppl["dense"] = perplexity.perplexity(model, eval_windows, batch_size=args.batch_size, layout=executor.layout).perplexity
         print(f"dense perplexity {ppl['dense']:.4f}", file=sys.stderr)
     opts = dataclasses.asdict(options)
-    print(f"compressing with {method} ({constraint.describe()}; recipe {recipe.name}: {opts or 'no options'}), "
+    print(f"compressing with {method} ({constraint.describe()}; recipe {recipe.name}: {opts or 'no options'}"
+          f"{'; ' + ', '.join(f'{k} {v}' for k, v in pipeline.changed().items()) if pipeline.changed() else ''}), "
           f"{args.mode} calibration on {args.nsamples} x {args.seqlen} tokens, weights in {model.cfg.storage_dtype}, "
           f"on {executor.name}", file=sys.stderr)
     # finished blocks are kept here until the output is written, so a killed run resumes
@@ -363,6 +378,7 @@ def _compress(args) -> int:
         "calibration": {"text": str(args.calib), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "mode": args.mode,
                         "token_cap": token_cap, "c_ridge": c_ridge},
         "evaluation": {"text": str(args.eval_text), "seqlen": args.eval_seqlen, "windows": args.eval_windows},
+        "pipeline": dataclasses.asdict(pipeline),
         "allocation": {**dataclasses.asdict(alloc), "block_sparsity": block_sparsity},
         "error_correction": None if correction is None else dataclasses.asdict(correction),
         "perplexity": ppl, "seconds": round(time.perf_counter() - t_start, 1), "layers": layers,
@@ -432,22 +448,25 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--eval-text", default="evaluation", help="evaluation text: 'evaluation' (Wikipedia articles) or a file")
     comp.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
     comp.add_argument("--eval-windows", type=int, default=32, help="evaluation windows; 0 skips evaluation (default 32)")
-    comp.add_argument("--allocation", choices=("uniform", "owl"), default="uniform",
-                      help="how --sparsity is spread over the blocks: the same everywhere (default), or OWL's outlier rule "
-                           "(blocks with more activation outliers keep more weights; the model's total is unchanged exactly)")
-    comp.add_argument("--owl-lambda", type=float, default=None, help="with --allocation owl: block sparsities span at most "
+    pipe = comp.add_argument_group("pipeline settings (each off unless the recipe sets it; a flag overrides the recipe, "
+                                   "'off' turns it off)")
+    pipe.add_argument("--allocation", choices=("uniform", "owl"), default=None,
+                      help="how --sparsity is spread over the blocks: the same everywhere, or OWL's outlier rule "
+                           "(blocks with more activation outliers keep more weights; the model's total is unchanged exactly) "
+                           "(default: the recipe's, else uniform)")
+    pipe.add_argument("--owl-lambda", type=_number_or_off, default=None, help="with --allocation owl: block sparsities span at most "
                       "twice this around --sparsity (default 0.08, OWL's)")
-    comp.add_argument("--owl-m", type=float, default=None, help="with --allocation owl: an outlier is a Wanda score above "
+    pipe.add_argument("--owl-m", type=_number_or_off, default=None, help="with --allocation owl: an outlier is a Wanda score above "
                       "this many times its block's mean (default 5, OWL's)")
-    comp.add_argument("--error-correction", type=float, default=None, metavar="ALPHA",
+    pipe.add_argument("--error-correction", type=_number_or_off, default=None, metavar="ALPHA",
                       help="fit each layer, fed the compressed model's inputs, to the dense model's outputs, with this "
                            "fraction of the correction in (0, 1] (QEP's alpha; default: off). Works with every method")
-    comp.add_argument("--token-cap", type=float, default=None, metavar="K",
+    pipe.add_argument("--token-cap", type=_number_or_off, default=None, metavar="K",
                       help="cap each calibration token's share of the statistics C at K times the median squared norm "
                            "of that statistic's tokens in its batch of --batch-size windows (a window's first tokens can "
                            "carry most of C's trace); every method fits the capped C (the OWL allocation reads the "
                            "uncapped one). At least 1 (default: off)")
-    comp.add_argument("--c-ridge", type=float, default=None, metavar="DELTA",
+    pipe.add_argument("--c-ridge", type=_number_or_off, default=None, metavar="DELTA",
                       help="every method fits C + DELTA * mean(diag C) * I instead of each layer's C: pulls the fit from "
                            "the calibration activations toward the weights themselves (a regulariser against fitting the "
                            "calibration text too hard). Greater than 0 (default: off)")

@@ -30,6 +30,11 @@ Starting quantization from GPTQ's sweep on AWQ's grid instead (``init="awq_gptq"
 perplexity further with the refit: INT3 g128 29.32 → 22.49, INT4 g128 15.98 → 15.39 (frontier.md,
 sections 11–14), so quantization starts there.
 
+A recipe also holds the run's :class:`Pipeline` settings per kind, the settings around the method
+that change what every layer is fitted to: the ridge of C, the token cap, the error-correcting
+targets, the blocks' sparsity allocation. Each is off unless a recipe sets it; no built-in recipe
+sets one yet (bench/results/robustness.md has the measurements that would have to support it).
+
 A recipe file (JSON, or YAML) holds the same fields::
 
     name: my-recipe           # optional (default: the file name)
@@ -38,6 +43,8 @@ A recipe file (JSON, or YAML) holds the same fields::
     options:                  # one mapping for every kind, or one per kind (prune / nm / quant / joint / nm_joint)
       prune: {init: sparsegpt, max_iter: 50, step_rule: lambda_max, step_scale: 1.0, refit_iters: 50, refit_damping: 0.1}
       quant: {init: awq}
+    pipeline:                 # likewise: c_ridge, token_cap, error_correction, allocation, owl_lambda, owl_m
+      quant: {c_ridge: 0.1}
 
 Unknown keys, options the method does not take and values out of range are errors naming them.
 """
@@ -50,12 +57,81 @@ import os
 import pathlib
 from typing import Any, Mapping
 
-from awp_jax import methods
+from awp_jax import allocation, calibration, methods, targets
 
-__all__ = ["Recipe", "RECIPES", "DEFAULT", "get_recipe", "load_recipe", "parse_nm"]
+__all__ = ["Pipeline", "Recipe", "RECIPES", "DEFAULT", "get_recipe", "load_recipe", "parse_nm"]
 
 RECIPE_KINDS = ("prune", "nm", "quant", "joint", "nm_joint", "quant_no_column_scales", "joint_no_column_scales")
 CONSTRAINT_KEYS = ("sparsity", "nm", "bits", "group_size", "symmetric")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Pipeline:
+    """The settings of a run around its method: what each layer's problem is built from, the same
+    for every method. Each is off by default; the CLI flag of the same name (``--c-ridge``, ...)
+    overrides a recipe's value, and ``off`` turns it off.
+
+    ``c_ridge``: every method fits ``C + δ·mean(diag C)·I`` (:func:`awp_jax.calibration.ridge`);
+    ``token_cap``: each calibration token's share of C capped (:func:`awp_jax.calibration.token_weights`);
+    ``error_correction``: QEP's alpha, each layer fit to the dense model's outputs (:mod:`awp_jax.targets`);
+    ``allocation``: ``uniform`` or ``owl`` (the blocks' sparsities, :mod:`awp_jax.allocation`), with
+    OWL's ``owl_lambda`` and ``owl_m`` (``None``: OWL's own defaults)."""
+
+    c_ridge: float | None = None
+    token_cap: float | None = None
+    error_correction: float | None = None
+    allocation: str = "uniform"
+    owl_lambda: float | None = None
+    owl_m: float | None = None
+
+    def __post_init__(self):
+        for name in ("c_ridge", "token_cap", "error_correction", "owl_lambda", "owl_m"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number, got {v!r}")
+        calibration.check_ridge(self.c_ridge)
+        calibration.check_token_cap(self.token_cap)
+        self.correction()
+        if self.allocation != "owl" and (self.owl_lambda is not None or self.owl_m is not None):
+            raise ValueError("owl_lambda / owl_m (--owl-lambda, --owl-m) are settings of --allocation owl")
+        self.layer_allocation()
+
+    def correction(self) -> targets.ErrorCorrection | None:
+        """The error-correcting targets' settings, or ``None`` (off)."""
+        return None if self.error_correction is None else targets.ErrorCorrection(alpha=self.error_correction)
+
+    def layer_allocation(self) -> allocation.Allocation:
+        """How the sparsity is spread over the blocks."""
+        owl = {k: v for k, v in (("lam", self.owl_lambda), ("m", self.owl_m)) if v is not None}
+        return allocation.Allocation(self.allocation, **owl)
+
+    def check(self, constraint: methods.Constraint) -> None:
+        """Errors for settings that ``constraint`` cannot take."""
+        if self.allocation != "uniform" and (not constraint.sparsity or constraint.nm is not None):
+            raise ValueError(f"--allocation {self.allocation} spreads an unstructured --sparsity over the blocks; "
+                             f"{constraint.describe()} has none")
+
+    def changed(self) -> dict:
+        """The settings that differ from the defaults (for messages)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
+
+PIPELINE_KEYS = tuple(f.name for f in dataclasses.fields(Pipeline))
+
+
+def _per_kind(what: str, values: Mapping, where: str) -> dict:
+    """``values`` (one mapping for every kind, or one per kind) as one mapping per kind."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where}: {what} must be a mapping")
+    if values and not set(values) & set(RECIPE_KINDS):  # one mapping for every kind
+        return {k: dict(values) for k in RECIPE_KINDS}
+    if set(values) - set(RECIPE_KINDS):
+        raise ValueError(f"{where}: {what} mixes kinds ({', '.join(RECIPE_KINDS)}) and setting names; "
+                         "give either one mapping for every kind or one per kind")
+    for kind, v in values.items():
+        if not isinstance(v, Mapping):
+            raise ValueError(f"{where}: {what} for {kind} must be a mapping, got {v!r}")
+    return {k: dict(v) for k, v in values.items()}
 
 
 def parse_nm(text) -> tuple[int, int]:
@@ -77,13 +153,15 @@ def kind_key(constraint: methods.Constraint) -> str:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Recipe:
     """A method and its options per kind of constraint (kinds not listed: the method's defaults),
-    and optionally the constraint's fields."""
+    the run's :class:`Pipeline` settings per kind (kinds not listed: all off), and optionally the
+    constraint's fields."""
 
     name: str
     doc: str = ""
     method: str = "awp"
     options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     constraint: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    pipeline: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         methods.get_method(self.method)
@@ -98,20 +176,42 @@ class Recipe:
         bad = sorted(set(self.constraint) - set(CONSTRAINT_KEYS))
         if bad:
             raise ValueError(f"recipe {self.name!r}: unknown constraint field(s) {', '.join(bad)}; fields are {', '.join(CONSTRAINT_KEYS)}")
+        bad = sorted(set(self.pipeline) - set(RECIPE_KINDS))
+        if bad:
+            raise ValueError(f"recipe {self.name!r}: unknown kind(s) {', '.join(bad)} in pipeline; kinds are {', '.join(RECIPE_KINDS)}")
+        for kind, values in self.pipeline.items():
+            unknown = sorted(set(values) - set(PIPELINE_KEYS))
+            if unknown:
+                raise ValueError(f"recipe {self.name!r}, pipeline for {kind}: unknown setting(s) {', '.join(unknown)}; "
+                                 f"settings are {', '.join(PIPELINE_KEYS)}")
+            try:
+                Pipeline(**values)
+            except ValueError as e:
+                raise ValueError(f"recipe {self.name!r}, pipeline for {kind}: {e}") from None
+
+    def _key(self, entries: Mapping, constraint: methods.Constraint, column_scales: bool) -> str:
+        key = kind_key(constraint)
+        return f"{key}_no_column_scales" if not column_scales and f"{key}_no_column_scales" in entries else key
 
     def options_for(self, constraint: methods.Constraint, *, column_scales: bool = True, **overrides):
         """The method's options for ``constraint`` (its kind's entry, then ``overrides`` on top).
         ``column_scales=False``: the output cannot store per-layer column scales (compressed-tensors,
         GGUF), so a ``<kind>_no_column_scales`` entry, where the recipe has one, replaces the kind's."""
-        key = kind_key(constraint)
-        if not column_scales and f"{key}_no_column_scales" in self.options:
-            key = f"{key}_no_column_scales"
-        values = {**self.options.get(key, {}), **overrides}
+        values = {**self.options.get(self._key(self.options, constraint, column_scales), {}), **overrides}
         return methods.make_options(self.method, **values)
+
+    def pipeline_for(self, constraint: methods.Constraint, *, column_scales: bool = True, **overrides) -> Pipeline:
+        """The :class:`Pipeline` settings for ``constraint``: its kind's entry (chosen as
+        :meth:`options_for` chooses), then ``overrides`` on top (``None``: that setting off)."""
+        values = {**self.pipeline.get(self._key(self.pipeline, constraint, column_scales), {}), **overrides}
+        pipe = Pipeline(**values)
+        pipe.check(constraint)
+        return pipe
 
     def to_dict(self) -> dict:
         return {"name": self.name, "doc": self.doc, "method": self.method, "constraint": dict(self.constraint),
-                "options": {k: dict(v) for k, v in self.options.items()}}
+                "options": {k: dict(v) for k, v in self.options.items()},
+                "pipeline": {k: dict(v) for k, v in self.pipeline.items()}}
 
 
 # 5 accelerated iterations from Wanda's mask, then 10 CG iterations on that mask (C damped by 0.1·mean diag):
@@ -170,33 +270,28 @@ def load_recipe(path: os.PathLike) -> Recipe:
         raise ValueError(f"cannot parse recipe file {path}: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"recipe file {path} must hold a mapping (name, method, options, ...), got {type(raw).__name__}")
-    allowed = {"name", "doc", "method", "options", *CONSTRAINT_KEYS}
+    allowed = {"name", "doc", "method", "options", "pipeline", *CONSTRAINT_KEYS}
     bad = sorted(set(raw) - allowed)
     if bad:
         raise ValueError(f"recipe file {path}: unknown key(s) {', '.join(bad)}; allowed: {', '.join(sorted(allowed))}")
     method = raw.get("method", "awp")
-    opts = raw.get("options") or {}
-    if not isinstance(opts, dict):
-        raise ValueError(f"recipe file {path}: options must be a mapping")
-    if opts and not set(opts) & set(RECIPE_KINDS):  # one mapping for every kind
-        opts = {k: opts for k in RECIPE_KINDS}
-    elif set(opts) - set(RECIPE_KINDS):
-        raise ValueError(f"recipe file {path}: options mixes kinds ({', '.join(RECIPE_KINDS)}) and option names; "
-                         "give either one mapping for every kind or one per kind")
+    opts = _per_kind("options", raw.get("options") or {}, f"recipe file {path}")
+    pipeline = _per_kind("pipeline", raw.get("pipeline") or {}, f"recipe file {path}")
     types = {f.name: f.metadata.get("type") for f in dataclasses.fields(methods.get_method(method).options)} if method in methods.METHODS else {}
-    for kind_opts in opts.values():  # YAML 1.1 reads 1e-4 as a string: convert with the option's own type
-        for k, v in list(kind_opts.items()):
+    types.update({k: float for k in PIPELINE_KEYS if k != "allocation"})
+    for kind_values in (*opts.values(), *pipeline.values()):  # YAML 1.1 reads 1e-4 as a string: convert with the setting's own type
+        for k, v in list(kind_values.items()):
             if isinstance(v, str) and types.get(k) in (int, float):
                 try:
-                    kind_opts[k] = types[k](v)
+                    kind_values[k] = types[k](v)
                 except ValueError:
-                    raise ValueError(f"recipe file {path}: option {k} must be a number, got {v!r}") from None
+                    raise ValueError(f"recipe file {path}: {k} must be a number, got {v!r}") from None
     constraint = {k: raw[k] for k in CONSTRAINT_KEYS if k in raw}
     if "nm" in constraint and constraint["nm"] is not None:
         constraint["nm"] = parse_nm(constraint["nm"])
     try:
         return Recipe(name=str(raw.get("name", path.stem)), doc=str(raw.get("doc", "")), method=method, options=opts,
-                      constraint=constraint)
+                      constraint=constraint, pipeline=pipeline)
     except ValueError as e:
         raise ValueError(f"recipe file {path}: {e}") from None
 

@@ -332,7 +332,7 @@ def test_a_block_type_with_pruning_flags_is_joint_compression_with_the_joint_rec
 
     def resolve(*flags):
         ns = argparse.Namespace(recipe=None, method=None, format="gguf", gguf_type="Q4_0", **dict(flags))
-        return cli._resolve_run(ns)
+        return cli._resolve_run(ns)[:4]
 
     _, method, con, opts = resolve(("sparsity", 0.5))
     assert con.kind == "joint" and con.bits == 4 and con.full_range and con.group_size == 32

@@ -169,6 +169,8 @@ def test_cli_owl_allocation_and_error_correction(small_dir, tmp_path):
     assert np.mean(sp) == pytest.approx(0.6, abs=1e-12)
     assert report["error_correction"] == {"alpha": 0.5, "damping": 0.01} and report["calibration"]["token_cap"] == 20
     assert report["calibration"]["c_ridge"] == 0.1
+    assert report["pipeline"] == {"c_ridge": 0.1, "token_cap": 20.0, "error_correction": 0.5, "allocation": "owl",
+                                  "owl_lambda": 0.1, "owl_m": None}
     w = checkpoints.load_model(out)[0]
     zeros = sum(int(np.sum(np.asarray(b.linear(n).weight[...]) == 0)) for b in w.layers for n in b.LINEARS)
     per_row = {n: round(0.4 * b.linear(n).weight[...].shape[1]) for b in w.layers[:1] for n in b.LINEARS}
@@ -200,6 +202,7 @@ def test_cli_owl_allocation_and_error_correction(small_dir, tmp_path):
     (["--error-correction", "2"], r"alpha must be a number in \(0, 1\]"),
     (["--error-correction", "0.5", "--mode", "parallel"], "needs --mode sequential"),
     (["--token-cap", "0.5"], r"--token-cap\) must be a finite number >= 1"),
+    (["--c-ridge", "a lot"], "--c-ridge: expected a number or 'off'"),
 ])
 def test_cli_errors_name_the_problem(small_dir, tmp_path, capsys, args, message):
     base = ["compress", "--model", str(small_dir / "model"), "--calib", str(small_dir / "text.jsonl"), "--out", str(tmp_path / "o")]

@@ -105,7 +105,10 @@ def test_a_flat_recipe_applies_to_every_kind(tmp_path):
 def test_cli_flags_over_a_recipe(tmp_path):
     import argparse
 
-    from awp_jax.cli import _resolve_run
+    from awp_jax import cli
+
+    def _resolve_run(ns):
+        return cli._resolve_run(ns)[:4]
 
     path = tmp_path / "r.yaml"
     path.write_text("sparsity: 0.6\ngroup_size: 64\noptions: {prune: {momentum: true, tol: 1e-4}, nm: {momentum: true}}\n")
@@ -121,3 +124,51 @@ def test_cli_flags_over_a_recipe(tmp_path):
     assert not opt.momentum and opt.max_iter == 5
     with pytest.raises(ValueError, match="give --bits too"):
         _resolve_run(argparse.Namespace(recipe=None, method=None, symmetric=True))
+
+
+def test_a_recipe_holds_pipeline_settings_per_kind_and_flags_override_them(tmp_path):
+    """The settings around the method (ridge of C, token cap, error correction, allocation) live in
+    a recipe per kind, as its options do; a flag overrides the recipe's value and 'off' turns it off."""
+    import argparse
+
+    from awp_jax import cli
+
+    path = tmp_path / "r.yaml"
+    path.write_text("pipeline:\n  quant: {c_ridge: 1e-1, token_cap: 20}\n  prune: {allocation: owl, owl_lambda: 0.1}\n")
+    r = recipes.load_recipe(path)
+    quant, prune = methods.Constraint(bits=4), methods.Constraint(sparsity=0.6)
+    assert r.pipeline_for(quant) == recipes.Pipeline(c_ridge=0.1, token_cap=20.0)  # YAML's "1e-1" string read as a number
+    assert r.pipeline_for(prune).layer_allocation().lam == 0.1 and r.pipeline_for(prune).c_ridge is None
+    assert r.pipeline_for(methods.Constraint(nm=(2, 4))) == recipes.Pipeline()  # a kind not listed: all off
+    assert r.to_dict()["pipeline"]["quant"] == {"c_ridge": 0.1, "token_cap": 20.0}
+
+    def pipe(**flags):
+        ns = argparse.Namespace(recipe=str(path), method=None, **{k: None for k in recipes.PIPELINE_KEYS})
+        for k, v in flags.items():
+            setattr(ns, k, v)
+        return cli._resolve_run(ns)[4]
+
+    assert pipe(bits=4) == recipes.Pipeline(c_ridge=0.1, token_cap=20.0)
+    assert pipe(bits=4, c_ridge=0.3, token_cap="off") == recipes.Pipeline(c_ridge=0.3)
+    assert pipe(sparsity=0.6, allocation="uniform") == recipes.Pipeline()  # OWL's settings go with its rule
+    assert pipe(sparsity=0.6, error_correction=0.5).correction().alpha == 0.5
+    with pytest.raises(ValueError, match="spreads an unstructured --sparsity"):
+        pipe(nm=(2, 4), allocation="owl")
+    # one mapping for every kind
+    path.write_text("pipeline: {c_ridge: 0.2}\n")
+    assert all(recipes.load_recipe(path).pipeline_for(c).c_ridge == 0.2 for c in (quant, prune))
+
+
+@pytest.mark.parametrize("pipeline, message", [
+    ({"quant": {"c_rdge": 0.1}}, "unknown setting"),
+    ({"quant": {"c_ridge": -1}}, r"c_ridge \(--c-ridge\) must be a finite number > 0"),
+    ({"quant": {"c_ridge": "a lot"}}, "must be a number"),
+    ({"prune": {"token_cap": 0.5}}, r"token_cap \(--token-cap\) must be a finite number >= 1"),
+    ({"prune": {"error_correction": 2}}, r"alpha must be a number in \(0, 1\]"),
+    ({"prune": {"owl_lambda": 0.1}}, "settings of --allocation owl"),
+    ({"prune": {"allocation": "random"}}, "allocation rule must be"),
+    ({"quantize": {"c_ridge": 0.1}}, "unknown kind"),
+])
+def test_bad_pipeline_settings_are_named(pipeline, message):
+    with pytest.raises(ValueError, match=message):
+        recipes.Recipe(name="r", pipeline=pipeline)
