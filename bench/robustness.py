@@ -3,7 +3,7 @@
     python bench/robustness.py              # every row (resumable)
     python bench/robustness.py --report     # rebuild robustness.md from the finished rows
 
-The default model and the recipes (``fast`` at 50 % and INT3 g128, ``admm`` at 70 %), calibrated on
+The default model and the recipes (``fast`` at 50 %, 2:4, INT3 g128 and INT4 g128, ``admm`` at 70 %), calibrated on
 512-token windows of the Wikipedia leads (seed 0, sequential), as bench/quality.py does. Each row
 changes one thing:
 
@@ -59,7 +59,8 @@ import rowstore  # noqa: E402
 RESULTS = pathlib.Path(__file__).parent / "results"
 SEQLEN = 512
 COLUMNS = {"50%": ("fast", dict(sparsity=0.5)), "70%": ("admm", dict(sparsity=0.7)),
-           "INT3 g128": ("fast", dict(bits=3, group_size=128))}
+           "INT3 g128": ("fast", dict(bits=3, group_size=128)), "INT4 g128": ("fast", dict(bits=4, group_size=128)),
+           "2:4": ("fast", dict(nm=(2, 4)))}
 # (label, c_ridge, error-correction alpha, calibration) in the order they run; calibration: number of Wikipedia
 # windows, or "mix"
 KNOBS = (("as the recipe", None, None, 32), ("ridge 0.1", 0.1, None, 32), ("targets alpha 0.5", None, 0.5, 32),

@@ -29,6 +29,18 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+# The files that take longest (minutes each on 2 cores), first: with the suite split over two workers
+# file by file (pyproject's addopts), the last file handed out then is a short one, not a notebook
+# that leaves the other core idle for minutes.
+_LONGEST_FIRST = ("test_notebooks.py", "test_multiprocess.py", "test_streaming.py", "test_mesh.py", "test_sharding.py",
+                  "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 def correlated_activations(rng: np.random.Generator, d_in: int, n: int, n_outliers: int = 4, outlier_scale: float = 20.0):
     """C = X Xᵀ / n for activations with correlated channels and a few dominant outlier channels,
     the structure real LLM layer inputs have."""
