@@ -122,9 +122,13 @@ def key(table, col, label, settings):
 
 
 def run_row(cfg, dense, calib, ev, method, spec, mode):
+    """One row: ``spec`` holds the constraint's fields, the method's options and, where a row has
+    them, the pipeline's ``c_ridge`` / ``token_cap`` (``awp_jax.recipes.Pipeline``)."""
+    spec = dict(spec)
+    pipe = {k: spec.pop(k) for k in ("c_ridge", "token_cap") if k in spec}
     model = models.build(cfg, dense)
     t0, c0 = time.perf_counter(), time.process_time()
-    report = compress.compress_model(model, calib, method, *methods.settings(method, **spec), mode=mode, progress=True)
+    report = compress.compress_model(model, calib, method, *methods.settings(method, **spec), mode=mode, progress=True, **pipe)
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     t1 = time.perf_counter()
     ppl = perplexity.perplexity(model, ev, batch_size=8).perplexity
