@@ -41,6 +41,13 @@ def test_builtin_recipes_give_the_documented_solver_settings():
     assert recipes.RECIPES["best"].options_for(nm).init == "sparsegpt"
     # overrides go on top of the recipe
     assert recipes.RECIPES["best"].options_for(prune, max_iter=7).max_iter == 7
+    # the ridge of C: quantization with AWQ's column scales only (bench/results/robustness.md), nothing else
+    for name in ("fast", "best", "admm"):
+        r = recipes.RECIPES[name]
+        assert r.pipeline_for(quant) == recipes.Pipeline(c_ridge=0.1)
+        assert r.pipeline_for(quant, column_scales=False) == recipes.Pipeline()  # the RTN start: not measured
+        assert all(r.pipeline_for(con) == recipes.Pipeline() for con in (prune, nm, joint, nm_joint))
+    assert all(recipes.RECIPES["paper"].pipeline_for(con) == recipes.Pipeline() for con in (prune, nm, quant, joint))
     json.dumps([r.to_dict() for r in recipes.RECIPES.values()])  # printable in the report
 
 
