@@ -279,7 +279,6 @@ def _compress(args) -> int:
     from awp_jax import allocation as allocation_lib
 
     alloc, correction = pipeline.layer_allocation(), pipeline.correction()
-    token_cap, c_ridge = pipeline.token_cap, pipeline.c_ridge
     if correction is not None and args.mode != "sequential":
         raise ValueError("--error-correction needs --mode sequential (the compressed model's inputs differ from the dense "
                          "model's only there)")
@@ -360,8 +359,7 @@ def _compress(args) -> int:
                                      [dataclasses.replace(constraint, sparsity=s) for s in block_sparsity],
                                      options, mode=args.mode, batch_size=args.batch_size,
                                      progress=True, verbose=args.verbose, run_dir=run_dir, settings=weights_settings,
-                                     encoded=encoded, executor=executor, error_correction=correction,
-                                     token_cap=token_cap, c_ridge=c_ridge)
+                                     encoded=encoded, executor=executor, **pipeline.compress_kwargs())
     if getattr(executor.layout, "replicated", None):
         print("note: kept whole on every device in the calibration forward (the model axis does not divide their split "
               "dimension): " + ", ".join(sorted(executor.layout.replicated)), file=sys.stderr)
@@ -376,7 +374,7 @@ def _compress(args) -> int:
         "model": str(args.model or "default"), "dtype": model.cfg.storage_dtype,
         "recipe": recipe.to_dict(), "method": method, "constraint": dataclasses.asdict(constraint), "options": opts,
         "calibration": {"text": str(args.calib), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "mode": args.mode,
-                        "token_cap": token_cap, "c_ridge": c_ridge},
+                        "token_cap": pipeline.token_cap, "c_ridge": pipeline.c_ridge},
         "evaluation": {"text": str(args.eval_text), "seqlen": args.eval_seqlen, "windows": args.eval_windows},
         "pipeline": dataclasses.asdict(pipeline),
         "allocation": {**dataclasses.asdict(alloc), "block_sparsity": block_sparsity},

@@ -108,6 +108,12 @@ class Pipeline:
         owl = {k: v for k, v in (("lam", self.owl_lambda), ("m", self.owl_m)) if v is not None}
         return allocation.Allocation(self.allocation, **owl)
 
+    def compress_kwargs(self) -> dict:
+        """What :func:`awp_jax.compress.compress_model` takes of these settings, as its keyword
+        arguments; the allocation is not among them (:func:`awp_jax.allocation.allocate` turns it
+        into one constraint per block)."""
+        return {"c_ridge": self.c_ridge, "token_cap": self.token_cap, "error_correction": self.correction()}
+
     def check(self, constraint: methods.Constraint) -> None:
         """Errors for settings that ``constraint`` cannot take."""
         if self.allocation != "uniform" and (not constraint.sparsity or constraint.nm is not None):

@@ -60,10 +60,12 @@ results["dense"] = perplexity.perplexity(dense_model, ev, progress=False).perple
 for method in ("wanda", "awp"):
     model = Llama(dense_model.cfg, dense_weights)       # a fresh copy of the dense model
     spec = methods.Constraint(sparsity=SPARSITY)
-    options = recipes.get_recipe(RECIPE).options_for(spec) if method == "awp" else None
+    recipe = recipes.get_recipe(RECIPE)
+    options = recipe.options_for(spec) if method == "awp" else None
+    pipeline = recipe.pipeline_for(spec).compress_kwargs() if method == "awp" else {}  # the recipe's ridge of C, ... (none for pruning)
     enc = {}
     t0 = time.time()
-    report = compress.compress_model(model, calib, method, spec, options, progress=False, encoded=enc)
+    report = compress.compress_model(model, calib, method, spec, options, progress=False, encoded=enc, **pipeline)
     secs = time.time() - t0
     results[method] = perplexity.perplexity(model, ev, progress=False).perplexity
     models[method], encoded[method] = model, enc

@@ -259,8 +259,8 @@ def test_cli_recipe_file_sets_method_constraint_and_options(small_dir, tmp_path,
                  "--out", str(out)]) == 0
     report = json.loads((out / "awp_report.json").read_text())
     assert report["recipe"] == {"name": "mine", "doc": "", "method": "awp", "constraint": {"sparsity": 0.6},
-                                "options": recipe["options"]}
-    assert report["constraint"]["sparsity"] == 0.6
+                                "options": recipe["options"], "pipeline": {}}
+    assert report["constraint"]["sparsity"] == 0.6 and report["pipeline"]["c_ridge"] is None
     assert report["options"] == {**dataclasses.asdict(methods.AWPOptions()), "max_iter": 7, "step_rule": "lambda_max",
                                  "step_scale": 1.0, "tol": 0.0}
     assert all(r["iterations"] <= 7 for r in report["layers"])

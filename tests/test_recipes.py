@@ -161,6 +161,12 @@ def test_a_recipe_holds_pipeline_settings_per_kind_and_flags_override_them(tmp_p
     assert pipe(sparsity=0.6, error_correction=0.5).correction().alpha == 0.5
     with pytest.raises(ValueError, match="spreads an unstructured --sparsity"):
         pipe(nm=(2, 4), allocation="owl")
+    # the default recipe quantizes on the ridged C; --c-ridge off turns it off, --c-ridge 0.3 replaces it
+    default = argparse.Namespace(recipe=None, method=None, bits=4)
+    assert cli._resolve_run(default)[4] == recipes.Pipeline(c_ridge=0.1)
+    assert cli._resolve_run(argparse.Namespace(**vars(default), c_ridge="off"))[4] == recipes.Pipeline()
+    assert cli._resolve_run(argparse.Namespace(**vars(default), c_ridge=0.3))[4].compress_kwargs() == {
+        "c_ridge": 0.3, "token_cap": None, "error_correction": None}
     # one mapping for every kind
     path.write_text("pipeline: {c_ridge: 0.2}\n")
     assert all(recipes.load_recipe(path).pipeline_for(c).c_ridge == 0.2 for c in (quant, prune))
