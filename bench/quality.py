@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from awp_jax import checkpoints, compress, data, methods, models, perplexity  # noqa: E402
+from awp_jax import checkpoints, compress, data, methods, models, perplexity, recipes  # noqa: E402
 from awp_jax.models import Llama, weights_of  # noqa: E402
 import rowstore  # noqa: E402
 
@@ -119,6 +119,16 @@ def spec_fields(spec):
 
 def key(table, col, label, settings):
     return hashlib.sha256(json.dumps([table, col, label, settings], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe_settings(name: str, constraint) -> dict:
+    """Recipe ``name``'s flat settings for ``constraint`` as :func:`run_row` takes them: its options
+    for the constraint's kind and the pipeline settings run_row passes on (the others are refused)."""
+    r = recipes.RECIPES[name]
+    pipe = r.pipeline_for(constraint).changed()
+    if set(pipe) - {"c_ridge", "token_cap"}:
+        raise SystemExit(f"recipe {name} sets {sorted(pipe)} for {constraint.describe()}: run_row passes on only c_ridge and token_cap")
+    return {**r.options.get(recipes.kind_key(constraint), {}), **pipe}
 
 
 def run_row(cfg, dense, calib, ev, method, spec, mode):

@@ -45,8 +45,8 @@ def rows():
         out += [(col, m, m, dict(fields)) for m in BASELINES[col]]
         constraint = methods.Constraint(**fields)
         seen = {}
-        for name, r in recipes.RECIPES.items():
-            opts = dict(r.options.get(recipes.kind_key(constraint), {}))
+        for name in recipes.RECIPES:
+            opts = quality.recipe_settings(name, constraint)
             key = json.dumps(opts, sort_keys=True)
             if key in seen:
                 seen[key][1].append(name)

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from awp_jax import assets, checkpoints, data, methods, models, perplexity, recipes  # noqa: E402
+from awp_jax import assets, checkpoints, data, methods, models, perplexity  # noqa: E402
 from awp_jax.cli import matmul_gflops  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -58,12 +58,7 @@ def rows():
         constraint = methods.Constraint(**fields)
         seen = {}
         for name in ("fast", "best"):
-            r = recipes.RECIPES[name]
-            # the recipe's options and its pipeline settings (those run_row passes on: the ridge, the token cap)
-            pipe = r.pipeline_for(constraint).changed()
-            if set(pipe) - {"c_ridge", "token_cap"}:
-                raise SystemExit(f"recipe {name} sets {sorted(pipe)} for {col}: this bench passes on only c_ridge and token_cap")
-            opts = {**r.options.get(recipes.kind_key(constraint), {}), **pipe}
+            opts = quality.recipe_settings(name, constraint)
             key = json.dumps(opts, sort_keys=True)
             if key in seen:
                 seen[key][1].append(name)
