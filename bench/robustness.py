@@ -50,13 +50,14 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from awp_jax import checkpoints, compress, data, methods, models, perplexity, recipes  # noqa: E402
+from awp_jax import assets, checkpoints, compress, data, methods, models, perplexity, recipes  # noqa: E402
 from awp_jax.models import weights_of  # noqa: E402
 from awp_jax.targets import ErrorCorrection  # noqa: E402
 from frontier import heldout_windows  # noqa: E402
 import rowstore  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+DEFAULT_NAME = next(k for k, v in assets.MODELS.items() if v is assets.DEFAULT_MODEL)
 SEQLEN = 512
 COLUMNS = {"50%": ("fast", dict(sparsity=0.5)), "70%": ("admm", dict(sparsity=0.7)),
            "INT3 g128": ("fast", dict(bits=3, group_size=128)), "INT4 g128": ("fast", dict(bits=4, group_size=128)),
@@ -94,29 +95,38 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--columns", default=",".join(COLUMNS), help="comma-separated subset of: " + ", ".join(COLUMNS).replace("%", "%%"))
     ap.add_argument("--knobs", default=",".join(k[0] for k in KNOBS), help="comma-separated subset of the row labels")
+    ap.add_argument("--model", default=None, choices=list(assets.MODELS),
+                    help="another model of awp_jax.assets.MODELS (default: the default model); its rows go to robustness_<model>.md")
+    ap.add_argument("--windows", type=int, default=64, help="evaluation windows per text, the held-out text's at most 32 "
+                    "(default 64; a row measured with another count is refused)")
     args = ap.parse_args(argv)
-    store_file = RESULTS / "robustness_runs.json"
+    slug = "" if args.model in (None, DEFAULT_NAME) else "_" + args.model.replace(".", "").replace("-", "_")
+    store_file = RESULTS / f"robustness{slug}_runs.json"
+    report_file = RESULTS / f"robustness{slug}.md"
     store = rowstore.load(store_file)
 
     def save():
         rowstore.save(store, store_file)
 
     if not args.report:
-        model0, tok = checkpoints.load_default()
+        model0, tok = checkpoints.load_default() if not slug else checkpoints.load_model(args.model)
         cfg, dense = model0.cfg, weights_of(model0)
         ctoks = data.tokenize(tok, data.calibration_text())
         draws = {n: data.calibration_starts(len(ctoks), n, SEQLEN, 0) for n in (32, 128)}
         calib = {n: data.calibration_windows(ctoks, n, SEQLEN, 0) for n in (32, 128)}
-        held = heldout_windows(ctoks, np.concatenate(list(draws.values())), SEQLEN, 32)
+        held = heldout_windows(ctoks, np.concatenate(list(draws.values())), SEQLEN, min(32, args.windows))
         code = stdlib_halves()
         prose = reference_prose()
         code_calib = data.calibration_windows(data.tokenize(tok, code["calibration"]), 8, SEQLEN, 0)
         calib["mix"] = np.concatenate([calib[32][:24], code_calib])
         texts = {"held-out": held,
-                 "Wikipedia articles": data.eval_windows(data.tokenize(tok, data.evaluation_text()), SEQLEN, 64),
-                 "Python reference prose": data.eval_windows(data.tokenize(tok, prose), SEQLEN, 64),
-                 "Python source": data.eval_windows(data.tokenize(tok, code["evaluation"]), SEQLEN, 64)}
-        store["setup"] = {"python": platform.python_version(), "prose_sha256": sha(prose),
+                 "Wikipedia articles": data.eval_windows(data.tokenize(tok, data.evaluation_text()), SEQLEN, args.windows),
+                 "Python reference prose": data.eval_windows(data.tokenize(tok, prose), SEQLEN, args.windows),
+                 "Python source": data.eval_windows(data.tokenize(tok, code["evaluation"]), SEQLEN, args.windows)}
+        windows = {k: len(v) for k, v in texts.items()}
+        if store.get("setup", {}).get("windows", windows) != windows:
+            raise SystemExit(f"{store_file} holds rows measured on {store['setup']['windows']} windows, not {windows}")
+        store["setup"] = {"model": args.model or DEFAULT_NAME, "python": platform.python_version(), "prose_sha256": sha(prose),
                           "code_calibration_sha256": sha(code["calibration"]), "code_evaluation_sha256": sha(code["evaluation"]),
                           "windows": {k: len(v) for k, v in texts.items()}}
         if "dense" not in store:
@@ -142,15 +152,16 @@ def main(argv=None):
                 row.update({t: perplexity.perplexity(model, w, batch_size=8).perplexity for t, w in texts.items()})
                 store[k] = row
                 save()
-                write_report(store, RESULTS / "robustness.md")
+                write_report(store, report_file)
                 print("   " + "  ".join(f"{t} {row[t]:.2f}" for t in TEXTS) + f"  ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    write_report(store, RESULTS / "robustness.md")
-    print(f"wrote {RESULTS / 'robustness.md'}")
+    write_report(store, report_file)
+    print(f"wrote {report_file}")
 
 
 def write_report(store, path):
     setup = store.get("setup", {})
-    lines = ["# Out-of-domain robustness: the ridge of C, the amount of calibration, a calibration mix: `python bench/robustness.py`",
+    lines = ["# Out-of-domain robustness: the ridge of C, the amount of calibration, a calibration mix: `python bench/robustness.py`"
+             + (f" (model `{setup['model']}`)" if setup.get("model", DEFAULT_NAME) != DEFAULT_NAME else ""),
              "", __doc__.split("\n\n", 2)[2].split("Decision rule")[0].strip(), "",
              "Decision rule" + __doc__.split("Decision rule", 1)[1].split("\nEvaluation texts", 1)[0].replace("\n", " "), "",
              f"Texts: Python {setup.get('python')}; reference prose sha256 {setup.get('prose_sha256')}…, source "
