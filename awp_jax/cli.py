@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("--c-ridge", type=_number_or_off, default=None, metavar="DELTA",
                       help="every method fits C + DELTA * mean(diag C) * I instead of each layer's C: pulls the fit from "
                            "the calibration activations toward the weights themselves (a regulariser against fitting the "
-                           "calibration text too hard). Greater than 0 (default: off)")
+                           "calibration text too hard). Greater than 0 (default: the recipe's: 0.1 for quantization in fast, best and "
+                           "admm, otherwise off)")
     comp.add_argument("--batch-size", type=int, default=8)
     comp.add_argument("--num-processes", type=int, default=1, help="compress with this many processes (jax.distributed; default 1)")
     comp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, with --num-processes > 1")
