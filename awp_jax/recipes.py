@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import pathlib
 from typing import Any, Mapping
@@ -90,7 +91,7 @@ class Pipeline:
     def __post_init__(self):
         for name in ("c_ridge", "token_cap", "error_correction", "owl_lambda", "owl_m"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number, got {v!r}")
         calibration.check_ridge(self.c_ridge)
         calibration.check_token_cap(self.token_cap)

@@ -14,6 +14,9 @@ changes one thing:
 - a calibration mix: 24 Wikipedia-lead windows and 8 windows of Python source (the "calibration"
   half of the standard library's top-level modules, below).
 
+"as the recipe" is the recipe's method options with no pipeline setting (``recipes.Pipeline``): the
+ridge of 0.1 that the recipes' quantization entries took after these rows is the "ridge 0.1" row.
+
 Every row is evaluated on four texts, none of which any calibration window touches:
 
 - *held-out*: 32 windows of the Wikipedia leads that none of the 32- or 128-window draws touch;
@@ -100,7 +103,7 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=64, help="evaluation windows per text, the held-out text's at most 32 "
                     "(default 64; a row measured with another count is refused)")
     args = ap.parse_args(argv)
-    slug = "" if args.model in (None, DEFAULT_NAME) else "_" + args.model.replace(".", "").replace("-", "_")
+    slug = "" if args.model in (None, DEFAULT_NAME) else "_" + rowstore.model_slug(args.model)
     store_file = RESULTS / f"robustness{slug}_runs.json"
     report_file = RESULTS / f"robustness{slug}.md"
     store = rowstore.load(store_file)
@@ -128,7 +131,7 @@ def main(argv=None):
             raise SystemExit(f"{store_file} holds rows measured on {store['setup']['windows']} windows, not {windows}")
         store["setup"] = {"model": args.model or DEFAULT_NAME, "python": platform.python_version(), "prose_sha256": sha(prose),
                           "code_calibration_sha256": sha(code["calibration"]), "code_evaluation_sha256": sha(code["evaluation"]),
-                          "windows": {k: len(v) for k, v in texts.items()}}
+                          "windows": windows}
         if "dense" not in store:
             m = models.build(cfg, dense)
             store["dense"] = {t: perplexity.perplexity(m, w, batch_size=8).perplexity for t, w in texts.items()}

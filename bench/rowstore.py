@@ -19,3 +19,8 @@ def save(store: dict, path: os.PathLike) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(store, indent=1))
     os.replace(tmp, path)
+
+
+def model_slug(name: str) -> str:
+    """A model name as it appears in result file names (``qwen2.5-coder-0.5b`` → ``qwen25_coder_05b``)."""
+    return name.replace(".", "").replace("-", "_")

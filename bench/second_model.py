@@ -194,7 +194,7 @@ def main(argv=None):
     ap.add_argument("--remeasure", default="", help="comma-separated row labels (e.g. gptq,awq) of the chosen columns to "
                     "measure again in this run, so that their times sit beside the new rows' (the old values are replaced)")
     args = ap.parse_args(argv)
-    slug = args.model.replace(".", "").replace("-", "_")
+    slug = rowstore.model_slug(args.model)
     store_file = RESULTS / f"second_model_{slug}_runs.json"
     report = RESULTS / f"second_model_{slug}.md"
     store = rowstore.load(store_file)
