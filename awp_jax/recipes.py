@@ -93,6 +93,8 @@ class Pipeline:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number, got {v!r}")
+            if v is not None:
+                object.__setattr__(self, name, float(v))  # a plain float in reports (JSON), whatever number was given
         calibration.check_ridge(self.c_ridge)
         calibration.check_token_cap(self.token_cap)
         self.correction()
