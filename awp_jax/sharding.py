@@ -12,10 +12,12 @@ Placement (:func:`placements`): a mesh with axes ``("stack", "model")``.
 Every PGD step is row-local in W and Θ: the row top-k, N:M and group quantizers act within rows
 (groups run along ``d_in``). ``(W − Θ) C`` needs all of C for each row: with C replicated that is
 local; with C split, C never moves — an ``all-to-all`` gives each device its column block of every
-row of ``W − Θ`` (the solver's row chunk), it multiplies that by its rows of C, and a second
-``all-to-all`` returns each device the partial products of its rows, which it sums in device order
-(:func:`awp_jax.solver._split_matmul`; not a ``reduce-scatter``, which XLA:CPU gets wrong across
-processes); C's diagonal and the power iteration's vector are gathered
+row of ``W − Θ`` (the solver's row chunk), it multiplies that by its rows of C, and the partial
+products reach the devices whose rows they are: on accelerators a second ``all-to-all`` returns
+them all at once, summed in device order; on CPU devices, which share the host's memory
+(:func:`shares_memory`), a ring of ``collective-permute`` steps passes a running sum on, so a
+device never holds more than ``1/n`` of the chunk's products (:func:`awp_jax.solver._split_matmul`;
+not a ``reduce-scatter``, which XLA:CPU gets wrong across processes); C's diagonal and the power iteration's vector are gathered
 (``d_in`` floats). The body runs inside ``jax.shard_map``, so no gather of W or Θ is ever inserted;
 besides those, the only communication is the ``psum`` of a few scalars per iteration (objective
 and squared gradient norm, for the stopping test and keep-best) — checked from the compiled HLO
@@ -143,7 +145,16 @@ def _pad_to(x, axis, multiple):
     return np.pad(x, pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)
 
 
-def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool):
+def shares_memory(mesh: Mesh) -> bool:
+    """Whether ``mesh``'s devices draw on one memory: CPU devices (fake ones, or a process's own)
+    hold their buffers in the host's memory, so what each device holds adds up there. A sharded
+    solve then sums a split C's products around a ring (1/n of the memory, n smaller matmuls;
+    :func:`awp_jax.solver._split_matmul`); accelerators, each with its own memory, take the
+    all-to-all's one large matmul."""
+    return all(d.platform == "cpu" for d in mesh.devices.flat)
+
+
+def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool, ring: bool):
     n_split = mesh.shape["model"] if split_c else 1
     # a split C's products are collectives every device joins on every trip: all solves on the
     # mesh (the layers of this device and of the other stack groups) run as many trips as the longest
@@ -151,7 +162,7 @@ def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool):
 
     def local(w, c):  # [l, r, d_in], [l, d_in (/ n_model), d_in] on one device
         return jax.vmap(lambda wi, ci: solver_lib.solve_traced(wi, ci, config, axis_name="model", c_split=n_split,
-                                                                sync_axes=sync), axis_name="layers")(w, c)
+                                                                sync_axes=sync, ring=ring), axis_name="layers")(w, c)
 
     per = P("stack")
     out_specs = solver_lib.PGDResult(
@@ -165,21 +176,22 @@ def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool):
 
 
 @functools.lru_cache(maxsize=64)
-def sharded_solver(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool = False):
+def sharded_solver(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool = False, ring: bool | None = None):
     """The jitted sharded solve for ``config`` on ``mesh`` (cached), taking padded, placed stacks;
-    ``split_c``: C placed with its rows split over ``"model"`` (:func:`splits_c`)."""
+    ``split_c``: C placed with its rows split over ``"model"`` (:func:`splits_c`); ``ring``: its
+    products summed around a ring (default: where the devices share one memory, :func:`shares_memory`)."""
     if split_c and not splits_c(config, mesh, mesh.shape["model"]):
         raise ValueError(f"C cannot be split over the model axis for algorithm={config.algorithm!r} on mesh {dict(mesh.shape)}")
-    return _sharded_fn(config, mesh, split_c)
+    return _sharded_fn(config, mesh, split_c, shares_memory(mesh) if ring is None else ring)
 
 
 def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh, *, max_chunk_bytes: int | None = None,
-                  split_c: bool | None = None) -> solver_lib.PGDResult:
+                  split_c: bool | None = None, ring: bool | None = None) -> solver_lib.PGDResult:
     """:func:`awp_jax.solver.solve_pgd_stack` on ``mesh``: ``w [L, d_out, d_in]``, ``c [L, d_in, d_in]``.
     Results equal the unsharded solve's up to the order of floating-point sums (tested).
     ``max_chunk_bytes``: the same row chunks as the unsharded solve, each chunk sharded in turn.
     ``split_c``: C's rows split over ``"model"`` (default: where :func:`splits_c` allows), else
-    replicated there."""
+    replicated there; ``ring``: how its products are summed (:func:`sharded_solver`)."""
     w, c = (x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x) for x in (w, c))
     if w.ndim != 3 or c.ndim != 3 or c.shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise ValueError(f"expected w [L, d_out, d_in] and c [L, d_in, d_in], got {w.shape} and {c.shape}")
@@ -199,16 +211,16 @@ def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh, *, max_chunk_b
     split_c = possible if split_c is None else split_c
     pl = placements(mesh)
     cp = jax.device_put(cp, pl.stats_split if split_c else pl.stats)  # placed once, whatever the number of row chunks
-    return solver_lib.solve_in_row_chunks(lambda wc, _: _solve_sharded(wc, cp, config, mesh, split_c), w, None, config,
+    return solver_lib.solve_in_row_chunks(lambda wc, _: _solve_sharded(wc, cp, config, mesh, split_c, ring), w, None, config,
                                           max_chunk_bytes)
 
 
-def _solve_sharded(w, cp, config, mesh, split_c=False):
+def _solve_sharded(w, cp, config, mesh, split_c=False, ring=None):
     """One row range ``w`` of the layers against their C already placed on ``mesh`` (``cp``)."""
     n_layers, d_out = w.shape[0], w.shape[1]
     n_stack, n_model = mesh.shape["stack"], mesh.shape["model"]
     wp = jax.device_put(_pad_to(_pad_to(w, 1, n_model), 0, n_stack), placements(mesh).weights)
-    res = sharded_solver(config, mesh, split_c)(wp, cp)
+    res = sharded_solver(config, mesh, split_c, ring)(wp, cp)
     if wp.shape[:2] == (n_layers, d_out):
         return res
     # padding to drop: gather to a replicated layout first (slicing a sharded dimension is

@@ -41,6 +41,10 @@ for explicit in (False, True):
             rep = sharding.solve_sharded(w, c, cfg, mesh, split_c=False)
             np.testing.assert_allclose(np.asarray(rep.theta), np.asarray(ref.theta), rtol=0, atol=atol, err_msg=name)
             assert np.array_equal(np.asarray(rep.iterations), np.asarray(ref.iterations)), name
+            # C split, its products summed by an all-to-all (accelerators' way) instead of the CPU's ring
+            a2a = sharding.solve_sharded(w, c, cfg, mesh, ring=False)
+            np.testing.assert_allclose(np.asarray(a2a.theta), np.asarray(ref.theta), rtol=0, atol=atol, err_msg=name)
+            assert np.array_equal(np.asarray(a2a.iterations), np.asarray(ref.iterations)), name
 
 # a layer over the chunk size: the same row chunks as the unsharded solve, each chunk sharded (17 rows: padded to 18)
 cfg = configs["recipe fast (refit)"]
@@ -69,27 +73,35 @@ np.testing.assert_allclose(np.asarray(res.obj_final), np.asarray(ref.obj_final),
 
 # the compiled solve: no gather of W or Θ. C replicated: only all-reduces of per-layer scalars. C split
 # (rows 32 of 64 per device; W − Θ 26 of 52 rows): C never moves; each product trades W − Θ's column
-# blocks (all-to-all, [2 layers, 26 rows, 32 columns] per operand) and sums the partial products back
-# into rows (an all-to-all of [2 layers, 26 rows, 64] blocks, one per device, and a local sum: no
+# blocks (all-to-all, [2 layers, 26 rows, 32 columns] per operand) and sums the partial products of
+# each device's rows: on CPU devices (they share one memory) around a ring (collective-permutes of
+# [2 layers, 26 rows, 64], within a model group: no device holds every row's partial product), else
+# by an all-to-all of [2 layers, 26 rows, 64] blocks, one per device, and a local sum (no
 # reduce-scatter); gathers of [2 layers, 64] vectors (C's diagonal, the power iteration's vector); one
 # scalar all-reduce over every device in the loop's test (all run the same trips)
 mesh = sharding.make_mesh(model=2, stack=2)
 pl = sharding.placements(mesh)
 wp = jax.device_put(jnp.zeros((4, 52, 64)), pl.weights)
 cfg = aj.awp_pruning(0.5, max_iter=40, step_rule="lambda_max")
-for split, expect in ((False, {"all-reduce"}), (True, {"all-reduce", "all-to-all", "all-gather"})):
+assert sharding.shares_memory(mesh)
+for split, ring, expect in ((False, None, {"all-reduce"}), (True, None, {"all-reduce", "all-to-all", "all-gather", "collective-permute"}),
+                            (True, False, {"all-reduce", "all-to-all", "all-gather"})):
     cp = jax.device_put(jnp.zeros((4, 64, 64)), pl.stats_split if split else pl.stats)
-    hlo = sharding.sharded_solver(cfg, mesh, split).lower(wp, cp).compile().as_text()
+    hlo = sharding.sharded_solver(cfg, mesh, split, ring).lower(wp, cp).compile().as_text()
     ops = [l for l in hlo.splitlines() if re.search(r"= .*\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(", l)]
     kinds = {re.search(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)", l).group(1) for l in ops}
     assert kinds == expect, (split, kinds)
     for l in ops:  # "%name = (result types) kind(operands)": the result's shapes
         result, kind = re.search(r"= (.*?)\b(all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\(", l).groups()
         shapes = re.findall(r"\b[a-z]+[0-9]*\[([0-9,]*)\]", result)
-        allowed = {"all-reduce": ("", "2"), "all-to-all": ("2,26,32", "2,1,26,64"), "all-gather": ("2,64",)}[kind]
+        allowed = {"all-reduce": ("", "2"), "all-to-all": ("2,26,32",) if ring is None else ("2,26,32", "2,1,26,64"),
+                   "all-gather": ("2,64",), "collective-permute": ("2,26,64",)}[kind]
         assert shapes and all(s in allowed for s in shapes), l  # scalars per local layer (2 per device); rows of W − Θ; d_in vectors
         if split and shapes == [""] and "while/cond/pmax" in l:  # the stopping test: run while any layer on the mesh runs
             assert "replica_groups={{0,1,2,3}}" in l, l
+            continue
+        if kind == "collective-permute":  # the ring of each model group: {0, 1} and {2, 3}
+            assert "source_target_pairs={{0,1},{1,0},{2,3},{3,2}}" in l, l
             continue
         assert "replica_groups={{0,1},{2,3}}" in l, l  # within a model group only
 
