@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     from awp_jax import memory
 
     memory.configure()
+    memory.configure_xla()
     # transformers' advice that it found no torch: this package never needs torch models
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from awp_jax.dtypes import STORAGE_DTYPES
