@@ -77,11 +77,12 @@ def _jaxlib_knows(flag: str) -> bool:
 
 
 def configure_xla() -> bool:
-    """XLA's memory-minimising instruction scheduler on CPU (``--{flag}=false`` added to
-    ``XLA_FLAGS``; see the module docstring). Process-wide and read when jax starts its backend, so
+    """XLA's memory-minimising instruction scheduler on CPU
+    (``--xla_cpu_enable_concurrency_optimized_scheduler=false`` added to ``XLA_FLAGS``; see the
+    module docstring). Process-wide and read when jax starts its backend, so
     only the command line calls it, before any computation. Nothing is changed where ``XLA_FLAGS``
     already names the flag (the user's choice stands), where the backend has started, or where this
-    jaxlib does not know the flag. Returns whether the flag is in effect for this process.""".format(flag=XLA_SCHEDULER_FLAG)
+    jaxlib does not know the flag. Returns whether the flag is in effect for this process."""
     flags = os.environ.get("XLA_FLAGS", "")
     if XLA_SCHEDULER_FLAG in flags:
         return f"--{XLA_SCHEDULER_FLAG}=false" in flags.split()

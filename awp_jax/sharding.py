@@ -17,8 +17,8 @@ products reach the devices whose rows they are: on accelerators a second ``all-t
 them all at once, summed in device order; on CPU devices, which share the host's memory
 (:func:`shares_memory`), a ring of ``collective-permute`` steps passes a running sum on, so a
 device never holds more than ``1/n`` of the chunk's products (:func:`awp_jax.solver._split_matmul`;
-not a ``reduce-scatter``, which XLA:CPU gets wrong across processes); C's diagonal and the power iteration's vector are gathered
-(``d_in`` floats). The body runs inside ``jax.shard_map``, so no gather of W or Θ is ever inserted;
+not a ``reduce-scatter``, which XLA:CPU gets wrong across processes); C's diagonal and the power
+iteration's vector are gathered (``d_in`` floats). The body runs inside ``jax.shard_map``, so no gather of W or Θ is ever inserted;
 besides those, the only communication is the ``psum`` of a few scalars per iteration (objective
 and squared gradient norm, for the stopping test and keep-best) — checked from the compiled HLO
 in the tests. A split C's collectives are joined by every device on every trip, so all solves on

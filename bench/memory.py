@@ -59,6 +59,7 @@ def in_process():
     from awp_jax import memory
 
     memory.configure()
+    memory.configure_xla()
     ph = Phases()
     from awp_jax import checkpoints, compress, data, export, methods, perplexity, recipes
 
