@@ -166,7 +166,8 @@ def main(argv=None):
                 if method == "awp":
                     cmd += ["--max-iter", str(args.awp_iters)]
                 r = child(cmd, args.devices)
-                r.update(blocks=n, method=method, devices=args.devices, batch_size=args.batch_size, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops)
+                r.update(blocks=n, method=method, devices=args.devices, batch_size=args.batch_size, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops,
+                         commit=_commit())
                 rows.append(r)
                 RESULTS.mkdir(exist_ok=True)
                 store.write_text(json.dumps({"baseline_mb": base, "rows": rows, **({"previous": previous} if previous else {})}, indent=2))
@@ -181,11 +182,11 @@ def main(argv=None):
         "",
         "Command: `python bench/scale.py` (see its docstring). Random bf16 checkpoints with Llama-2-7B's block "
         f"shapes (hidden {D}, intermediate {F}, 32 heads) and the default model's vocabulary (49152), with "
-        f"{args.blocks.replace(',', ' and ')} blocks; `awp-jax compress --stream --sparsity 0.5`, calibration 8 x 512 "
+        f"{' and '.join(str(b) for b in sorted({r['blocks'] for r in rows}))} blocks; `awp-jax compress --stream --sparsity 0.5`, calibration 8 x 512 "
         "tokens, sequential, no evaluation; each run in its own process, one after another.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; float32 1024x1024 matmul measured at the start of "
-        "each session of rows (last column). Rows are kept in scale_runs.json and skipped when the script runs again.",
+        "each session of rows (the column before last; the last: the commit whose code the row ran). Rows are kept in scale_runs.json and skipped when the script runs again.",
         "",
         "## Peak resident memory",
         "",
@@ -197,20 +198,20 @@ def main(argv=None):
         "",
         "Rows marked \"in forward\" under solve were measured before the script timed the solves on a mesh: their forward column includes them.",
         "",
-        "| blocks | method | devices | windows per pass | peak MB | within bound | wall s | s / block | load | forward | solve | write | matmul GFLOP/s at its start |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| blocks | method | devices | windows per pass | peak MB | within bound | wall s | s / block | load | forward | solve | write | matmul GFLOP/s at its start | code at |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["seconds"]
         lines.append(f"| {r['blocks']} | {r['method']}{' (' + str(args.awp_iters) + ' iterations)' if r['method'] == 'awp' else ''} "
                      f"| {r.get('devices', 1)} | {r.get('batch_size', 8)} | {r['peak_mb']:.0f} | {'yes' if r['peak_mb'] <= bound else 'NO'} | {s:.0f} | {s / r['blocks']:.0f} | "
                      + " | ".join("in forward" if k == "solve" and r.get("mesh_solves_untimed") else f"{100 * r[k] / s:.0f} %"
-                                  for k in ("load", "forward", "solve", "write")) + f" | {r['gflops']:.0f} |")
+                                  for k in ("load", "forward", "solve", "write")) + f" | {r['gflops']:.0f} | {r.get('commit', '?')} |")
     by = {}
     for r in rows:
-        by.setdefault((r["method"], r.get("devices", 1), r.get("batch_size", 8)), {})[r["blocks"]] = r
-    lines += ["", "Peak growth with the number of blocks (same method, devices and windows per pass):", ""]
-    for (m, dev, bs), d in by.items():
+        by.setdefault((r["method"], r.get("devices", 1), r.get("batch_size", 8), r.get("commit")), {})[r["blocks"]] = r
+    lines += ["", "Peak growth with the number of blocks (same method, devices, windows per pass and code):", ""]
+    for (m, dev, bs, _), d in by.items():
         ks = sorted(d)
         if len(ks) > 1:
             lines.append(f"- {m}, {dev} device{'s' if dev > 1 else ''}, {bs} windows per pass: {ks[0]} → {ks[-1]} blocks: {d[ks[-1]]['peak_mb'] - d[ks[0]]['peak_mb']:+.0f} MB "
@@ -218,7 +219,8 @@ def main(argv=None):
     # rows an earlier version measured (set aside by hand with the commit they ran at)
     for before in previous:
         lines += ["", f"Before (commit {before['commit']}, {before['what']}), same command:", ""]
-        lines += [f"- {r['blocks']} blocks, {r['method']}{' on ' + str(r['devices']) + ' devices' if r.get('devices', 1) > 1 else ''}: "
+        lines += [f"- {r['blocks']} blocks, {r['method']}{' on ' + str(r['devices']) + ' devices' if r.get('devices', 1) > 1 else ''}"
+                  f"{', ' + str(r['batch_size']) + ' windows per pass' if r.get('batch_size', 8) != 8 else ''}: "
                   f"peak {r['peak_mb']:.0f} MB, {r['seconds'] / r['blocks']:.0f} s / block" for r in before["rows"]]
     lines += ["", "`forward` is the rest of the run: the calibration forward and C accumulation, tokenizing, starting up. "
               "`load` reads a block from disk and builds it in the checkpoint's dtype, `write` the whole output "
@@ -231,6 +233,11 @@ def main(argv=None):
     md.write_text("\n".join(lines) + "\n" + kept)
     store.write_text(json.dumps({"baseline_mb": base, "bound_mb": bound, "rows": rows, **({"previous": previous} if previous else {})}, indent=2))
     print("\n".join(lines))
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":
