@@ -15,7 +15,8 @@ And one thing XLA does on CPU: its default instruction scheduler (concurrency-op
 every operation that depends only on a program's arguments early, so a block held in bfloat16
 has all its weights converted to float32 at once, each copy alive until its matmul: a float32
 block of temporaries (on a Llama-2-7B-shaped block the output-only pass held 788 MiB of
-temporaries on one device, 301 with the memory-minimising scheduler; ``bench/mesh_memory.py``).
+temporaries on one device, 301 with the memory-minimising scheduler; ``bench/mesh_memory.py
+--devices 1 --mesh model=1 --batch 2``, with ``XLA_FLAGS`` naming the flag ``=true`` for the former).
 :func:`configure_xla` selects that scheduler; it changes no value (the same operations in
 another order) and, measured on that block, not the time either.
 """

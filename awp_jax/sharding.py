@@ -154,6 +154,7 @@ def shares_memory(mesh: Mesh) -> bool:
     return all(d.platform == "cpu" for d in mesh.devices.flat)
 
 
+@functools.lru_cache(maxsize=64)
 def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool, ring: bool):
     n_split = mesh.shape["model"] if split_c else 1
     # a split C's products are collectives every device joins on every trip: all solves on the
@@ -175,11 +176,11 @@ def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool, ring: b
                                  out_specs=out_specs, check_vma=False))
 
 
-@functools.lru_cache(maxsize=64)
 def sharded_solver(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool = False, ring: bool | None = None):
     """The jitted sharded solve for ``config`` on ``mesh`` (cached), taking padded, placed stacks;
     ``split_c``: C placed with its rows split over ``"model"`` (:func:`splits_c`); ``ring``: its
-    products summed around a ring (default: where the devices share one memory, :func:`shares_memory`)."""
+    products summed around a ring (default: where the devices share one memory, :func:`shares_memory`;
+    resolved before the cache, so the default and its explicit value share one compilation)."""
     if split_c and not splits_c(config, mesh, mesh.shape["model"]):
         raise ValueError(f"C cannot be split over the model axis for algorithm={config.algorithm!r} on mesh {dict(mesh.shape)}")
     return _sharded_fn(config, mesh, split_c, shares_memory(mesh) if ring is None else ring)

@@ -17,7 +17,10 @@ accelerator needs for the forward; on fake CPU devices the host holds every devi
 ``--chunk-mb``, the CLI's default 64 MiB), with C split by rows over ``"model"`` (the default) and
 replicated there (``split_c=False``).
 
-Nothing is run, only compiled: the figures are XLA's buffer assignment, not measured memory.
+Nothing is run, only compiled: the figures are XLA's buffer assignment, not measured memory. XLA's
+CPU scheduler is the command line's (:func:`awp_jax.memory.configure_xla`); rows compiled before
+87989c2 had XLA's default one, which ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=true``
+brings back.
 Results are appended to bench/results/mesh_memory.md with the commit they were compiled at.
 """
 
@@ -26,10 +29,11 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import rowstore  # noqa: E402  (bench/, the script's own directory)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -45,6 +49,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+    from awp_jax import memory
+
+    memory.configure_xla()  # XLA's scheduler as the command line sets it (an XLA_FLAGS setting of it stands)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -71,7 +78,7 @@ def main(argv=None):
     ctx = lay.replicate(model.context(512))
     graphdef = nnx.graphdef(model.layers[0])
     fns = calibration._block_fns(graphdef, None, lay)
-    commit = _commit()
+    commit = rowstore.code_commit()
     what = f"mesh {dict(mesh.shape)} of {mesh.devices.size} devices, batch {args.batch} x 512"
     rows = ["| commit | setting | pass | arguments | outputs | temporaries | total (MiB per device) |", "|---|---|---|---|---|---|---|"]
     for name, fn in zip(("stats", "grams", "run"), fns[:3]):
@@ -102,7 +109,7 @@ def solves(args, H, F):
     cfg = methods.awp_config(con, recipes.get_recipe("fast").options_for(con))
     n_stack, n_model = mesh.shape["stack"], mesh.shape["model"]
     pl = sharding.placements(mesh)
-    commit = _commit()
+    commit = rowstore.code_commit()
     what = f"mesh {dict(mesh.shape)} of {mesh.devices.size} devices, AWP `fast` 50 %, row chunks of {args.chunk_mb} MiB"
     rows = ["| commit | setting | layers (chunk) | C | arguments | outputs | temporaries | total (MiB per device) |",
             "|---|---|---|---|---|---|---|---|"]
@@ -123,10 +130,6 @@ def solves(args, H, F):
         with (RESULTS / "mesh_memory.md").open("a") as f:
             f.write("\nAWP's sharded solves (`python bench/mesh_memory.py --solves`):\n\n" + "\n".join(rows) + "\n")
 
-
-def _commit():
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import subprocess
 
 
 def load(path: os.PathLike) -> dict:
@@ -24,3 +25,15 @@ def save(store: dict, path: os.PathLike) -> None:
 def model_slug(name: str) -> str:
     """A model name as it appears in result file names (``qwen2.5-coder-0.5b`` → ``qwen25_coder_05b``)."""
     return name.replace(".", "").replace("-", "_")
+
+
+def code_commit() -> str:
+    """The commit whose code a row runs: ``HEAD``'s short hash, with ``+changes`` when the package or
+    the benches differ from it (result files, which the benches themselves rewrite, do not count);
+    ``unknown`` outside a git checkout."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+    if not head:
+        return "unknown"
+    changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "awp_jax", "bench/*.py"], cwd=root).returncode != 0
+    return head + ("+changes" if changed else "")

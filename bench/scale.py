@@ -44,6 +44,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import rowstore  # noqa: E402  (bench/, the script's own directory)
+
 RESULTS = pathlib.Path(__file__).parent / "results"
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128)
 
@@ -167,7 +169,7 @@ def main(argv=None):
                     cmd += ["--max-iter", str(args.awp_iters)]
                 r = child(cmd, args.devices)
                 r.update(blocks=n, method=method, devices=args.devices, batch_size=args.batch_size, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops,
-                         commit=_commit())
+                         commit=rowstore.code_commit())
                 rows.append(r)
                 RESULTS.mkdir(exist_ok=True)
                 store.write_text(json.dumps({"baseline_mb": base, "rows": rows, **({"previous": previous} if previous else {})}, indent=2))
@@ -234,10 +236,6 @@ def main(argv=None):
     store.write_text(json.dumps({"baseline_mb": base, "bound_mb": bound, "rows": rows, **({"previous": previous} if previous else {})}, indent=2))
     print("\n".join(lines))
 
-
-def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":
