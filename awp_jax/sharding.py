@@ -15,9 +15,9 @@ local; with C split, C never moves — an ``all-to-all`` gives each device its c
 row of ``W − Θ`` (the solver's row chunk), it multiplies that by its rows of C, and the partial
 products reach the devices whose rows they are: on accelerators a second ``all-to-all`` returns
 them all at once, summed in device order; on CPU devices, which share the host's memory
-(:func:`shares_memory`), a ring of ``collective-permute`` steps passes a running sum on, so a
-device never holds more than ``1/n`` of the chunk's products (:func:`awp_jax.solver._split_matmul`;
-not a ``reduce-scatter``, which XLA:CPU gets wrong across processes); C's diagonal and the power
+(:func:`shares_memory`), one ``all-reduce`` per device's rows, kept by that device, so a device
+never holds more than ``1/n`` of the chunk's products (:func:`awp_jax.solver._split_matmul`; not a
+``reduce-scatter``, which XLA:CPU gets wrong across processes); C's diagonal and the power
 iteration's vector are gathered (``d_in`` floats). The body runs inside ``jax.shard_map``, so no gather of W or Θ is ever inserted;
 besides those, the only communication is the ``psum`` of a few scalars per iteration (objective
 and squared gradient norm, for the stopping test and keep-best) — checked from the compiled HLO
@@ -148,14 +148,14 @@ def _pad_to(x, axis, multiple):
 def shares_memory(mesh: Mesh) -> bool:
     """Whether ``mesh``'s devices draw on one memory: CPU devices (fake ones, or a process's own)
     hold their buffers in the host's memory, so what each device holds adds up there. A sharded
-    solve then sums a split C's products around a ring (1/n of the memory, n smaller matmuls;
-    :func:`awp_jax.solver._split_matmul`); accelerators, each with its own memory, take the
-    all-to-all's one large matmul."""
+    solve then sums a split C's products by one all-reduce per device's rows (1/n of the memory,
+    n smaller matmuls; :func:`awp_jax.solver._split_matmul`); accelerators, each with its own
+    memory, take the all-to-all's one large matmul."""
     return all(d.platform == "cpu" for d in mesh.devices.flat)
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool, ring: bool):
+def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool, sum_by: str):
     n_split = mesh.shape["model"] if split_c else 1
     # a split C's products are collectives every device joins on every trip: all solves on the
     # mesh (the layers of this device and of the other stack groups) run as many trips as the longest
@@ -163,7 +163,7 @@ def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool, ring: b
 
     def local(w, c):  # [l, r, d_in], [l, d_in (/ n_model), d_in] on one device
         return jax.vmap(lambda wi, ci: solver_lib.solve_traced(wi, ci, config, axis_name="model", c_split=n_split,
-                                                                sync_axes=sync, ring=ring), axis_name="layers")(w, c)
+                                                                sync_axes=sync, sum_by=sum_by), axis_name="layers")(w, c)
 
     per = P("stack")
     out_specs = solver_lib.PGDResult(
@@ -176,23 +176,28 @@ def _sharded_fn(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool, ring: b
                                  out_specs=out_specs, check_vma=False))
 
 
-def sharded_solver(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool = False, ring: bool | None = None):
+def sharded_solver(config: solver_lib.PGDConfig, mesh: Mesh, split_c: bool = False, sum_by: str | None = None):
     """The jitted sharded solve for ``config`` on ``mesh`` (cached), taking padded, placed stacks;
-    ``split_c``: C placed with its rows split over ``"model"`` (:func:`splits_c`); ``ring``: its
-    products summed around a ring (default: where the devices share one memory, :func:`shares_memory`;
-    resolved before the cache, so the default and its explicit value share one compilation)."""
+    ``split_c``: C placed with its rows split over ``"model"`` (:func:`splits_c`); ``sum_by``: how
+    its products are summed, ``"all-to-all"`` or ``"all-reduce"`` (:func:`awp_jax.solver._split_matmul`;
+    default: ``"all-reduce"`` where the devices share one memory, :func:`shares_memory`; resolved
+    before the cache, so the default and its explicit value share one compilation)."""
     if split_c and not splits_c(config, mesh, mesh.shape["model"]):
         raise ValueError(f"C cannot be split over the model axis for algorithm={config.algorithm!r} on mesh {dict(mesh.shape)}")
-    return _sharded_fn(config, mesh, split_c, shares_memory(mesh) if ring is None else ring)
+    if sum_by is None:
+        sum_by = "all-reduce" if shares_memory(mesh) else "all-to-all"
+    elif sum_by not in ("all-to-all", "all-reduce"):
+        raise ValueError(f"sum_by must be 'all-to-all' or 'all-reduce', got {sum_by!r}")
+    return _sharded_fn(config, mesh, split_c, sum_by)
 
 
 def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh, *, max_chunk_bytes: int | None = None,
-                  split_c: bool | None = None, ring: bool | None = None) -> solver_lib.PGDResult:
+                  split_c: bool | None = None, sum_by: str | None = None) -> solver_lib.PGDResult:
     """:func:`awp_jax.solver.solve_pgd_stack` on ``mesh``: ``w [L, d_out, d_in]``, ``c [L, d_in, d_in]``.
     Results equal the unsharded solve's up to the order of floating-point sums (tested).
     ``max_chunk_bytes``: the same row chunks as the unsharded solve, each chunk sharded in turn.
     ``split_c``: C's rows split over ``"model"`` (default: where :func:`splits_c` allows), else
-    replicated there; ``ring``: how its products are summed (:func:`sharded_solver`)."""
+    replicated there; ``sum_by``: how its products are summed (:func:`sharded_solver`)."""
     w, c = (x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x) for x in (w, c))
     if w.ndim != 3 or c.ndim != 3 or c.shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise ValueError(f"expected w [L, d_out, d_in] and c [L, d_in, d_in], got {w.shape} and {c.shape}")
@@ -212,16 +217,16 @@ def solve_sharded(w, c, config: solver_lib.PGDConfig, mesh: Mesh, *, max_chunk_b
     split_c = possible if split_c is None else split_c
     pl = placements(mesh)
     cp = jax.device_put(cp, pl.stats_split if split_c else pl.stats)  # placed once, whatever the number of row chunks
-    return solver_lib.solve_in_row_chunks(lambda wc, _: _solve_sharded(wc, cp, config, mesh, split_c, ring), w, None, config,
+    return solver_lib.solve_in_row_chunks(lambda wc, _: _solve_sharded(wc, cp, config, mesh, split_c, sum_by), w, None, config,
                                           max_chunk_bytes)
 
 
-def _solve_sharded(w, cp, config, mesh, split_c=False, ring=None):
+def _solve_sharded(w, cp, config, mesh, split_c=False, sum_by=None):
     """One row range ``w`` of the layers against their C already placed on ``mesh`` (``cp``)."""
     n_layers, d_out = w.shape[0], w.shape[1]
     n_stack, n_model = mesh.shape["stack"], mesh.shape["model"]
     wp = jax.device_put(_pad_to(_pad_to(w, 1, n_model), 0, n_stack), placements(mesh).weights)
-    res = sharded_solver(config, mesh, split_c, ring)(wp, cp)
+    res = sharded_solver(config, mesh, split_c, sum_by)(wp, cp)
     if wp.shape[:2] == (n_layers, d_out):
         return res
     # padding to drop: gather to a replicated layout first (slicing a sharded dimension is

@@ -430,44 +430,48 @@ def _total(x, axis_name):
     return s if axis_name is None else jax.lax.psum(s, axis_name)
 
 
-def _split_matmul(x, c_rows, axis_name: str, n: int, precision, out_dtype=None, ring: bool = False):
+def _split_matmul(x, c_rows, axis_name: str, n: int, precision, out_dtype=None, sum_by: str = "all-to-all"):
     """``x C`` inside ``shard_map`` when the rows of both ``x [..., r, d]`` (a shard of a layer's
     rows) and C are split in ``n`` blocks over ``axis_name`` (this device holds C's block of rows
     ``c_rows [d/n, d]``). An all-to-all hands each device its column block of every row of ``x``
     (``[..., n·r, d/n]``), which it multiplies by its rows of C: partial products for every
     device's rows. C never moves; the traffic is two of ``x``'s size (the solver's row chunk). The
-    partial products reach the devices whose rows they are in one of two ways:
+    partial products reach the devices whose rows they are in one of two ways (``sum_by``):
 
-    * ``ring=False``: a second all-to-all returns each device the partial products of its rows from
-      every device (``[..., n, r, d]``), summed in device order. One matmul the size of the chunk,
-      but each device holds two of the chunk's size (``n`` times its share).
-    * ``ring=True``: a ring of ``n - 1`` ``collective-permute`` steps; at step ``s`` a device adds
-      its product for the rows of device ``i - 1 - s`` to the running sum it received and passes it
-      on, so after the last step each device holds the whole product of its own rows (summed in the
-      order ``j + 1, j + 2, ..., j`` for device ``j``'s rows). ``n`` matmuls of ``1/n`` the size,
-      and a device holds ``1/n`` of the chunk three times: what CPU devices sharing one host's
-      memory need (on 8 fake devices the all-to-all's products were the peak of a streamed run).
+    * ``"all-to-all"``: a second all-to-all returns each device the partial products of its rows
+      from every device (``[..., n, r, d]``), summed in device order. One matmul the size of the
+      chunk, but each device holds two of the chunk's size (``n`` times its share).
+    * ``"all-reduce"``: ``n`` steps; at step ``s`` every device multiplies its columns of device
+      ``s``'s rows, the ``n`` products are summed by an all-reduce (in device order) and device
+      ``s`` keeps the sum. ``n`` matmuls of ``1/n`` the size, and a device holds ``1/n`` of the
+      chunk three times: what CPU devices sharing one host's memory need (on 8 fake devices the
+      all-to-all's products were the peak of a streamed run).
 
     Not a reduce-scatter (``psum_scatter``), which sends the same bytes: XLA:CPU's through gloo
     (every CPU collective once ``jax.distributed`` is initialised) returns wrong values
-    intermittently (jax issue 40830, seen with jax 0.10.2 on 2-process runs); both ways sum in a
-    fixed order, whatever the collective library."""
+    intermittently (jax issue 40830, seen with jax 0.10.2 on 2-process runs). Nor a ring of
+    ``collective-permute`` steps passing a running sum on (this function's form before): with
+    jax 0.10.2 on fake CPU devices, a solve loaded from JAX's persistent compilation cache returned
+    wrong values in 18 of 80 calls (the ``fast`` recipe; freshly compiled: none in 150), where this
+    form returned none in 90."""
     xt = jax.lax.all_to_all(x, axis_name, x.ndim - 1, x.ndim - 2, tiled=True)
-    if not ring:
+    if sum_by == "all-to-all":
         part = jnp.matmul(xt, c_rows, precision=precision, preferred_element_type=out_dtype)
         lead, (rows, d) = part.shape[:-2], part.shape[-2:]
         blocks = part.reshape(*lead, n, rows // n, d)  # block j: the rows device j holds
         got = jax.lax.all_to_all(blocks, axis_name, len(lead), len(lead), tiled=True)  # [..., n (from device i), r, d]
         return jnp.sum(got, axis=len(lead))
+    if sum_by != "all-reduce":
+        raise ValueError(f"sum_by must be 'all-to-all' or 'all-reduce', got {sum_by!r}")
     r = xt.shape[-2] // n
     i = jax.lax.axis_index(axis_name)
 
-    def part_for(s):  # this device's columns of the rows of device i - 1 - s, times its rows of C: [..., r, d]
-        rows = jax.lax.dynamic_slice_in_dim(xt, ((i - 1 - s) % n) * r, r, axis=-2)
-        return jnp.matmul(rows, c_rows, precision=precision, preferred_element_type=out_dtype)
+    def step(s, acc):  # every device's columns of device s's rows times its rows of C, summed; device s keeps it
+        rows = jax.lax.dynamic_slice_in_dim(xt, s * r, r, axis=-2)
+        total = jax.lax.psum(jnp.matmul(rows, c_rows, precision=precision, preferred_element_type=out_dtype), axis_name)
+        return jnp.where(i == s, total, acc)
 
-    pairs = [(k, (k + 1) % n) for k in range(n)]
-    return jax.lax.fori_loop(1, n, lambda s, acc: jax.lax.ppermute(acc, axis_name, pairs) + part_for(s), part_for(0))
+    return jax.lax.fori_loop(0, n, step, jnp.zeros((*xt.shape[:-2], r, c_rows.shape[-1]), out_dtype or xt.dtype))
 
 
 # --- the problem the solvers see ----------------------------------------------------------------
@@ -500,7 +504,7 @@ class Quadratic:
     matmul_dtype: Literal["float32", "bfloat16"] = "float32"
     axis_name: str | None = None
     c_split: int = 1
-    ring: bool = False  # a split C's partial products summed around a ring (see _split_matmul)
+    sum_by: str = "all-to-all"  # how a split C's partial products are summed (see _split_matmul)
 
     def __post_init__(self):
         if self.c_split > 1 and self.axis_name is None:
@@ -514,7 +518,7 @@ class Quadratic:
         low = not exact and self.matmul_dtype == "bfloat16"
         x, c, out = (x.astype(jnp.bfloat16), p.c_op, p.w.dtype) if low else (x, p.c, None)
         if self.c_split > 1:
-            return _split_matmul(x, c, self.axis_name, self.c_split, self.precision, out, self.ring)
+            return _split_matmul(x, c, self.axis_name, self.c_split, self.precision, out, self.sum_by)
         return jnp.matmul(x, c, precision=self.precision, preferred_element_type=out)
 
     def _gather(self, v):  # this device's block of a [d_in] vector -> the whole vector
@@ -916,16 +920,16 @@ class CGRefit:
                             grad_norm=jnp.where(take, gn_r, res.grad_norm))
 
 
-def make_solver(config: PGDConfig, axis_name: str | None = None, c_split: int = 1, ring: bool = False):
+def make_solver(config: PGDConfig, axis_name: str | None = None, c_split: int = 1, sum_by: str = "all-to-all"):
     """The solver object, objective and post-processing stages a :class:`PGDConfig` describes.
-    ``c_split``: C's rows are split over ``axis_name`` in that many blocks, ``ring``: how the
-    products by a split C are summed (:class:`Quadratic`)."""
+    ``c_split``: C's rows are split over ``axis_name`` in that many blocks, ``sum_by``: how the
+    products by a split C are summed (:func:`_split_matmul`)."""
     if config.scope == "layer" and axis_name is not None:
         raise ValueError("scope='layer' needs the whole matrix on one device; use scope='row' with a sharded solve")
     if config.algorithm == "admm" and c_split > 1:
         raise ValueError("algorithm='admm' diagonalises the whole C: it needs C whole on every device (c_split=1)")
     objective = Quadratic(precision=config.precision, matmul_dtype=config.matmul_dtype, axis_name=axis_name,
-                          c_split=c_split, ring=ring)
+                          c_split=c_split, sum_by=sum_by)
     cls = ADMM if config.algorithm == "admm" else AcceleratedPGD if config.momentum else PGD
     solver = cls(config=config, objective=objective)
     stages = []
@@ -937,15 +941,15 @@ def make_solver(config: PGDConfig, axis_name: str | None = None, c_split: int = 
 
 
 def solve_traced(w, c, config: PGDConfig, theta0=None, axis_name: str | None = None, keep=None,
-                 c_split: int = 1, sync_axes: tuple[str, ...] = (), ring: bool = False) -> PGDResult:
+                 c_split: int = 1, sync_axes: tuple[str, ...] = (), sum_by: str = "all-to-all") -> PGDResult:
     """One layer's solve, un-jitted: for use inside the caller's own ``jit`` / ``vmap`` /
     ``shard_map`` (:func:`solve_pgd` is this, jitted and validated). ``axis_name``: the rows of
     ``w`` are one shard of the layer over that mesh axis. ``keep``: the schedule's keep table
     (default: ``config``'s, as a constant). ``c_split``: ``c`` is this device's block of C's rows,
-    split over ``axis_name`` in that many blocks, ``ring``: how products by it are summed
+    split over ``axis_name`` in that many blocks, ``sum_by``: how products by it are summed
     (:func:`_split_matmul`); ``sync_axes``: see :func:`run`."""
     _TRACES["solve"] += 1
-    solver, stages = make_solver(config, axis_name, c_split, ring)
+    solver, stages = make_solver(config, axis_name, c_split, sum_by)
     p = solver.objective.problem(w, c, config, keep)
     res = run(solver, p, theta0, trace=config.trace, sync_axes=sync_axes)
     for stage in stages:
