@@ -3,6 +3,7 @@ compressed-tensors package itself; GGUF block types read by ``gguf`` bit for bit
 through ``--model``; what a format cannot hold is refused before any calibration."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -214,6 +215,23 @@ def test_gguf_blocks_read_back_bit_for_bit_and_load_with_the_same_perplexity(tmp
     assert all(np.array_equal(again_w[k], ours[k]) for k in ours)
     win = _windows(4, 64, seed=9)
     assert perplexity.perplexity(again, win).perplexity == perplexity.perplexity(model, win).perplexity
+
+
+def test_a_loaded_gguf_model_keeps_no_parsed_reader(gguf_source):
+    # a parsed GGUF holds its metadata as small arrays and the pages it read: 233 MB for the
+    # default model's, which the run no longer needs once the weights are in the model
+    import gc
+
+    def readers():
+        gc.collect()
+        return [o for o in gc.get_objects() if isinstance(o, gguf.GGUFReader)
+                and pathlib.Path(str(getattr(o.data, "filename", ""))).resolve() == pathlib.Path(gguf_source).resolve()]
+
+    checkpoints.gguf_reader(gguf_source)  # parsed once, as reading the tokenizer first leaves it
+    assert readers()
+    model, _ = checkpoints.load_model(gguf_source, with_tokenizer=False)
+    assert not readers()
+    assert checkpoints.gguf_reader(gguf_source).fields["general.architecture"].contents() == "llama"  # parsed again
 
 
 def test_methods_optimise_on_the_q4_0_grid_itself(gguf_source):
