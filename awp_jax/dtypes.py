@@ -41,24 +41,45 @@ def name_of(dtype) -> str | None:
     return None
 
 
+# elements converted and checked per step (4 MB of float32): the checks' temporaries (the rounded
+# copy, its float32 value, the NaN and finiteness masks) stay this size, not 3.5x the tensor (a 49k x
+# 576 embedding's conversion to bfloat16 briefly took 405 MB)
+_CHUNK = 1 << 20
+
+
+def _rounded(x: np.ndarray, name: str, whole: np.ndarray) -> np.ndarray:
+    """A slice ``x`` of ``whole`` rounded to ``name`` as float32; overflow is an error."""
+    with np.errstate(over="ignore"):
+        y = x.astype(np_dtype(name)).astype(np.float32)
+    if not np.all(np.isfinite(y) | ~np.isfinite(x)):
+        raise ValueError(f"values up to {float(np.max(np.abs(whole))):.6g} do not fit in {name}")
+    return y
+
+
 def round_to(x, name: str) -> np.ndarray:
     """``x`` rounded to storage dtype ``name`` (round to nearest even), as a float32 array; values
     that do not fit (e.g. |x| > 65504 in float16) are an error, not an Inf."""
     x = np.asarray(x, np.float32)
     if name == "float32":
         return x
-    with np.errstate(over="ignore"):
-        y = x.astype(np_dtype(name)).astype(np.float32)
-    if not np.all(np.isfinite(y) | ~np.isfinite(x)):
-        raise ValueError(f"values up to {float(np.max(np.abs(x))):.6g} do not fit in {name}")
-    return y
+    check(name)
+    flat, out = np.ascontiguousarray(x).reshape(-1), np.empty(x.shape, np.float32)
+    dest = out.reshape(-1)
+    for s in range(0, flat.size, _CHUNK):
+        dest[s : s + _CHUNK] = _rounded(flat[s : s + _CHUNK], name, flat)
+    return out
 
 
 def cast_exact(x, name: str, what: str) -> np.ndarray:
     """``x`` as an array of storage dtype ``name``; values that dtype cannot hold exactly are an
     error naming ``what`` (outputs never round silently: the weights must already carry its values)."""
-    x = np.asarray(x, np.float32)
-    if not np.array_equal(round_to(x, name), x, equal_nan=True):
-        raise ValueError(f"{what} holds values that {name} cannot store exactly; load the model with that storage "
-                         f"dtype (CLI --dtype {name}, or checkpoints.load_model(..., storage_dtype={name!r}))")
-    return np.ascontiguousarray(x.astype(np_dtype(name)))
+    flat = np.ascontiguousarray(np.asarray(x, np.float32))
+    out = np.empty(flat.shape, np_dtype(name))
+    flat, dest = flat.reshape(-1), out.reshape(-1)
+    for s in range(0, flat.size, _CHUNK):
+        part = flat[s : s + _CHUNK]
+        if name != "float32" and not np.array_equal(_rounded(part, name, flat), part, equal_nan=True):
+            raise ValueError(f"{what} holds values that {name} cannot store exactly; load the model with that storage "
+                             f"dtype (CLI --dtype {name}, or checkpoints.load_model(..., storage_dtype={name!r}))")
+        dest[s : s + _CHUNK] = part  # exact: the values are the dtype's
+    return out

@@ -4,6 +4,7 @@ compressed form stores kept values in bf16, and transformers loads it with the p
 import dataclasses
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -128,3 +129,28 @@ def test_tensors_wider_than_the_linear_layers_are_rounded_by_auto_and_kept_by_de
     assert auto.cfg.storage_dtype == "bfloat16" and np.array_equal(weights_of(auto)[norm], dtypes.round_to(tensors[norm], "bfloat16"))
     save_hf_dir(auto, tmp_path / "o")  # every tensor now holds bf16 values: written as bf16
     assert _tensor_dtypes(tmp_path / "o" / "model.safetensors") == {"BF16"}
+
+
+def test_conversions_are_exact_in_steps_and_hold_little_beside_the_tensor():
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    n = 3 * dtypes._CHUNK + 12345  # several steps and a short last one
+    x = rng.standard_normal(n).astype(np.float32).reshape(-1, 3)
+    b = dtypes.round_to(x, "bfloat16")
+    assert np.array_equal(b, x.astype(ml_dtypes.bfloat16).astype(np.float32))
+    tracemalloc.start()
+    out = dtypes.cast_exact(b, "bfloat16", "w")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.dtype == ml_dtypes.bfloat16 and out.shape == x.shape and np.array_equal(out.astype(np.float32), b)
+    # the output (half of x's bytes) and one step's temporaries, not 3.5 copies of the tensor at once
+    assert peak < 0.5 * x.nbytes + 8 * 4 * dtypes._CHUNK, (peak, x.nbytes)
+    bad = b.copy()
+    bad.reshape(-1)[-1] = np.float32(1 + 2**-12)  # in the last step: no bfloat16 holds it
+    with pytest.raises(ValueError, match="cannot store exactly"):
+        dtypes.cast_exact(bad, "bfloat16", "w")
+    big = b.copy()
+    big.reshape(-1)[2 * dtypes._CHUNK] = 1e6
+    with pytest.raises(ValueError, match="do not fit in float16"):
+        dtypes.round_to(big, "float16")
