@@ -29,6 +29,7 @@ import os
 import pathlib
 from typing import Any, Callable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 from awp_jax import assets, dtypes
@@ -692,10 +693,8 @@ def load_model(spec=None, *, dtype: str = "float32", storage_dtype: str | None =
         except ValueError as e:
             raise CheckpointError(f"cannot store {spec or 'the default model'} as {target}: {e}") from e
         cfg = dataclasses.replace(cfg, storage_dtype=target)
-    import jax.numpy as jnp
-
     for k in list(weights):  # onto the device one tensor at a time: a float32 forward's build then copies none
-        weights[k] = jnp.asarray(weights[k])  # (the host copies and the model's at once: 1588 MB peak for the default run)
+        weights[k] = jnp.asarray(weights[k])  # (the host copies and the model's at once: the default run's load peaked at 1588 MB)
     model = models.build(cfg, weights)
     del weights
     release_gguf_readers()  # the model holds every weight now (a GGUF's tokenizer was read before it, see cli)
