@@ -211,6 +211,100 @@ def is_orbax_dir(path: os.PathLike) -> bool:
     return (p / "awp_jax.json").is_file() and (p / "state").is_dir()
 
 
+class _AloneSaver:
+    """orbax's partial save of one checkpoint, run by a helper Python process that is alone (no
+    ``jax.distributed``, CPU only, so it never claims the run's accelerators): each :meth:`save`
+    writes its tree's arrays as ``.npy`` files under ``incoming`` and waits while the helper appends
+    them to ``ckpt`` and deletes them; :meth:`finalize` ends the checkpoint and the helper. An error
+    in the helper is raised here with its message; the helper ends when this process does."""
+
+    def __init__(self, ckpt: pathlib.Path, incoming: pathlib.Path):
+        import subprocess
+        import sys
+
+        self.incoming, self._n = incoming, 0
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
+        env["JAX_PLATFORMS"] = "cpu"
+        self._proc = subprocess.Popen([sys.executable, "-c", "import sys; from awp_jax.packed import _alone_saver_main; _alone_saver_main(sys.argv[1])",
+                                       str(ckpt)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+
+    def _ask(self, line: str) -> None:
+        try:
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+            answer = self._proc.stdout.readline().rstrip("\n")
+        except (BrokenPipeError, OSError):
+            answer = ""
+        if answer != "ok":
+            self.kill()
+            raise RuntimeError(f"the helper process writing the orbax checkpoint failed: {answer or 'it exited with ' + str(self._proc.poll())}")
+
+    def save(self, tree: dict) -> None:
+        part = self.incoming / f"{self._n:06d}"
+        self._n += 1
+        part.mkdir(parents=True)
+        index = []
+        for i, (path, leaf) in enumerate(_tree_leaves(tree)):
+            np.save(part / f"{i}.npy", np.asarray(leaf), allow_pickle=False)
+            index.append(path)
+        (part / "index.json").write_text(json.dumps(index))
+        self._ask(f"save {part}")
+
+    def finalize(self) -> None:
+        self._ask("finalize")
+        self._proc.wait()
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _tree_leaves(tree: dict, prefix: tuple = ()):
+    """``(key path, leaf)`` of a nested dict of arrays, depth first in key order."""
+    for k in sorted(tree):
+        v = tree[k]
+        if isinstance(v, dict):
+            yield from _tree_leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _alone_saver_main(ckpt: str) -> None:
+    """The helper of :class:`_AloneSaver`: reads ``save PART`` / ``finalize`` lines on stdin,
+    answers ``ok`` or ``error ...`` (one line each) on stdout."""
+    import sys
+    import traceback
+
+    from orbax.checkpoint.experimental.v1 import partial
+
+    out, sys.stdout = sys.stdout, sys.stderr  # only the answers go to the parent's pipe
+    for line in sys.stdin:
+        cmd, _, arg = line.rstrip("\n").partition(" ")
+        try:
+            if cmd == "save":
+                part = pathlib.Path(arg)
+                tree: dict = {}
+                for i, path in enumerate(json.loads((part / "index.json").read_text())):
+                    node = tree
+                    for k in path[:-1]:
+                        node = node.setdefault(k, {})
+                    node[path[-1]] = np.load(part / f"{i}.npy", allow_pickle=False)
+                partial.save(pathlib.Path(ckpt), tree)
+                shutil.rmtree(part)
+            elif cmd == "finalize":
+                partial.finalize(pathlib.Path(ckpt))
+            else:
+                raise ValueError(f"unknown request {line!r}")
+        except Exception as e:  # noqa: BLE001  (every failure is reported to the parent, which raises it)
+            traceback.print_exc()
+            print("error " + f"{type(e).__name__}: {e}".replace("\n", " "), file=out, flush=True)
+            return
+        print("ok", file=out, flush=True)
+        if cmd == "finalize":
+            return
+
+
 class OrbaxWriter:
     """:func:`save_orbax`'s directory written a part at a time (orbax's partial save: each
     :meth:`add` appends its tensors to the checkpoint, nothing written before is read back), so a
@@ -218,11 +312,12 @@ class OrbaxWriter:
     renamed into place by :meth:`close`; left as a context manager with an exception, nothing
     appears under ``path`` and the partial directory is removed.
 
-    In a multi-process run (where only one process writes) the parts are kept and written in one
-    save by :meth:`close`: orbax's partial save and its finalization wait for every process at
-    collectives of their own (``_check_directory_consistency`` whatever the active processes). A
-    streamed run on several processes therefore holds this form (codes, scales and masks, not the
-    float weights) whole in process 0's memory while it writes it."""
+    In a multi-process run (``jax.distributed``, where only process 0 writes) the partial saves run
+    in a helper process of their own (:class:`_AloneSaver`): orbax's partial save and its
+    finalization wait for every process of the run at collectives of their own
+    (``_check_directory_consistency``, whatever the active processes), which the processes that do
+    not write never reach. Each part goes to the helper through a temporary file beside ``path``,
+    so the writer holds one part at a time there too, at the price of writing each part twice."""
 
     def __init__(self, path: os.PathLike, config: dict, *, extra: dict | None = None):
         import jax
@@ -233,7 +328,7 @@ class OrbaxWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
         self._meta = {"format": FORMAT, "config": config, "layers": {}, "params": [], **(extra or {})}
-        self._kept: dict | None = {"params": {}, "layers": {}} if jax.process_count() > 1 else None
+        self._alone = _AloneSaver(self._tmp / "ckpt", self._tmp / "incoming") if jax.process_count() > 1 else None
         self._names: set[str] = set()  # every name added so far
 
     def add(self, params: dict[str, np.ndarray], encoded: dict[str, dict] | None = None) -> None:
@@ -252,9 +347,8 @@ class OrbaxWriter:
             tree["layers"] = {_key(k): {f: np.asarray(e[f]) for f in e if f != "meta"} for k, e in encoded.items()}
         if not tree:
             return
-        if self._kept is not None:
-            for group, items in tree.items():
-                self._kept[group].update(items)
+        if self._alone is not None:
+            self._alone.save(tree)
         else:
             partial.save(self._tmp / "ckpt", tree)
         self._names |= set(params) | set(encoded)
@@ -266,20 +360,20 @@ class OrbaxWriter:
 
         if not self._names:
             raise ValueError(f"{self.path}: nothing was written")
-        if self._kept is not None:
-            with _checkpointer() as ckptr:
-                ckptr.save(self._tmp / "state", {k: v for k, v in self._kept.items() if v})
-                ckptr.wait_until_finished()
+        if self._alone is not None:
+            self._alone.finalize()
         else:
             partial.finalize(self._tmp / "ckpt")
-            os.replace(self._tmp / "ckpt" / "state", self._tmp / "state")  # the pytree; orbax's own top-level files go
-            shutil.rmtree(self._tmp / "ckpt")
+        os.replace(self._tmp / "ckpt" / "state", self._tmp / "state")  # the pytree; orbax's own top-level files go
+        shutil.rmtree(self._tmp / "ckpt")
         self._meta["params"].sort()
         (self._tmp / "awp_jax.json").write_text(json.dumps(self._meta, indent=1))
         os.replace(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
+        if self._alone is not None:
+            self._alone.kill()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> "OrbaxWriter":

@@ -70,7 +70,7 @@ def test_two_processes_equal_one_and_only_process_0_writes(setup, tmp_path, stre
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert (tmp_path / "two" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
-    # the lossless compressed/ form too (one process writes it in parts, several in one save)
+    # the lossless compressed/ form too (one process writes it in parts; with several, process 0 through a helper process)
     (m1, p1, e1), (m2, p2, e2) = (packed.load_orbax(tmp_path / n / "compressed") for n in ("one", "two"))
     assert m1["layers"] == m2["layers"] and m1["params"] == m2["params"] and set(e1) == set(e2) and e1
     assert all(np.array_equal(p1[k], p2[k]) for k in p1)

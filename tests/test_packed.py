@@ -108,7 +108,18 @@ def test_a_plain_flax_checkpoint_round_trips(tmp_path):
         checkpoints.save_orbax_model(model, tmp_path / "flax")
 
 
-def test_the_orbax_writer_appends_parts_and_leaves_nothing_when_it_fails(tmp_path):
+@pytest.fixture(params=["in this process", "by a helper process"])
+def writer_mode(request, monkeypatch):
+    """The writer as one process uses it, and as process 0 of a jax.distributed run does (whose
+    partial saves run in a helper process: :class:`awp_jax.packed._AloneSaver`)."""
+    if request.param == "by a helper process":
+        import jax
+
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+    return request.param
+
+
+def test_the_orbax_writer_appends_parts_and_leaves_nothing_when_it_fails(tmp_path, writer_mode):
     r = np.random.default_rng(0)
     w = {f"model.layers.{i}.mlp.down_proj.weight": r.standard_normal((8, 32)).astype(np.float32) for i in range(3)}
     enc = {k: packed.encode(np.where(np.abs(v) > 0.5, v, 0), pruned=True) for k, v in w.items()}
@@ -126,6 +137,12 @@ def test_the_orbax_writer_appends_parts_and_leaves_nothing_when_it_fails(tmp_pat
             wr.add({"n0": w[k][0]})
     with pytest.raises(FileExistsError):
         packed.OrbaxWriter(tmp_path / "parts", {})
+    if writer_mode == "by a helper process":  # the helper dies between two parts: a clear error, nothing left
+        with pytest.raises(RuntimeError, match="helper process writing the orbax checkpoint failed.*exited"):
+            with packed.OrbaxWriter(tmp_path / "killed", {}) as wr:
+                wr.add({"n0": w[k][0]})
+                wr._alone.kill()
+                wr.add({"n1": w[k][0]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]  # no partial directory left behind
 
 
