@@ -253,6 +253,7 @@ class _AloneSaver:
     def finalize(self) -> None:
         self._ask("finalize")
         self._proc.wait()
+        shutil.rmtree(self.incoming, ignore_errors=True)  # emptied part by part: nothing of it belongs to the checkpoint
 
     def kill(self) -> None:
         if self._proc.poll() is None:

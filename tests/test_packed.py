@@ -126,6 +126,7 @@ def test_the_orbax_writer_appends_parts_and_leaves_nothing_when_it_fails(tmp_pat
     with packed.OrbaxWriter(tmp_path / "parts", {"x": 1}) as wr:
         for i, k in enumerate(w):  # one part per "block": a dense tensor and a compressed layer
             wr.add({f"n{i}": w[k][0]}, {k: enc[k]})
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["awp_jax.json", "state"]  # nothing of the writer's own
     meta, params, layers = packed.load_orbax(tmp_path / "parts")
     assert meta["config"] == {"x": 1} and meta["params"] == ["n0", "n1", "n2"] and set(layers) == set(w)
     assert all(np.array_equal(params[f"n{i}"], w[k][0]) for i, k in enumerate(w))
