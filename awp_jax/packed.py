@@ -243,10 +243,12 @@ class _AloneSaver:
         part = self.incoming / f"{self._n:06d}"
         self._n += 1
         part.mkdir(parents=True)
+        import jax
+
         index = []
-        for i, (path, leaf) in enumerate(_tree_leaves(tree)):
+        for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
             np.save(part / f"{i}.npy", np.asarray(leaf), allow_pickle=False)
-            index.append(path)
+            index.append([k.key for k in path])
         (part / "index.json").write_text(json.dumps(index))
         self._ask(f"save {part}")
 
@@ -259,16 +261,6 @@ class _AloneSaver:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
-
-
-def _tree_leaves(tree: dict, prefix: tuple = ()):
-    """``(key path, leaf)`` of a nested dict of arrays, depth first in key order."""
-    for k in sorted(tree):
-        v = tree[k]
-        if isinstance(v, dict):
-            yield from _tree_leaves(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
 
 
 def _alone_saver_main(ckpt: str) -> None:
