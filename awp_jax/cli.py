@@ -175,6 +175,16 @@ def _check_writable(out: pathlib.Path, overwrite: bool) -> None:
 _OFF = "off"
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _number_or_off(text: str):
     """A pipeline flag's value: a number, or ``off`` (turns off what a recipe sets)."""
     if text.strip().lower() == _OFF:
@@ -315,6 +325,8 @@ def _compress(args) -> int:
     # spans its own devices (the processes share the layers, execution.MultiProcess)
     mesh = sharding.parse_mesh(args.mesh, jax.local_devices() if args.num_processes > 1 else None)
     executor = execution.choose(mesh)
+    if args.batch_size is None:
+        args.batch_size = executor.windows_per_pass()
     t_start = time.perf_counter()
     # the texts are tokenized before the weights are loaded: tokenizing a million tokens briefly takes
     # ~0.7 GB, which should not add to the model's memory
@@ -374,6 +386,7 @@ def _compress(args) -> int:
         "model": str(args.model or "default"), "dtype": model.cfg.storage_dtype,
         "recipe": recipe.to_dict(), "method": method, "constraint": dataclasses.asdict(constraint), "options": opts,
         "calibration": {"text": str(args.calib), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "mode": args.mode,
+                        "windows_per_pass": args.batch_size,
                         "token_cap": pipeline.token_cap, "c_ridge": pipeline.c_ridge},
         "evaluation": {"text": str(args.eval_text), "seqlen": args.eval_seqlen, "windows": args.eval_windows},
         "pipeline": dataclasses.asdict(pipeline),
@@ -470,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
                            "the calibration activations toward the weights themselves (a regulariser against fitting the "
                            "calibration text too hard). Greater than 0 (default: the recipe's: 0.1 for quantization in fast, best and "
                            "admm, otherwise off)")
-    comp.add_argument("--batch-size", type=int, default=8)
+    comp.add_argument("--batch-size", type=_positive_int, default=None,
+                      help="windows in one forward pass, calibration and evaluation (default 8; on a mesh of devices that "
+                           "share one memory, e.g. CPU devices, 8 divided by the model axis, at least 1: each device of "
+                           "that axis holds a pass's hidden states whole)")
     comp.add_argument("--num-processes", type=int, default=1, help="compress with this many processes (jax.distributed; default 1)")
     comp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, with --num-processes > 1")
     comp.add_argument("--process-id", type=int, default=None, help="this process's index, with --num-processes > 1")

@@ -40,11 +40,18 @@ def _to_host(out: list[methods.LayerResult]) -> list[methods.LayerResult]:
     return [methods.LayerResult(np.asarray(r.theta), r.info, None if r.q is None else jax.device_get(r.q)) for r in out]
 
 
+WINDOWS_PER_PASS = 8  # the command line's default number of windows in one forward pass
+
+
 class Executor:
     """Runs groups of layer compressions; says where the calibration forward runs (``layout``)."""
 
     name = "executor"
     layout: sharding.ForwardLayout | None = None  # None: the default device
+
+    def windows_per_pass(self) -> int:
+        """The default number of windows in one forward pass (calibration and evaluation) here."""
+        return WINDOWS_PER_PASS
 
     def notes(self, method: str, constraint: methods.Constraint, options) -> list[str]:
         """What the user should know before the run about where ``method``'s work runs."""
@@ -87,6 +94,9 @@ class MultiProcess(Executor):
     def notes(self, method, constraint, options):
         return self.inner.notes(method, constraint, options)
 
+    def windows_per_pass(self):
+        return self.inner.windows_per_pass()
+
     def run_group(self, g, method, ws, cs, constraint, options, what):
         owner = g % self.n
         payload = self.inner.run_group(g, method, ws, cs, constraint, options, what) if owner == self.rank else None
@@ -100,6 +110,20 @@ class OnMesh(Executor):
         self.mesh = mesh
         self.layout = sharding.ForwardLayout(mesh)
         self.name = f"mesh {mesh.shape['stack']} (stack) x {mesh.shape['model']} (model) of {mesh.devices.size} {mesh.devices.flat[0].platform} devices"
+
+    def windows_per_pass(self):
+        """:data:`WINDOWS_PER_PASS` divided by the model axis where the devices share one memory
+        (:func:`awp_jax.sharding.shares_memory`), at least 1 and a multiple of the stack axis where it
+        can be: tensor parallelism holds a pass's hidden states whole on every device of the model
+        axis (the gathered residual stream, the row-parallel products' partial sums and their
+        all-reduce), so CPU devices would hold that many copies in the host's memory
+        (bench/results/scale.md: 8 windows on 8 fake devices peaked 720 MB over the bound). Devices
+        with their own memory keep 8."""
+        if not sharding.shares_memory(self.mesh):
+            return WINDOWS_PER_PASS
+        n = max(1, WINDOWS_PER_PASS // self.mesh.shape["model"])
+        stack = self.mesh.shape["stack"]
+        return n - n % stack if n >= stack else n
 
     def notes(self, method, constraint, options):
         reason = methods.mesh_reason(method, constraint, options)

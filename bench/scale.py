@@ -4,6 +4,7 @@
     python bench/scale.py --blocks 4 --methods wanda
     python bench/scale.py --devices 8 --methods wanda   # the same runs on 8 fake CPU devices (--mesh auto)
     python bench/scale.py --devices 8 --blocks 4 --methods wanda --batch-size 2   # 2 windows per forward pass
+                                                # (default: the CLI's, 1 on 8 fake devices)
 
 A synthetic Llama checkpoint with Llama-2-7B's block shapes (hidden 4096, intermediate 11008, 32
 heads; the default model's tokenizer and vocabulary, 49152) and random weights is written to disk
@@ -124,10 +125,12 @@ def main(argv=None):
     ap.add_argument("--methods", default="wanda,awp")
     ap.add_argument("--awp-iters", type=int, default=5)
     ap.add_argument("--devices", type=int, default=1, help="fake CPU devices the runs see (default 1)")
-    ap.add_argument("--batch-size", type=int, default=8, help="the CLI's --batch-size: calibration windows per forward pass "
-                    "(default 8, the CLI's); the forward's temporaries grow with it")
+    ap.add_argument("--batch-size", type=int, default=None, help="the CLI's --batch-size: calibration windows per forward pass "
+                    "(default: the CLI's, 8 on one device, 8 / devices on fake devices, which share the host's memory); "
+                    "the forward's temporaries grow with it")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
     args = ap.parse_args(argv)
+    from awp_jax import execution
     from awp_jax.cli import matmul_gflops
     from awp_jax.models import Llama, LlamaConfig
 
@@ -144,6 +147,8 @@ def main(argv=None):
     rows = json.loads(store.read_text()).get("rows", []) if store.exists() else []  # finished rows are kept: resumable
     previous = json.loads(store.read_text()).get("previous", []) if store.exists() else []  # earlier versions' rows, newest first
     base = json.loads(store.read_text()).get("baseline_mb") if store.exists() else None
+    # the CLI's default on --mesh auto (execution.OnMesh.windows_per_pass: model = devices, stack 1); checked after each run
+    per_pass = args.batch_size or max(1, execution.WINDOWS_PER_PASS // args.devices)
     try:
         for n in [int(b) for b in args.blocks.split(",")]:
             ckpt = work / f"llama7b-shaped-{n}"
@@ -157,18 +162,21 @@ def main(argv=None):
                 if method == "awp" and n != min(int(b) for b in args.blocks.split(",")):
                     continue  # AWP's iterations cost the same per block: run on the smallest checkpoint only
                 if any(r["blocks"] == n and r["method"] == method and r.get("devices", 1) == args.devices
-                       and r.get("batch_size", 8) == args.batch_size for r in rows):
+                       and r.get("batch_size", 8) == per_pass for r in rows):
                     continue
                 out = work / f"out-{n}-{method}"
                 for d in (out, out.parent / f".{out.name}.run"):  # an unfinished earlier run's blocks would be resumed
                     shutil.rmtree(d, ignore_errors=True)
                 cmd = ["compress", "--stream", "--model", str(ckpt), "--method", method, "--sparsity", "0.5",
-                       "--nsamples", "8", "--seqlen", "512", "--eval-windows", "0", "--out", str(out),
-                       "--batch-size", str(args.batch_size)]
+                       "--nsamples", "8", "--seqlen", "512", "--eval-windows", "0", "--out", str(out)]
+                cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []
                 if method == "awp":
                     cmd += ["--max-iter", str(args.awp_iters)]
                 r = child(cmd, args.devices)
-                r.update(blocks=n, method=method, devices=args.devices, batch_size=args.batch_size, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops,
+                ran = json.loads((out / "awp_report.json").read_text())["calibration"]["windows_per_pass"]
+                if ran != per_pass:
+                    raise RuntimeError(f"the run took {ran} windows per pass, expected {per_pass}")
+                r.update(blocks=n, method=method, devices=args.devices, batch_size=per_pass, batch_default=args.batch_size is None, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops,
                          commit=rowstore.code_commit())
                 rows.append(r)
                 RESULTS.mkdir(exist_ok=True)

@@ -19,3 +19,12 @@ def test_demo_bad_flags_are_named(capsys, flag, value, message):
         main(["demo", "--d-out", "8", "--d-in", "256", "--tokens", "64", flag, value])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_compress_batch_size_must_be_a_positive_integer(capsys, tmp_path, value):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--batch-size", value, "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    assert "--batch-size" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

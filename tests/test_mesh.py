@@ -155,6 +155,14 @@ for l in ops:
     else:  # the four statistics, each split by rows over model, summed over the stack axis
         assert sorted(shapes) == [(16, 64)] * 3 + [(24, 96)] and "replica_groups={{0,4},{1,5},{2,6},{3,7}}" in l, l
     assert not any(s in weights for s in shapes if len(s) == 2 and s not in {(64, 64)}), l
+
+# windows per forward pass: CPU devices share the host's memory, and every device of the model axis
+# holds a pass's hidden states whole, so the default of 8 is divided by that axis (a multiple of stack)
+from awp_jax import execution
+per_pass = {(mo, st): execution.choose(sharding.make_mesh(model=mo, stack=st)).windows_per_pass()
+            for mo, st in ((8, 1), (4, 2), (2, 4), (1, 8))}
+assert per_pass == {(8, 1): 1, (4, 2): 2, (2, 4): 4, (1, 8): 8}, per_pass
+assert execution.choose(None).windows_per_pass() == execution.WINDOWS_PER_PASS == 8
 print("ok")
 """
 
@@ -252,8 +260,8 @@ def test_cli_run_on_a_mesh_gives_the_one_device_model(model_dir, tmp_path, metho
     def compress(mesh, out):
         cmd = [sys.executable, "-m", "awp_jax.cli", "compress", "--model", str(model_dir / "model"), "--method", method,
                "--sparsity", "0.5", "--calib", str(model_dir / "text.jsonl"), "--nsamples", "4", "--seqlen", "64",
-               "--batch-size", "2", "--eval-text", str(model_dir / "text.jsonl"), "--eval-seqlen", "32", "--eval-windows", "3",
-               "--mesh", mesh, "--out", str(out)]
+               "--eval-text", str(model_dir / "text.jsonl"), "--eval-seqlen", "32", "--eval-windows", "3",
+               "--mesh", mesh, "--out", str(out)] + ([] if mesh != "none" else ["--batch-size", "2"])
         if method == "awp":
             # PGD alone: the default recipe's CG refit solves a linear system per row, which carries the
             # statistics' ~1e-7 differences times C's condition number into the weights (~1e-3 here); the
@@ -265,6 +273,8 @@ def test_cli_run_on_a_mesh_gives_the_one_device_model(model_dir, tmp_path, metho
 
     log, mesh_w, report = compress("model=4,stack=2", tmp_path / "mesh")
     assert "on mesh 2 (stack) x 4 (model) of 8 cpu devices" in log and report["executor"].startswith("mesh 2 (stack) x 4")
+    # the default windows per pass on CPU devices: 8 divided by the model axis (execution.OnMesh.windows_per_pass)
+    assert report["calibration"]["windows_per_pass"] == 2
     _, one_w, one_report = compress("none", tmp_path / "one")
     assert one_report["executor"] == "one device"
     assert set(mesh_w) == set(one_w)
