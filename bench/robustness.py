@@ -12,7 +12,10 @@ changes one thing:
   the held-out perplexity in every column of frontier.md but raised the evaluation one at INT3 and 2:4;
 - 128 calibration windows instead of 32;
 - a calibration mix: 24 Wikipedia-lead windows and 8 windows of Python source (the "calibration"
-  half of the standard library's top-level modules, below).
+  half of the standard library's top-level modules, below);
+- baselines, for a comparison at equal calibration: SparseGPT (GPTQ for quantization) and Wanda
+  (pruning only), with their defaults, on 32 and on 128 windows (their percentages are against the
+  recipe's row too).
 
 "as the recipe" is the recipe's method options with no pipeline setting (``recipes.Pipeline``): the
 ridge of 0.1 that the recipes' quantization entries took after these rows is the "ridge 0.1" row.
@@ -65,11 +68,15 @@ SEQLEN = 512
 COLUMNS = {"50%": ("fast", dict(sparsity=0.5)), "70%": ("admm", dict(sparsity=0.7)),
            "INT3 g128": ("fast", dict(bits=3, group_size=128)), "INT4 g128": ("fast", dict(bits=4, group_size=128)),
            "2:4": ("fast", dict(nm=(2, 4)))}
-# (label, c_ridge, error-correction alpha, calibration) in the order they run; calibration: number of Wikipedia
-# windows, or "mix"
-KNOBS = (("as the recipe", None, None, 32), ("ridge 0.1", 0.1, None, 32), ("targets alpha 0.5", None, 0.5, 32),
-         ("calibration mix (8 of 32 windows code)", None, None, "mix"), ("128 calibration windows", None, None, 128),
-         ("ridge 1", 1.0, None, 32))
+# (label, c_ridge, error-correction alpha, calibration, method) in the order they run; calibration: number of
+# Wikipedia windows, or "mix"; method: None for the recipe's (AWP with the recipe's options), else a baseline
+# for comparison at equal calibration: "obs" is SparseGPT for pruning and N:M, GPTQ for quantization (their
+# defaults), "wanda" Wanda (pruning and N:M only)
+KNOBS = (("as the recipe", None, None, 32, None), ("ridge 0.1", 0.1, None, 32, None), ("targets alpha 0.5", None, 0.5, 32, None),
+         ("calibration mix (8 of 32 windows code)", None, None, "mix", None), ("128 calibration windows", None, None, 128, None),
+         ("ridge 1", 1.0, None, 32, None),
+         ("baseline SparseGPT / GPTQ", None, None, 32, "obs"), ("baseline SparseGPT / GPTQ, 128 calibration windows", None, None, 128, "obs"),
+         ("baseline Wanda", None, None, 32, "wanda"), ("baseline Wanda, 128 calibration windows", None, None, 128, "wanda"))
 TEXTS = ("held-out", "Wikipedia articles", "Python reference prose", "Python source")
 
 
@@ -137,21 +144,23 @@ def main(argv=None):
             store["dense"] = {t: perplexity.perplexity(m, w, batch_size=8).perplexity for t, w in texts.items()}
             save()
         columns, knobs = args.columns.split(","), set(args.knobs.split(","))
-        for label, ridge, alpha, cal in KNOBS:
+        for label, ridge, alpha, cal, baseline in KNOBS:
             for col in columns:
                 recipe, fields = COLUMNS[col]
                 k = f"{col}|{label}"
-                if k in store or label not in knobs:
+                con = methods.Constraint(**fields)
+                method = "awp" if baseline is None else baseline_method(baseline, con)
+                if k in store or label not in knobs or method is None:
                     continue
                 print(f"== {col} | recipe {recipe} | {label}", file=sys.stderr, flush=True)
-                con = methods.Constraint(**fields)
-                opt = recipes.RECIPES[recipe].options_for(con)
+                opt = recipes.RECIPES[recipe].options_for(con) if baseline is None else methods.make_options(method)
                 model = models.build(cfg, dense)
                 t0, c0 = time.perf_counter(), time.process_time()
                 ec = None if alpha is None else ErrorCorrection(alpha=alpha)
-                compress.compress_model(model, calib[cal], "awp", con, opt, progress=True, c_ridge=ridge, error_correction=ec)
-                row = {"recipe": recipe, "c_ridge": ridge, "alpha": alpha, "calibration": cal, "seconds": round(time.perf_counter() - t0, 1),
-                       "cpu_seconds": round(time.process_time() - c0, 1)}
+                compress.compress_model(model, calib[cal], method, con, opt, progress=True, c_ridge=ridge, error_correction=ec)
+                row = {"recipe": recipe if baseline is None else None, "method": method, "c_ridge": ridge, "alpha": alpha,
+                       "calibration": cal, "seconds": round(time.perf_counter() - t0, 1),
+                       "cpu_seconds": round(time.process_time() - c0, 1), "commit": rowstore.code_commit()}
                 row.update({t: perplexity.perplexity(model, w, batch_size=8).perplexity for t, w in texts.items()})
                 store[k] = row
                 save()
@@ -159,6 +168,14 @@ def main(argv=None):
                 print("   " + "  ".join(f"{t} {row[t]:.2f}" for t in TEXTS) + f"  ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
     write_report(store, report_file)
     print(f"wrote {report_file}")
+
+
+def baseline_method(baseline: str, con) -> str | None:
+    """The method a baseline row runs for ``con``; ``None`` where the baseline does not apply."""
+    quantized = con.bits is not None
+    if baseline == "obs":
+        return "gptq" if quantized else "sparsegpt"
+    return None if quantized else baseline
 
 
 def write_report(store, path):
