@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                            "admm, otherwise off)")
     comp.add_argument("--batch-size", type=_positive_int, default=None,
                       help="windows in one forward pass, calibration and evaluation (default 8; on a mesh of devices that "
-                           "share one memory, e.g. CPU devices, 8 divided by the model axis, at least 1: each device of "
+                           "share one memory, e.g. CPU devices, 8 divided by the model axis, at least 2: each device of "
                            "that axis holds a pass's hidden states whole)")
     comp.add_argument("--num-processes", type=int, default=1, help="compress with this many processes (jax.distributed; default 1)")
     comp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, with --num-processes > 1")

@@ -41,6 +41,21 @@ def _to_host(out: list[methods.LayerResult]) -> list[methods.LayerResult]:
 
 
 WINDOWS_PER_PASS = 8  # the command line's default number of windows in one forward pass
+# the fewest on devices that share one memory: with 1 window per pass, 8 fake CPU devices on 2 cores deadlocked
+# XLA's CPU collectives (an all-gather's rendezvous timed out) in 3 of 3 runs of bench/scale.py; 2 ran
+MIN_SHARED_WINDOWS = 2
+
+
+def shared_memory_windows(n_model: int, n_stack: int = 1) -> int:
+    """The default windows per pass on a mesh whose devices share one memory (CPU devices,
+    :func:`awp_jax.sharding.shares_memory`): :data:`WINDOWS_PER_PASS` divided by the model axis, at
+    least :data:`MIN_SHARED_WINDOWS`, a multiple of the stack axis where it can be. Tensor
+    parallelism holds a pass's hidden states whole on every device of the model axis (the gathered
+    residual stream, the row-parallel products' partial sums and their all-reduce), so CPU devices
+    hold that many copies in the host's memory (bench/results/scale.md: 8 windows on 8 fake devices
+    peaked 720 MB over the bound, 2 windows 28 MB over it). Devices with their own memory keep 8."""
+    n = max(MIN_SHARED_WINDOWS, WINDOWS_PER_PASS // n_model)
+    return n - n % n_stack if n >= n_stack else n
 
 
 class Executor:
@@ -112,18 +127,8 @@ class OnMesh(Executor):
         self.name = f"mesh {mesh.shape['stack']} (stack) x {mesh.shape['model']} (model) of {mesh.devices.size} {mesh.devices.flat[0].platform} devices"
 
     def windows_per_pass(self):
-        """:data:`WINDOWS_PER_PASS` divided by the model axis where the devices share one memory
-        (:func:`awp_jax.sharding.shares_memory`), at least 1 and a multiple of the stack axis where it
-        can be: tensor parallelism holds a pass's hidden states whole on every device of the model
-        axis (the gathered residual stream, the row-parallel products' partial sums and their
-        all-reduce), so CPU devices would hold that many copies in the host's memory
-        (bench/results/scale.md: 8 windows on 8 fake devices peaked 720 MB over the bound). Devices
-        with their own memory keep 8."""
-        if not sharding.shares_memory(self.mesh):
-            return WINDOWS_PER_PASS
-        n = max(1, WINDOWS_PER_PASS // self.mesh.shape["model"])
-        stack = self.mesh.shape["stack"]
-        return n - n % stack if n >= stack else n
+        return shared_memory_windows(self.mesh.shape["model"], self.mesh.shape["stack"]) if sharding.shares_memory(self.mesh) \
+            else WINDOWS_PER_PASS
 
     def notes(self, method, constraint, options):
         reason = methods.mesh_reason(method, constraint, options)

@@ -4,7 +4,7 @@
     python bench/scale.py --blocks 4 --methods wanda
     python bench/scale.py --devices 8 --methods wanda   # the same runs on 8 fake CPU devices (--mesh auto)
     python bench/scale.py --devices 8 --blocks 4 --methods wanda --batch-size 2   # 2 windows per forward pass
-                                                # (default: the CLI's, 1 on 8 fake devices)
+                                                # (default: the CLI's, 2 on 8 fake devices)
 
 A synthetic Llama checkpoint with Llama-2-7B's block shapes (hidden 4096, intermediate 11008, 32
 heads; the default model's tokenizer and vocabulary, 49152) and random weights is written to disk
@@ -133,7 +133,7 @@ def main(argv=None):
     ap.add_argument("--awp-iters", type=int, default=5)
     ap.add_argument("--devices", type=int, default=1, help="fake CPU devices the runs see (default 1)")
     ap.add_argument("--batch-size", type=int, default=None, help="the CLI's --batch-size: calibration windows per forward pass "
-                    "(default: the CLI's, 8 on one device, 8 / devices on fake devices, which share the host's memory); "
+                    "(default: the CLI's, 8 on one device, 8 / devices (at least 2) on fake devices, which share the host's memory); "
                     "the forward's temporaries grow with it")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
     args = ap.parse_args(argv)
@@ -155,7 +155,7 @@ def main(argv=None):
     previous = json.loads(store.read_text()).get("previous", []) if store.exists() else []  # earlier versions' rows, newest first
     base = json.loads(store.read_text()).get("baseline_mb") if store.exists() else None
     # the CLI's default on --mesh auto (execution.OnMesh.windows_per_pass: model = devices, stack 1); checked after each run
-    per_pass = args.batch_size or max(1, execution.WINDOWS_PER_PASS // args.devices)
+    per_pass = args.batch_size or (execution.shared_memory_windows(args.devices) if args.devices > 1 else execution.WINDOWS_PER_PASS)
     try:
         for n in [int(b) for b in args.blocks.split(",")]:
             ckpt = work / f"llama7b-shaped-{n}"
