@@ -75,8 +75,8 @@ COLUMNS = {"50%": ("fast", dict(sparsity=0.5)), "70%": ("admm", dict(sparsity=0.
 KNOBS = (("as the recipe", None, None, 32, None), ("ridge 0.1", 0.1, None, 32, None), ("targets alpha 0.5", None, 0.5, 32, None),
          ("calibration mix (8 of 32 windows code)", None, None, "mix", None), ("128 calibration windows", None, None, 128, None),
          ("ridge 1", 1.0, None, 32, None),
-         ("baseline SparseGPT / GPTQ", None, None, 32, "obs"), ("baseline SparseGPT / GPTQ, 128 calibration windows", None, None, 128, "obs"),
-         ("baseline Wanda", None, None, 32, "wanda"), ("baseline Wanda, 128 calibration windows", None, None, 128, "wanda"))
+         ("baseline SparseGPT / GPTQ", None, None, 32, "obs"), ("baseline SparseGPT / GPTQ (128 calibration windows)", None, None, 128, "obs"),
+         ("baseline Wanda", None, None, 32, "wanda"), ("baseline Wanda (128 calibration windows)", None, None, 128, "wanda"))
 TEXTS = ("held-out", "Wikipedia articles", "Python reference prose", "Python source")
 
 
