@@ -191,7 +191,7 @@ def main(argv=None):
                 ran = json.loads((out / "awp_report.json").read_text())["calibration"]["windows_per_pass"]
                 if ran != per_pass:
                     raise RuntimeError(f"the run took {ran} windows per pass, expected {per_pass}")
-                r.update(blocks=n, method=method, devices=args.devices, batch_size=per_pass, batch_default=args.batch_size is None, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops,
+                r.update(blocks=n, method=method, devices=args.devices, batch_size=per_pass, forward=r["seconds"] - r["load"] - r["solve"] - r["write"], gflops=gflops,
                          commit=rowstore.code_commit())
                 rows.append(r)
                 RESULTS.mkdir(exist_ok=True)
